@@ -1,0 +1,74 @@
+"""``medquant``: the command line of the engine tools (also ``python -m engine_tools``).
+
+Each sub-command lives in ``engine_tools/commands/<name>.py`` and defines
+``register(subparsers) -> argparse.ArgumentParser`` whose parser sets ``func(args, progress) -> dict``
+(the JSON result) and optionally ``render(result) -> str`` (the human-readable result).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+from engine_tools import __version__
+from engine_tools.progress import Cancelled, make_progress
+
+COMMANDS = ("models", "fetch", "build", "segment", "compare", "demo")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="medquant",
+        description="Real INT8 post-training quantization of 3D medical segmentation networks.",
+    )
+    parser.add_argument("--version", action="version", version=f"medquant {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--progress",
+        choices=("human", "jsonl", "none"),
+        default="human",
+        help="human: progress bar on stderr; jsonl: one JSON event per line on stdout (worker protocol)",
+    )
+    common.add_argument(
+        "--weights-dir", help="offline mirror of model weight files (checked before downloading)"
+    )
+    common.add_argument(
+        "--cache-dir",
+        help="cache for weights, exports and engines (default: $MEDQUANT_CACHE_DIR or user cache)",
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMANDS:
+        module = importlib.import_module(f"engine_tools.commands.{name}")
+        module.register(subparsers, common)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.cache_dir:
+        os.environ["MEDQUANT_CACHE_DIR"] = args.cache_dir
+    progress = make_progress(args.progress)
+    try:
+        result = args.func(args, progress)
+    except (Cancelled, KeyboardInterrupt) as exc:
+        progress.error(Cancelled(str(exc) or "cancelled"))
+        return 130
+    except Exception as exc:  # every failure ends in one readable error event
+        progress.error(exc)
+        if os.environ.get("MEDQUANT_DEBUG"):
+            raise
+        return 1
+    progress.result(result)
+    if args.progress == "human":
+        render = getattr(args, "render", None)
+        print(render(result) if render else json.dumps(result, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Sub-commands of ``medquant``; each module defines ``register(subparsers, common)``."""

@@ -1,0 +1,135 @@
+"""The one engine interface that every backend implements.
+
+An engine turns a network (its FP32 ONNX export, or the PyTorch module for the PyTorch engines) into
+an artifact on disk for one precision and device (:meth:`Engine.build`), loads that artifact
+(:meth:`Engine.load`), runs batches of windows (:meth:`Engine.run`) and says what it is
+(:meth:`Engine.describe`). Tensors are ``float32`` numpy arrays in ``N, C, D, H, W`` order; ``run``
+returns raw logits of shape ``N, num_classes, D, H, W``.
+"""
+
+from __future__ import annotations
+
+import platform
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from engine_tools.progress import Progress, SilentProgress
+
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")
+
+#: File every engine artifact directory holds: what :meth:`Engine.build` returned plus cache keys.
+METADATA_FILE = "engine.json"
+
+
+class EngineUnavailable(RuntimeError):
+    """The backend cannot run here (library missing, no GPU, ...); the message says why and what to do."""
+
+
+@dataclass
+class BuildRequest:
+    """Everything an engine may need to build one artifact.
+
+    ``onnx_path`` is the FP32 export (input ``"input"``, output ``"logits"``, dynamic batch).
+    ``calibration`` are preprocessed windows ``N, C, D, H, W`` for INT8; ``validation`` are held-out
+    windows the accuracy guard compares INT8 with FP32 on. ``options`` carries backend settings such as
+    ``calibration_method``, ``target_dice`` or ``ignored_layers``.
+    """
+
+    model_id: str
+    onnx_path: Path | None
+    window_shape: tuple[int, int, int]
+    in_channels: int
+    num_classes: int
+    torch_module_factory: Callable[[], Any] | None = None
+    calibration: np.ndarray | None = None
+    validation: np.ndarray | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+class Engine(ABC):
+    """Base class of all inference engines (OpenVINO, ONNX Runtime, TensorRT, PyTorch)."""
+
+    backend: ClassVar[str]
+    supported_precisions: ClassVar[tuple[str, ...]]
+    default_device: ClassVar[str] = "cpu"
+
+    def __init__(self, precision: str = "fp32", device: str | None = None) -> None:
+        if precision not in self.supported_precisions:
+            raise ValueError(
+                f"{self.backend} supports precisions {', '.join(self.supported_precisions)}, not {precision!r}"
+            )
+        self.precision = precision
+        self.device = device or self.default_device
+        self.artifact_dir: Path | None = None
+        self.build_report: dict[str, Any] = {}
+
+    @classmethod
+    @abstractmethod
+    def availability(cls) -> tuple[bool, str]:
+        """``(True, version string)`` when usable here, else ``(False, reason and remedy)``."""
+
+    @classmethod
+    def require_available(cls) -> None:
+        ok, reason = cls.availability()
+        if not ok:
+            raise EngineUnavailable(f"{cls.backend} is not available: {reason}")
+
+    @abstractmethod
+    def build(
+        self, request: BuildRequest, artifact_dir: Path, progress: Progress | None = None
+    ) -> dict[str, Any]:
+        """Write the engine artifact into ``artifact_dir`` (an empty, temporary directory) and return a
+        JSON-serialisable build report (calibration used, layers kept in higher precision, ...)."""
+
+    @abstractmethod
+    def load(self, artifact_dir: Path) -> None:
+        """Load a previously built artifact so that :meth:`run` can be called."""
+
+    @abstractmethod
+    def run(self, windows: np.ndarray) -> np.ndarray:
+        """Run a batch ``N, C, D, H, W`` float32 and return logits ``N, K, D, H, W`` float32."""
+
+    def artifact_files(self) -> list[Path]:
+        """Files that make up the deployable engine (counted in ``bytes_on_disk``)."""
+        if self.artifact_dir is None:
+            return []
+        return [p for p in sorted(self.artifact_dir.iterdir()) if p.is_file() and p.name != METADATA_FILE]
+
+    def versions(self) -> dict[str, str]:
+        """Library versions that produced/run this engine (part of the cache key)."""
+        return {"python": platform.python_version()}
+
+    def describe(self) -> dict[str, Any]:
+        """Precision, bytes on disk, device, versions and backend-specific details."""
+        return {
+            "backend": self.backend,
+            "precision": self.precision,
+            "device": self.device,
+            "bytes_on_disk": sum(p.stat().st_size for p in self.artifact_files()),
+            "versions": self.versions(),
+            "artifact_dir": str(self.artifact_dir) if self.artifact_dir else None,
+            **{
+                k: v
+                for k, v in self.build_report.items()
+                if k in ("kept_in_higher_precision", "accuracy_guard", "kernels")
+            },
+        }
+
+    def predictor(self) -> Callable[[Any], Any]:
+        """A callable for MONAI ``sliding_window_inference`` (torch tensor in, torch tensor out)."""
+        import torch
+
+        def predict(batch: torch.Tensor) -> torch.Tensor:
+            logits = self.run(np.ascontiguousarray(batch.detach().cpu().numpy(), dtype=np.float32))
+            return torch.from_numpy(logits)
+
+        return predict
+
+
+def _progress(progress: Progress | None) -> Progress:
+    return progress if progress is not None else SilentProgress()

@@ -1,0 +1,84 @@
+"""PyTorch FP32 reference engine: the network exactly as published, run eagerly.
+
+Its artifact is a ``torch.jit`` trace-free ``state_dict`` plus nothing else: the module itself is
+rebuilt from the model card (``BuildRequest.torch_module_factory``), so this engine needs the factory
+both at build and at load time (:meth:`TorchEngine.attach_factory`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engine_tools.engines.base import BuildRequest, Engine
+from engine_tools.progress import Progress
+
+WEIGHTS_FILE = "model.pt"
+
+
+class TorchEngine(Engine):
+    backend = "torch"
+    supported_precisions = ("fp32", "bf16")
+
+    def __init__(self, precision: str = "fp32", device: str | None = None) -> None:
+        super().__init__(precision, device)
+        self._factory: Callable[[], Any] | None = None
+        self._module: Any = None
+
+    @classmethod
+    def availability(cls) -> tuple[bool, str]:
+        try:
+            import torch
+        except ImportError as exc:
+            return False, f"PyTorch is not installed ({exc}); pip install torch"
+        return True, f"torch {torch.__version__}"
+
+    def versions(self) -> dict[str, str]:
+        import torch
+
+        return {**super().versions(), "torch": torch.__version__}
+
+    def attach_factory(self, factory: Callable[[], Any]) -> None:
+        """Give the engine the callable that rebuilds the network (needed before :meth:`load`)."""
+        self._factory = factory
+
+    def build(
+        self, request: BuildRequest, artifact_dir: Path, progress: Progress | None = None
+    ) -> dict[str, Any]:
+        import torch
+
+        if request.torch_module_factory is None:
+            raise ValueError(
+                f"{request.model_id}: the PyTorch engine needs a PyTorch network (this model is ONNX-only)"
+            )
+        self._factory = request.torch_module_factory
+        module = self._factory()
+        torch.save(module.state_dict(), Path(artifact_dir) / WEIGHTS_FILE)
+        return {"weights_file": WEIGHTS_FILE}
+
+    def load(self, artifact_dir: Path) -> None:
+        import torch
+
+        if self._factory is None:
+            raise RuntimeError("TorchEngine.load needs attach_factory() first (the card's network builder)")
+        module = self._factory()
+        state = torch.load(Path(artifact_dir) / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+        module.load_state_dict(state)
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+        self._module = module.to(device=self.device, dtype=dtype).eval()
+        self._dtype = dtype
+        self.artifact_dir = Path(artifact_dir)
+
+    def run(self, windows: np.ndarray) -> np.ndarray:
+        import torch
+
+        if self._module is None:
+            raise RuntimeError("engine not loaded")
+        with torch.inference_mode():
+            batch = torch.from_numpy(np.ascontiguousarray(windows, dtype=np.float32)).to(
+                self.device, self._dtype
+            )
+            return self._module(batch).float().cpu().numpy()

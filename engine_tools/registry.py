@@ -1,0 +1,188 @@
+"""Model cards and the model registry.
+
+A model card is one JSON file under ``Resources/ModelCards/`` (the top-level ``Resources`` folder of
+the extension; ``$MEDQUANT_MODEL_CARDS`` adds more folders, ``os.pathsep``-separated). Schema::
+
+    {
+      "id": "brainchop-model18cls",            # unique, used on the command line
+      "title": "...", "task": "...", "modality": "MR" | "CT",
+      "architecture": "MeshNet",               # family name shown to users
+      "labels": [{"value": 0, "name": "background", "color": [0, 0, 0],
+                  "terminology": {...}?}, ...],
+      "preprocessing": {
+        "orientation": "RAS" | "LIA" | ...,    # axis codes (nibabel convention: +x toward R ...)
+        "spacing": [1.0, 1.0, 1.0],            # mm, or null to keep the input spacing
+        "shape": [256, 256, 256] | null,       # conform to this grid (centre crop / pad), optional
+        "intensity": {"rule": "quantile" | "window" | "zscore" | "none", ...}
+      },
+      "window": {"size": [96, 96, 96], "overlap": 0.5, "blend": "gaussian", "batch": 1},
+      "network": {"format": "monai" | "torch" | "tfjs" | "onnx" | "torchscript",
+                  "builder": "monai.networks.nets.UNet", "kwargs": {...},   # monai/torch
+                  "file": "model.json", "channels_last": true, ...,         # file formats
+                  "in_channels": 1, "num_classes": 18},
+      "weights": {"files": [{"name": "...", "url": "...", "sha256": "..." | null, "size": int | null,
+                             "member": "path inside an archive"?}],
+                  "licence": "MIT", "source": "where the publisher documents it", "notes": "..."},
+      "quantization": {"keep_higher_precision": ["regex of layer names"], "notes": "..."}
+    }
+
+Everything that reads a card goes through :class:`ModelCard`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CARDS_ENV = "MEDQUANT_MODEL_CARDS"
+REQUIRED_KEYS = ("id", "title", "task", "modality", "labels", "preprocessing", "window", "network", "weights")
+
+
+def resources_dir() -> Path:
+    """The extension's ``Resources`` folder (beside ``engine_tools`` in a checkout or installed extension)."""
+    return Path(__file__).resolve().parent.parent / "Resources"
+
+
+def default_card_dirs() -> list[Path]:
+    dirs = [resources_dir() / "ModelCards"]
+    extra = os.environ.get(CARDS_ENV, "")
+    dirs += [Path(p).expanduser() for p in extra.split(os.pathsep) if p]
+    return dirs
+
+
+class CardError(ValueError):
+    """A model card is malformed; the message names the file and the field."""
+
+
+@dataclass
+class Label:
+    value: int
+    name: str
+    color: tuple[int, int, int]
+    terminology: dict[str, Any] | None = None
+
+
+@dataclass
+class ModelCard:
+    id: str
+    title: str
+    task: str
+    modality: str
+    labels: list[Label]
+    preprocessing: dict[str, Any]
+    window: dict[str, Any]
+    network: dict[str, Any]
+    weights: dict[str, Any]
+    architecture: str = ""
+    quantization: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+    path: Path | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.network.get("num_classes", len(self.labels)))
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.network.get("in_channels", 1))
+
+    @property
+    def window_size(self) -> tuple[int, int, int]:
+        size = self.window["size"]
+        return (size, size, size) if isinstance(size, int) else tuple(int(s) for s in size)  # type: ignore[return-value]
+
+    @property
+    def licence(self) -> str:
+        return str(self.weights.get("licence", "unknown"))
+
+    def label_table(self) -> list[dict[str, Any]]:
+        """Labels as plain dicts (value, name, color) for JSON output and the Slicer module."""
+        return [
+            {
+                "value": lab.value,
+                "name": lab.name,
+                "color": list(lab.color),
+                **({"terminology": lab.terminology} if lab.terminology else {}),
+            }
+            for lab in self.labels
+        ]
+
+    def summary(self) -> dict[str, Any]:
+        """What ``medquant models`` lists."""
+        return {
+            "id": self.id,
+            "title": self.title,
+            "architecture": self.architecture,
+            "task": self.task,
+            "modality": self.modality,
+            "num_labels": len(self.labels),
+            "window": list(self.window_size),
+            "network_format": self.network.get("format"),
+            "licence": self.licence,
+            "weights_urls": [f.get("url") for f in self.weights.get("files", [])],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], path: Path | None = None) -> ModelCard:
+        where = str(path) if path else data.get("id", "<card>")
+        missing = [k for k in REQUIRED_KEYS if k not in data]
+        if missing:
+            raise CardError(f"{where}: model card lacks {', '.join(missing)}")
+        try:
+            labels = [
+                Label(
+                    int(lab["value"]),
+                    str(lab["name"]),
+                    tuple(int(c) for c in lab.get("color", (128, 128, 128))),
+                    lab.get("terminology"),
+                )  # type: ignore[arg-type]
+                for lab in data["labels"]
+            ]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CardError(f"{where}: bad 'labels' entry ({exc})") from exc
+        if "size" not in data["window"]:
+            raise CardError(f"{where}: 'window' needs a 'size'")
+        if "format" not in data["network"]:
+            raise CardError(f"{where}: 'network' needs a 'format'")
+        known = {k for k in cls.__dataclass_fields__ if k not in ("labels", "path", "raw")}
+        kwargs = {k: v for k, v in data.items() if k in known}
+        return cls(labels=labels, path=path, raw=data, **kwargs)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> ModelCard:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise CardError(f"{path}: not valid JSON ({exc})") from exc
+        return cls.from_dict(data, path)
+
+
+def load_cards(dirs: list[Path] | None = None) -> dict[str, ModelCard]:
+    """All cards in ``dirs`` (default: the extension's and ``$MEDQUANT_MODEL_CARDS``), by id."""
+    cards: dict[str, ModelCard] = {}
+    for folder in dirs if dirs is not None else default_card_dirs():
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.glob("*.json")):
+            card = ModelCard.from_file(path)
+            if card.id in cards:
+                raise CardError(f"{path}: duplicate model id {card.id!r} (also in {cards[card.id].path})")
+            cards[card.id] = card
+    return cards
+
+
+def get_card(model: str) -> ModelCard:
+    """A card by id, or from a path to a card JSON file (bring-your-own models)."""
+    if model.endswith(".json") and Path(model).is_file():
+        return ModelCard.from_file(model)
+    cards = load_cards()
+    if model not in cards:
+        raise KeyError(
+            f"unknown model {model!r}; `medquant models` lists: {', '.join(sorted(cards)) or 'none'}"
+        )
+    return cards[model]
