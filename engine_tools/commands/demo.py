@@ -1,17 +1,64 @@
-"""`medquant demo` (placeholder until implemented)."""
+"""`medquant demo`: FP32 vs BF16 vs INT8 of a real model on a real scan, offline, on the CPU."""
 
 from __future__ import annotations
 
 import argparse
+from typing import Any
+
+from engine_tools import demo
+from engine_tools.commands.compare import parse_precisions
+from engine_tools.commands.compare import render as render_compare
+from engine_tools.progress import Progress
 
 
 def register(
     subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser
 ) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser("demo", parents=[common], help="(not implemented yet)")
-    parser.set_defaults(func=_run)
+    parser = subparsers.add_parser(
+        "demo",
+        parents=[common],
+        help="the embedded default: FP32/BF16/INT8 table for a real brainchop model on a real T1 (CPU)",
+        description="Runs `medquant compare` with the embedded defaults: "
+        f"{demo.DEFAULT_MODEL} on ../shared/data/mri/t1_crop.nii.gz with OpenVINO on the CPU, calibrated on "
+        "another subject (the MNI152 template).",
+    )
+    parser.add_argument(
+        "--model", default=demo.DEFAULT_MODEL, help=f"model id (default {demo.DEFAULT_MODEL})"
+    )
+    parser.add_argument(
+        "--output-dir", "-o", default="medquant-demo", help="report folder (default ./medquant-demo)"
+    )
+    parser.add_argument("--input", "-i", help="scan to segment (default: the shared T1)")
+    parser.add_argument(
+        "--calibration", metavar="FOLDER", help="calibration scans (default: another subject)"
+    )
+    parser.add_argument("--backend", default=demo.DEFAULT_BACKEND, help="default openvino (CPU)")
+    parser.add_argument(
+        "--precisions",
+        type=parse_precisions,
+        default=list(demo.DEFAULT_PRECISIONS),
+        help="default fp32,bf16,int8",
+    )
+    parser.add_argument("--windows", type=int, default=demo.DEFAULT_CALIBRATION_WINDOWS, metavar="N")
+    parser.add_argument("--calibration-method", default="minmax")
+    parser.add_argument("--target-dice", type=float, default=0.97)
+    parser.add_argument("--repeats", type=int, default=demo.DEFAULT_REPEATS)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.set_defaults(func=run, render=render_compare, reference=None, rebuild=False)
     return parser
 
 
-def _run(args: argparse.Namespace, progress) -> dict:
-    raise NotImplementedError("medquant demo is not implemented yet")
+def run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
+    from engine_tools.commands.compare import compare_from_args
+
+    args.input = args.input or str(demo.default_scan())
+    if args.calibration is None and "int8" in args.precisions:
+        args.calibration = str(demo.default_calibration_dir())
+    if args.weights_dir is None:
+        mirror = demo.default_weights_dir()
+        args.weights_dir = str(mirror) if mirror else None
+    progress.log(
+        f"demo: {args.model} on {args.input}, {args.backend}, calibration {args.calibration}, "
+        f"weights {args.weights_dir or 'from the card URLs'}"
+    )
+    return compare_from_args(args, progress)

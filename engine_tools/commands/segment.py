@@ -1,17 +1,165 @@
-"""`medquant segment` (placeholder until implemented)."""
+"""`medquant segment MODEL --input IMG --output OUT`: label a volume with an engine of one precision."""
 
 from __future__ import annotations
 
 import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from engine_tools.progress import Progress
+
+LABEL_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".seg.nrrd")
+
+
+def label_table_path(output: Path) -> Path:
+    """``OUT.nii.gz`` → ``OUT.labels.json`` (the label table written beside the labelmap)."""
+    name = output.name
+    for suffix in sorted(LABEL_SUFFIXES, key=len, reverse=True):
+        if name.lower().endswith(suffix):
+            return output.with_name(name[: -len(suffix)] + ".labels.json")
+    return output.with_name(name + ".labels.json")
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser, precision_default: str | None = "int8") -> None:
+    """Options shared by ``segment`` and ``compare``: backend, calibration folder and size."""
+    parser.add_argument(
+        "--backend",
+        default="auto",
+        help="auto (TensorRT on an NVIDIA GPU, else OpenVINO), openvino, onnxruntime, tensorrt or torch",
+    )
+    if precision_default is not None:
+        parser.add_argument(
+            "--precision", default=precision_default, choices=("fp32", "bf16", "fp16", "int8")
+        )
+    parser.add_argument(
+        "--calibration",
+        metavar="FOLDER",
+        help="folder (searched recursively) of unlabeled scans for INT8 calibration",
+    )
+    parser.add_argument(
+        "--windows", type=int, default=32, metavar="N", help="calibration windows to sample (default 32)"
+    )
+    parser.add_argument(
+        "--calibration-method", default="minmax", help="minmax or a percentile/histogram method"
+    )
+    parser.add_argument(
+        "--target-dice",
+        type=float,
+        default=0.97,
+        help="INT8 accuracy guard: minimum mean agreement Dice with FP32 on held-out windows",
+    )
+
+
+def load_calibration(args: argparse.Namespace, card: Any, progress: Progress) -> Any:
+    """The :class:`CalibrationSet` from ``--calibration`` (``None`` when not given)."""
+    if not args.calibration:
+        return None
+    from engine_tools.calibration import collect_windows
+
+    folder = Path(args.calibration)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--calibration {folder}: not a folder of scans")
+    with progress.span(0.0, 0.2):
+        calibration = collect_windows(folder, card, num_windows=args.windows, progress=progress)
+    for warning in getattr(calibration, "warnings", []):
+        progress.warning(str(warning))
+    return calibration
+
+
+def require_input(path: str, option: str = "--input") -> Path:
+    resolved = Path(path)
+    if not resolved.exists():
+        raise FileNotFoundError(f"{option} {resolved}: no such file or folder")
+    return resolved
 
 
 def register(
     subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser
 ) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser("segment", parents=[common], help="(not implemented yet)")
-    parser.set_defaults(func=_run)
+    parser = subparsers.add_parser(
+        "segment",
+        parents=[common],
+        help="segment a volume; writes a labelmap in the input geometry and its label table",
+        description="Segment one volume (NIfTI, NRRD, MHA, MGZ or a DICOM folder) with MODEL.",
+    )
+    parser.add_argument("model", metavar="MODEL", help="model id (see `medquant models`) or a card .json")
+    parser.add_argument("--input", "-i", required=True, help="volume file or DICOM series folder")
+    parser.add_argument(
+        "--output", "-o", required=True, help="labelmap to write (.nii.gz, .nii, .nrrd, .mha)"
+    )
+    add_engine_arguments(parser)
+    parser.add_argument("--overlap", type=float, default=None, help="sliding-window overlap (card default)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    parser.set_defaults(func=run, render=render)
     return parser
 
 
-def _run(args: argparse.Namespace, progress) -> dict:
-    raise NotImplementedError("medquant segment is not implemented yet")
+def run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
+    output = Path(args.output)
+    table_path = label_table_path(output)
+    if not args.overwrite:
+        for path in (output, table_path):
+            if path.exists():
+                raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
+    input_path = require_input(args.input)
+
+    from engine_tools.cache import write_json_atomic
+    from engine_tools.pipeline import prepare_engine
+    from engine_tools.registry import get_card
+    from engine_tools.segment import segment_image
+    from engine_tools.volumes import read_image, write_image
+
+    card = get_card(args.model)
+    started = time.perf_counter()
+    image = read_image(input_path)
+    calibration = load_calibration(args, card, progress)
+    with progress.span(0.2, 0.5):
+        engine = prepare_engine(
+            card,
+            backend=args.backend,
+            precision=args.precision,
+            calibration=calibration,
+            calibration_method=args.calibration_method,
+            target_dice=args.target_dice,
+            weights_dir=args.weights_dir,
+            progress=progress,
+        )
+    prepared = time.perf_counter()
+    with progress.span(0.5, 0.95):
+        result = segment_image(engine, card, image, progress=progress, overlap=args.overlap)
+    segmented = time.perf_counter()
+    progress.update("write", 0.97, f"writing {output}")
+    write_image(result.labels, output, overwrite=args.overwrite)
+    table = result.label_table if getattr(result, "label_table", None) else card.label_table()
+    write_json_atomic(table_path, {"model": card.id, "labels": table})
+    timings = dict(getattr(result, "timings", None) or {})
+    timings.update(
+        prepare_engine_s=round(prepared - started, 3),
+        segment_s=round(segmented - prepared, 3),
+        total_s=round(time.perf_counter() - started, 3),
+    )
+    return {
+        "output": str(output),
+        "label_table": str(table_path),
+        "timings": timings,
+        "engine": engine.describe(),
+        "model": card.id,
+        "input": str(input_path),
+    }
+
+
+def render(result: dict[str, Any]) -> str:
+    engine = result["engine"]
+    kept = engine.get("kept_in_higher_precision")
+    lines = [
+        f"labels:      {result['output']}",
+        f"label table: {result['label_table']}",
+        f"engine:      {engine.get('backend')} {engine.get('precision')} on {engine.get('device')}, "
+        f"{engine.get('bytes_on_disk', 0) / 2**20:.2f} MiB ({engine.get('cache', 'built')})",
+        "timings:     "
+        + ", ".join(f"{k} {v:.2f}s" for k, v in result["timings"].items() if isinstance(v, float | int)),
+    ]
+    if kept:
+        lines.append(f"INT8 layers kept in higher precision: {', '.join(map(str, kept))}")
+    return "\n".join(lines)
