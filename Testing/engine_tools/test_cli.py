@@ -1,0 +1,89 @@
+"""`medquant segment | compare | demo` as a user runs them: subprocesses speaking the jsonl protocol."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine_tools.progress import validate_event
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_cli(*args: str, cache: Path | None = None, timeout: float = 600) -> tuple[int, list[dict]]:
+    """Run ``python -m engine_tools ... --progress jsonl``; every stdout line must be a valid event."""
+    env = dict(os.environ)
+    if cache is not None:
+        env["MEDQUANT_CACHE_DIR"] = str(cache)
+    proc = subprocess.run(
+        [sys.executable, "-m", "engine_tools", *args, "--progress", "jsonl"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    events = []
+    for line in proc.stdout.splitlines():
+        event = json.loads(line)
+        validate_event(event)
+        events.append(event)
+    assert events, f"no events; stderr:\n{proc.stderr[-2000:]}"
+    finals = [e for e in events if e["event"] in ("result", "error")]
+    assert finals == [events[-1]], "exactly one result/error event, and it is the last line"
+    return proc.returncode, events
+
+
+def test_missing_input_ends_in_one_error_event_and_exit_1(tmp_path):
+    missing = tmp_path / "nowhere" / "scan.nii.gz"
+    code, events = run_cli(
+        "segment", "brainchop-model11_gw_ae", "--input", str(missing), "--output", str(tmp_path / "o.nii.gz")
+    )
+    assert code == 1
+    assert events[-1]["event"] == "error"
+    assert events[-1]["error_type"] == "FileNotFoundError"
+    assert str(missing) in events[-1]["message"]
+    assert not (tmp_path / "o.nii.gz").exists()
+
+
+@pytest.mark.parametrize("existing", ["labels", "table"])
+def test_segment_refuses_to_overwrite_user_files(tmp_path, existing):
+    scan = tmp_path / "scan.nii.gz"
+    scan.write_bytes(b"not used: the refusal comes first")
+    output = tmp_path / "labels.nii.gz"
+    target = output if existing == "labels" else tmp_path / "labels.labels.json"
+    target.write_text("the user's own file")
+    code, events = run_cli(
+        "segment", "brainchop-model11_gw_ae", "--input", str(scan), "--output", str(output)
+    )
+    assert code == 1
+    assert events[-1]["error_type"] == "FileExistsError"
+    assert str(target) in events[-1]["message"] and "--overwrite" in events[-1]["message"]
+    assert target.read_text() == "the user's own file"
+
+
+def test_compare_rejects_unknown_precision(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "engine_tools",
+            "compare",
+            "m",
+            "--input",
+            "x",
+            "--precisions",
+            "fp32,int4",
+            "--output-dir",
+            str(tmp_path),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2 and "int4" in proc.stderr and "int8" in proc.stderr

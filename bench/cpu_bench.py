@@ -1,0 +1,257 @@
+"""CPU benchmark: FP32 (strict) / BF16 / INT8 of every real model on this machine.
+
+For each model card with real published weights (brainchop MeshNets, deepbet, bring-your-own ONNX) it
+prepares OpenVINO engines in strict FP32, BF16 and INT8 (NNCF, calibrated on another subject than the
+measured scan, accuracy guard on) and ONNX Runtime FP32/INT8 (QDQ), times ``engine.run`` on one real
+window (median after warm-up) and measures agreement of the INT8/BF16 logits' argmax with OpenVINO
+strict FP32 on that window (Dice per label, mean, worst) and the logits SQNR.
+
+    python bench/cpu_bench.py                      # all real models -> bench/results/cpu_models.{json,md}
+    python bench/cpu_bench.py --smoke --output-dir /tmp/bench   # one small model, two precisions
+
+Not part of CI beyond the smoke run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from engine_tools import demo  # noqa: E402
+from engine_tools.cache import atomic_file, cache_dir, write_json_atomic  # noqa: E402
+from engine_tools.compare import centre_window, machine_description, time_engine  # noqa: E402
+from engine_tools.progress import HumanProgress, Progress, SilentProgress  # noqa: E402
+
+#: Card id prefixes of models whose real pretrained weights are reachable here.
+REAL_MODEL_PREFIXES = ("brainchop-", "deepbet", "niivue")
+#: (backend, precision) rows measured for each model; the first is the reference.
+ROWS = (
+    ("openvino", "fp32"),
+    ("openvino", "bf16"),
+    ("openvino", "int8"),
+    ("onnxruntime", "fp32"),
+    ("onnxruntime", "int8"),
+)
+SMOKE_MODEL = "brainchop-model5_gw_ae"
+SMOKE_ROWS = (("openvino", "fp32"), ("openvino", "int8"))
+SCANS = {"MR": ("data", "mri", "t1_crop.nii.gz"), "CT": ("data", "ct", "example_ct.nii.gz")}
+CALIBRATION = {"MR": ("data", "mri", "mni152_2009_t1.nii.gz"), "CT": ("data", "ct", "example_ct_sm.nii.gz")}
+
+
+def real_model_cards(selected: list[str] | None = None) -> list[Any]:
+    from engine_tools.registry import get_card, load_cards
+
+    if selected:
+        return [get_card(model) for model in selected]
+    return [card for mid, card in sorted(load_cards().items()) if mid.startswith(REAL_MODEL_PREFIXES)]
+
+
+def calibration_folder(modality: str) -> Path:
+    """A cache folder linking one scan of another subject than the measured one."""
+    source = demo.shared_root().joinpath(*CALIBRATION.get(modality, CALIBRATION["MR"]))
+    if not source.exists():
+        raise FileNotFoundError(f"calibration scan {source} not found (set $MEDQUANT_SHARED)")
+    folder = cache_dir(f"bench-calibration-{modality.lower()}")
+    link = folder / source.name
+    if not link.exists():
+        link.symlink_to(source)
+    return folder
+
+
+def bench_model(
+    card: Any,
+    rows: tuple[tuple[str, str], ...],
+    windows: int,
+    warmup: int,
+    repeats: int,
+    weights_dir: str | None,
+    progress: Progress,
+) -> dict[str, Any]:
+    """All rows of one model; a row that cannot run records why instead of stopping the bench."""
+    from engine_tools.calibration import collect_windows
+    from engine_tools.pipeline import prepare_engine
+
+    from engine_tools.accuracy import agreement_dice, json_ready, sqnr_db
+    from engine_tools.volumes import preprocess, read_image
+
+    modality = card.modality.upper() if card.modality.upper() in SCANS else "MR"
+    scan = demo.shared_root().joinpath(*SCANS[modality])
+    image = read_image(scan)
+    batch = centre_window(np.asarray(preprocess(image, card).array, dtype=np.float32), card.window_size)[None]
+    calibration = None
+    if any(precision == "int8" for _, precision in rows):
+        calibration = collect_windows(calibration_folder(modality), card, num_windows=windows, progress=progress)
+    result: dict[str, Any] = {
+        "model": card.id,
+        "title": card.title,
+        "num_classes": card.num_classes,
+        "window": list(batch.shape),
+        "scan": str(scan),
+        "calibration_windows": None if calibration is None else int(np.shape(calibration.windows)[0]),
+        "rows": [],
+    }
+    reference_logits = None
+    num_values = max([card.num_classes, *(lab.value + 1 for lab in card.labels)])
+    for backend, precision in rows:
+        row: dict[str, Any] = {"backend": backend, "precision": precision}
+        result["rows"].append(row)
+        progress.log(f"{card.id}: {backend} {precision}")
+        try:
+            t0 = time.perf_counter()
+            engine = prepare_engine(
+                card,
+                backend=backend,
+                precision=precision,
+                calibration=calibration if precision == "int8" else None,
+                weights_dir=weights_dir,
+                progress=progress,
+            )
+            row["prepare_seconds"] = round(time.perf_counter() - t0, 2)
+            described = engine.describe()
+            row.update(
+                status="ok",
+                bytes_on_disk=int(described.get("bytes_on_disk", 0)),
+                cache=described.get("cache"),
+                kept_in_higher_precision=described.get("kept_in_higher_precision"),
+                accuracy_guard=described.get("accuracy_guard"),
+                kernels=described.get("kernels"),
+            )
+            row["latency"] = time_engine(engine, batch, warmup=warmup, repeats=repeats)
+            row["latency_ms_per_window"] = row["latency"]["median_ms_per_window"]
+            logits = np.asarray(engine.run(batch), dtype=np.float32)
+            if reference_logits is None:
+                reference_logits = logits
+            else:
+                agreement = agreement_dice(reference_logits.argmax(1), logits.argmax(1), num_values)
+                row["agreement_vs_fp32"] = json_ready(agreement)
+                value = sqnr_db(reference_logits, logits)
+                row["sqnr_db"] = round(value, 2) if np.isfinite(value) else None
+            del engine
+        except Exception as exc:  # record and go on: one failing row must not lose the others
+            row.update(status="unavailable", reason=f"{type(exc).__name__}: {exc}"[:500])
+            progress.warning(f"{card.id} {backend} {precision}: {row['reason']}")
+        gc.collect()
+    _add_ratios(result["rows"])
+    return result
+
+
+def _add_ratios(rows: list[dict[str, Any]]) -> None:
+    ok = {(r["backend"], r["precision"]): r for r in rows if r.get("status") == "ok"}
+    base = ok.get(("openvino", "fp32"))
+    for row in ok.values():
+        same_fp32 = ok.get((row["backend"], "fp32"))
+        if same_fp32:
+            row["speedup_vs_fp32_same_backend"] = round(
+                same_fp32["latency_ms_per_window"] / row["latency_ms_per_window"], 3
+            )
+            row["size_vs_fp32_same_backend"] = round(row["bytes_on_disk"] / max(same_fp32["bytes_on_disk"], 1), 3)
+        if base:
+            row["speedup_vs_openvino_fp32"] = round(base["latency_ms_per_window"] / row["latency_ms_per_window"], 3)
+        bf16 = ok.get((row["backend"], "bf16"))
+        if bf16 and row["precision"] == "int8":
+            row["speedup_vs_bf16"] = round(bf16["latency_ms_per_window"] / row["latency_ms_per_window"], 3)
+
+
+def _f(value: Any, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    machine = report["machine"]
+    flags = ", ".join(f for f, on in machine["cpu_flags"].items() if on) or "none of interest"
+    lines = [
+        "# CPU benchmark: FP32 (strict) / BF16 / INT8 per model",
+        "",
+        f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory_gib']} GiB; CPU flags: {flags}; "
+        f"OpenVINO CPU capabilities: {', '.join(machine['openvino_cpu_capabilities']) or 'n/a'}.",
+        "Libraries: " + ", ".join(f"{k} {v}" for k, v in machine["libraries"].items()) + ".",
+        "",
+        f"Latency: median of {report['settings']['repeats']} runs of `engine.run` on one real window (batch 1) "
+        f"after {report['settings']['warmup']} warm-up run(s). Agreement: argmax of the logits on that window "
+        "versus OpenVINO strict FP32 (Dice over labels present; worst label), logits SQNR. INT8 calibrated on "
+        "another subject than the measured scan, with the accuracy guard on (target mean Dice 0.97).",
+        "",
+        "| model | window | backend | precision | size (MiB) | size vs FP32 | latency (ms) | speed-up vs FP32 "
+        "| vs BF16 | mean Dice vs FP32 | worst | SQNR (dB) | layers kept | status |",
+        "|" + "---|" * 14,
+    ]
+    for model in report["models"]:
+        if "error" in model:
+            lines.append(f"| {model['model']} | | | | | | | | | | | | | error: {model['error'][:120]} |")
+            continue
+        window = "x".join(str(s) for s in model["window"][2:])
+        for row in model["rows"]:
+            if row.get("status") != "ok":
+                lines.append(
+                    f"| {model['model']} | {window} | {row['backend']} | {row['precision']} "
+                    f"| | | | | | | | | | unavailable: {row.get('reason', '')[:120]} |"
+                )
+                continue
+            agreement = row.get("agreement_vs_fp32") or {}
+            worst = (agreement.get("worst") or [None, None])[1]
+            kept = row.get("kept_in_higher_precision")
+            lines.append(
+                f"| {model['model']} | {window} | {row['backend']} | {row['precision']} "
+                f"| {row['bytes_on_disk'] / 2**20:.3f} | {_f(row.get('size_vs_fp32_same_backend'), '.2f')} "
+                f"| {row['latency_ms_per_window']:.1f} | {_f(row.get('speedup_vs_fp32_same_backend'), '.2f')} "
+                f"| {_f(row.get('speedup_vs_bf16'), '.2f')} | {_f(agreement.get('mean'), '.4f')} | {_f(worst, '.4f')} "
+                f"| {_f(row.get('sqnr_db'), '.1f')} | {'' if kept is None else len(kept)} | ok |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="*", help="card ids (default: every model with real weights)")
+    parser.add_argument("--output-dir", default=str(REPO / "bench" / "results"))
+    parser.add_argument("--name", default=None, help="file stem (default cpu_models, cpu_smoke with --smoke)")
+    parser.add_argument("--windows", type=int, default=8, help="calibration windows")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--weights-dir", default=None, help="offline weights mirror (default ../shared)")
+    parser.add_argument("--smoke", action="store_true", help=f"{SMOKE_MODEL}, OpenVINO FP32+INT8, 1 repeat")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    progress: Progress = SilentProgress() if args.quiet else HumanProgress()
+    rows = ROWS
+    if args.smoke:
+        args.models = args.models or [SMOKE_MODEL]
+        rows, args.repeats, args.windows = SMOKE_ROWS, 1, min(args.windows, 2)
+    weights_dir = args.weights_dir or (str(demo.default_weights_dir()) if demo.default_weights_dir() else None)
+    report: dict[str, Any] = {
+        "machine": machine_description(),
+        "settings": {"repeats": args.repeats, "warmup": args.warmup, "calibration_windows": args.windows},
+        "models": [],
+    }
+    stem = args.name or ("cpu_smoke" if args.smoke else "cpu_models")
+    out = Path(args.output_dir)
+    for card in real_model_cards(args.models):
+        started = time.perf_counter()
+        try:
+            model = bench_model(card, rows, args.windows, args.warmup, args.repeats, weights_dir, progress)
+        except Exception as exc:
+            model = {"model": card.id, "error": f"{type(exc).__name__}: {exc}"}
+            progress.warning(f"{card.id}: {model['error']}")
+        model["seconds"] = round(time.perf_counter() - started, 1)
+        report["models"].append(model)
+        write_json_atomic(out / f"{stem}.json", report)  # keep partial results of a long run
+        with atomic_file(out / f"{stem}.md", "w") as stream:
+            stream.write(render_markdown(report))
+    print(render_markdown(report))
+    print(json.dumps({"json": str(out / f"{stem}.json"), "markdown": str(out / f"{stem}.md")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
