@@ -1,0 +1,294 @@
+"""Move data between the MRML scene and the files a worker reads and writes.
+
+Works with the Slicer application and with PyPI ``slicer-core`` (real MRML, no application): only MRML
+storage nodes and ``vtkSlicerSegmentationsModuleLogic`` static methods are used. The input volume node
+is never modified; a segmentation the user edited is never overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from MedQuantSlicerLib.results import COLUMNS, TEXT_COLUMNS, ResultRow
+
+#: Node attributes written on result nodes (to find them again and to detect user edits).
+ATTR_MODEL = "MedQuant.Model"
+ATTR_PRECISION = "MedQuant.Precision"
+ATTR_INPUT = "MedQuant.InputVolumeID"
+ATTR_IMPORTED_MTIME = "MedQuant.ImportedSegmentationMTime"
+
+
+def _slicer() -> Any:
+    import slicer
+
+    return slicer
+
+
+def export_volume(volume_node: Any, path: str | Path) -> Path:
+    """Write ``volume_node`` to ``path`` (``.nrrd``) without touching the node or the scene.
+
+    The file holds the node's own voxel grid (IJK → RAS of the node; a parent transform is *not*
+    hardened, the result is placed under the same transform instead).
+    """
+    slicer = _slicer()
+    path = Path(path)
+    if volume_node is None or volume_node.GetImageData() is None:
+        raise ValueError("the input volume node has no image data; load a scalar volume first")
+    if volume_node.GetImageData().GetNumberOfScalarComponents() != 1:
+        raise ValueError(f"{volume_node.GetName()}: only single-component (scalar) volumes can be segmented")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    storage.SetFileName(str(path))
+    storage.SetUseCompression(0)
+    if not storage.WriteData(volume_node):
+        raise OSError(f"could not write {volume_node.GetName()} to {path}")
+    return path
+
+
+def read_label_table(value: Any) -> list[dict[str, Any]]:
+    """The label table of a result: a list of ``{value, name, color[, terminology]}``, or a path to the
+    JSON file ``segment`` writes (``{"model": ..., "labels": [...]}``)."""
+    if isinstance(value, (str, Path)):
+        path = Path(value)
+        try:
+            value = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"label table {path}: cannot read ({exc})") from exc
+    if isinstance(value, dict):
+        value = value.get("labels", [])
+    if not isinstance(value, list) or not all(isinstance(e, dict) and "value" in e for e in value):
+        raise ValueError("label table: expected a list of {value, name, color} entries")
+    return value
+
+
+def terminology_string(terminology: Any) -> str | None:
+    """Slicer's terminology entry string from a card's entry (already a string, or a dict with
+    ``category``/``type``/``typeModifier``/``anatomicRegion`` given as ``[scheme, code, meaning]``)."""
+    if isinstance(terminology, str):
+        return terminology
+    if not isinstance(terminology, dict) or "category" not in terminology or "type" not in terminology:
+        return None
+
+    def coded(key: str) -> str:
+        entry = terminology.get(key)
+        return "^".join(str(x) for x in entry) if entry else ""
+
+    context = terminology.get("context", "Segmentation category and type - 3D Slicer General Anatomy list")
+    anatomic_context = terminology.get("anatomicContext", "Anatomic codes - DICOM master list")
+    return "~".join(
+        [
+            context,
+            coded("category"),
+            coded("type"),
+            coded("typeModifier"),
+            anatomic_context if terminology.get("anatomicRegion") else "",
+            coded("anatomicRegion"),
+            coded("anatomicRegionModifier"),
+        ]
+    )
+
+
+def _read_labelmap(path: Path) -> Any:
+    slicer = _slicer()
+    labelmap = slicer.vtkMRMLLabelMapVolumeNode()
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    storage.SetFileName(str(path))
+    storage.SetCenterImage(False)
+    if not storage.ReadData(labelmap):
+        raise OSError(f"could not read the labelmap {path}")
+    return labelmap
+
+
+def _subject_hierarchy(scene: Any) -> Any:
+    slicer = _slicer()
+    return slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+
+
+def was_edited(segmentation_node: Any) -> bool:
+    """True when the segmentation changed after this module imported it (or was not made by it)."""
+    recorded = segmentation_node.GetAttribute(ATTR_IMPORTED_MTIME)
+    if not recorded:
+        return True
+    return int(segmentation_node.GetSegmentation().GetMTime()) != int(recorded)
+
+
+def find_previous_result(scene: Any, input_node: Any, model_id: str) -> Any | None:
+    """The newest segmentation this module made for ``input_node`` with ``model_id``, or ``None``."""
+    found = None
+    for index in range(scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")):
+        node = scene.GetNthNodeByClass(index, "vtkMRMLSegmentationNode")
+        if node.GetAttribute(ATTR_INPUT) == input_node.GetID() and node.GetAttribute(ATTR_MODEL) == model_id:
+            found = node
+    return found
+
+
+def import_segmentation(
+    scene: Any,
+    labels_path: str | Path,
+    label_table: Any,
+    input_node: Any,
+    *,
+    model_id: str,
+    precision: str = "",
+    name: str | None = None,
+    replace_previous: bool = False,
+    include_background: bool = False,
+) -> Any:
+    """Create a segmentation node from a labelmap file written in the input volume's geometry.
+
+    One segment per label of ``label_table`` (names, colours, terminology; labels absent from the
+    result become empty segments), reference geometry from ``input_node``, same parent transform and
+    subject-hierarchy folder as the input. With ``replace_previous`` the last result of this model for
+    this input is reused, but only when the user has not edited it; otherwise a new node with a unique
+    name is created.
+    """
+    slicer = _slicer()
+    labels_path = Path(labels_path)
+    table = [e for e in read_label_table(label_table) if include_background or int(e["value"]) != 0]
+    labelmap = _read_labelmap(labels_path)
+    if labelmap.GetImageData() is None:
+        raise OSError(f"{labels_path}: no image data")
+
+    node = None
+    if replace_previous:
+        previous = find_previous_result(scene, input_node, model_id)
+        if previous is not None and not was_edited(previous):
+            node = previous
+            node.GetSegmentation().RemoveAllSegments()
+    if node is None:
+        base = name or f"{input_node.GetName()} {model_id}" + (f" {precision.upper()}" if precision else "")
+        node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", scene.GenerateUniqueName(base))
+        node.CreateDefaultDisplayNodes()
+    node.SetReferenceImageGeometryParameterFromVolumeNode(input_node)
+    if input_node.GetParentTransformNode() is not None:
+        node.SetAndObserveTransformNodeID(input_node.GetParentTransformNode().GetID())
+
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    if not logic.ImportLabelmapToSegmentationNode(labelmap, node, ""):
+        raise RuntimeError(f"could not import {labels_path} into {node.GetName()}")
+    segmentation = node.GetSegmentation()
+    by_value = {}
+    for index in range(segmentation.GetNumberOfSegments()):
+        segment = segmentation.GetNthSegment(index)
+        by_value[int(segment.GetLabelValue())] = segmentation.GetNthSegmentID(index)
+    known = {int(e["value"]) for e in table}
+    for value, segment_id in list(by_value.items()):
+        if value not in known:  # a value the card does not name (or background): drop it
+            segmentation.RemoveSegment(segment_id)
+    for entry in table:
+        value = int(entry["value"])
+        color = [c / 255.0 for c in entry.get("color", (128, 128, 128))[:3]]
+        label_name = str(entry.get("name", f"label {value}"))
+        segment_id = by_value.get(value)
+        if segment_id is None:
+            segment_id = segmentation.AddEmptySegment("", label_name, color)
+        segment = segmentation.GetSegment(segment_id)
+        segment.SetName(label_name)
+        segment.SetColor(*color)
+        terminology = terminology_string(entry.get("terminology"))
+        if terminology:
+            segment.SetTerminology(terminology)
+
+    node.SetAttribute(ATTR_MODEL, model_id)
+    node.SetAttribute(ATTR_PRECISION, precision)
+    node.SetAttribute(ATTR_INPUT, input_node.GetID())
+    node.SetAttribute(ATTR_IMPORTED_MTIME, str(segmentation.GetMTime()))
+
+    hierarchy = _subject_hierarchy(scene)
+    if hierarchy is not None:
+        input_item = hierarchy.GetItemByDataNode(input_node)
+        if input_item:
+            parent = hierarchy.GetItemParent(input_item)
+            item = hierarchy.GetItemByDataNode(node) or hierarchy.CreateItem(parent, node)
+            hierarchy.SetItemParent(item, parent)
+    return node
+
+
+def segment_array(segmentation_node: Any, segment_id: str, reference_volume: Any) -> Any:
+    """A segment as a numpy array on ``reference_volume``'s voxel grid (k, j, i order)."""
+    slicer = _slicer()
+    import vtk
+
+    labelmap = slicer.vtkMRMLLabelMapVolumeNode()
+    segmentation_node.GetScene().AddNode(labelmap)
+    try:
+        ids = vtk.vtkStringArray()
+        ids.InsertNextValue(segment_id)
+        if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+            segmentation_node, ids, labelmap, reference_volume
+        ):
+            raise RuntimeError(f"could not export segment {segment_id}")
+        return slicer.util.arrayFromVolume(labelmap).copy()
+    finally:
+        segmentation_node.GetScene().RemoveNode(labelmap)
+
+
+def _add_column(table: Any, key: str, title: str, values: Sequence[Any]) -> None:
+    import vtk
+
+    array = vtk.vtkStringArray() if key in TEXT_COLUMNS else vtk.vtkDoubleArray()
+    array.SetName(title)
+    for value in values:
+        if key in TEXT_COLUMNS:
+            array.InsertNextValue(str(value))
+        else:
+            array.InsertNextValue(float("nan") if value is None else float(value))
+    table.AddColumn(array)
+
+
+def results_table(
+    scene: Any,
+    rows: Sequence[ResultRow],
+    name: str = "MedQuant results",
+    table_node: Any = None,
+    chart_node: Any = None,
+) -> tuple[Any, Any]:
+    """A ``vtkMRMLTableNode`` (one row per precision) and a bar chart of latency and size per precision.
+
+    Returns ``(table_node, chart_node)``; existing nodes are refilled in place.
+    """
+    if table_node is None:
+        table_node = scene.AddNewNodeByClass("vtkMRMLTableNode", scene.GenerateUniqueName(name))
+    table = table_node.GetTable()
+    disabled = table_node.StartModify()
+    table.Initialize()
+    for key, title in COLUMNS:
+        _add_column(table, key, title, [getattr(row, key) for row in rows])
+    table_node.Modified()
+    table_node.EndModify(disabled)
+
+    if chart_node is not None:
+        return table_node, chart_node
+    chart = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", scene.GenerateUniqueName(f"{name} chart"))
+    chart.SetTitle("INT8 vs FP32: latency per window and engine size")
+    chart.SetXAxisTitle("precision")
+    chart.SetYAxisTitle("ms / MB")
+    label_column = dict(COLUMNS)["precision"]
+    for key, colour in (("latency_ms", (0.85, 0.35, 0.1)), ("size_mb", (0.2, 0.45, 0.75))):
+        title = dict(COLUMNS)[key]
+        series = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", scene.GenerateUniqueName(f"{name} {key}"))
+        series.SetAndObserveTableNodeID(table_node.GetID())
+        series.SetPlotType(series.PlotTypeBar)
+        series.SetLabelColumnName(label_column)
+        series.SetYColumnName(title)
+        series.SetColor(*colour)
+        series.SetName(title)
+        chart.AddAndObservePlotSeriesNodeID(series.GetID())
+    return table_node, chart
+
+
+def table_rows(table_node: Any) -> list[dict[str, Any]]:
+    """The table node's content as dicts keyed by column title (tests, scripting)."""
+    table = table_node.GetTable()
+    out = []
+    for r in range(table.GetNumberOfRows()):
+        row = {}
+        for c in range(table.GetNumberOfColumns()):
+            column = table.GetColumn(c)
+            value = column.GetValue(r)
+            row[column.GetName()] = value
+        out.append(row)
+    return out
