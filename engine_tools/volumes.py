@@ -157,7 +157,10 @@ def _read_with_nibabel(path: Path, itk_error: BaseException | None = None) -> si
             f"{path}: non-scalar image ({data.shape[4]} components per voxel); convert it to one channel"
         )
     _check_size(tuple(int(s) for s in data.shape), path)
-    return image_from_ras_array(np.asarray(data), nii.affine)
+    data = np.asarray(data)
+    if data.dtype == np.bool_:
+        data = data.astype(np.uint8)
+    return image_from_ras_array(data.astype(data.dtype.newbyteorder("="), copy=False), nii.affine)
 
 
 def _check_size(size: tuple[int, ...], path: Path) -> None:
