@@ -18,7 +18,7 @@ from MedQuantSlicerLib.results import COLUMNS, TEXT_COLUMNS, ResultRow
 ATTR_MODEL = "MedQuant.Model"
 ATTR_PRECISION = "MedQuant.Precision"
 ATTR_INPUT = "MedQuant.InputVolumeID"
-ATTR_IMPORTED_MTIME = "MedQuant.ImportedSegmentationMTime"
+ATTR_IMPORTED_MTIME = "MedQuant.ImportedContentSHA256"
 
 
 def _slicer() -> Any:
@@ -107,12 +107,35 @@ def _subject_hierarchy(scene: Any) -> Any:
     return slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
 
 
+def content_fingerprint(segmentation_node: Any) -> str:
+    """Hash of the segments' names, label values and binary labelmap voxels (detects user edits)."""
+    import hashlib
+
+    from vtk.util.numpy_support import vtk_to_numpy
+
+    digest = hashlib.sha256()
+    segmentation = segmentation_node.GetSegmentation()
+    for index in range(segmentation.GetNumberOfSegments()):
+        segment = segmentation.GetNthSegment(index)
+        digest.update(
+            f"{segmentation.GetNthSegmentID(index)}|{segment.GetName()}|{segment.GetLabelValue()}".encode()
+        )
+        image = segment.GetRepresentation("Binary labelmap")
+        if image is None:
+            continue
+        digest.update(str(image.GetExtent()).encode())
+        scalars = image.GetPointData().GetScalars()
+        if scalars is not None:
+            digest.update(vtk_to_numpy(scalars).tobytes())
+    return digest.hexdigest()
+
+
 def was_edited(segmentation_node: Any) -> bool:
     """True when the segmentation changed after this module imported it (or was not made by it)."""
     recorded = segmentation_node.GetAttribute(ATTR_IMPORTED_MTIME)
     if not recorded:
         return True
-    return int(segmentation_node.GetSegmentation().GetMTime()) != int(recorded)
+    return content_fingerprint(segmentation_node) != recorded
 
 
 def find_previous_result(scene: Any, input_node: Any, model_id: str) -> Any | None:
@@ -195,7 +218,7 @@ def import_segmentation(
     node.SetAttribute(ATTR_MODEL, model_id)
     node.SetAttribute(ATTR_PRECISION, precision)
     node.SetAttribute(ATTR_INPUT, input_node.GetID())
-    node.SetAttribute(ATTR_IMPORTED_MTIME, str(segmentation.GetMTime()))
+    node.SetAttribute(ATTR_IMPORTED_MTIME, content_fingerprint(node))
 
     hierarchy = _subject_hierarchy(scene)
     if hierarchy is not None:
