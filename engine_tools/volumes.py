@@ -384,7 +384,23 @@ def _validated_code(code: str) -> str:
 
 
 def normalize_intensity(array: np.ndarray, rule: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
-    """Apply a card intensity rule to a float32 array; returns the array and the values used."""
+    """Apply a card intensity rule to a float32 array; returns the array and the values used.
+
+    An optional ``"then_scale": {"b_min": -1, "b_max": 1}`` min-max scales the result afterwards
+    (MONAI ``ScaleIntensity``), e.g. for bundles that z-score and then scale to ``[-1, 1]``.
+    """
+    from monai.transforms import ScaleIntensity
+
+    array, used = _apply_intensity_rule(array, rule)
+    then = rule.get("then_scale")
+    if then:
+        minv, maxv = float(then.get("b_min", 0.0)), float(then.get("b_max", 1.0))
+        array = np.asarray(ScaleIntensity(minv=minv, maxv=maxv)(array), np.float32)
+        used["then_scale"] = {"b_min": minv, "b_max": maxv}
+    return array, used
+
+
+def _apply_intensity_rule(array: np.ndarray, rule: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
     from monai.transforms import NormalizeIntensity, ScaleIntensityRange
 
     name = rule.get("rule", "none")

@@ -234,6 +234,11 @@ def test_intensity_rules():
     inside = z.transpose(2, 1, 0)[5:]
     assert abs(inside.mean()) < 1e-4 and inside.std() == pytest.approx(1.0, abs=1e-3)
     assert np.all(z.transpose(2, 1, 0)[:5] == 0)
+    scaled = preprocess(
+        sitk.GetImageFromArray(masked),
+        {"preprocessing": {"intensity": {"rule": "zscore", "then_scale": {"b_min": -1.0, "b_max": 1.0}}}},
+    ).array
+    assert scaled.min() == pytest.approx(-1.0) and scaled.max() == pytest.approx(1.0)
     with pytest.raises(VolumeError, match="unknown intensity rule 'gamma'"):
         preprocess(image, {"preprocessing": {"intensity": {"rule": "gamma"}}})
 
