@@ -1,0 +1,94 @@
+"""Static checks: widget names used by the code exist in the .ui; CMake lists exactly what exists;
+no PythonQt-only or PySide-only idioms in the panel code."""
+
+from __future__ import annotations
+
+import re
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+from conftest import MODULE_DIR, REPO
+
+UI_FILE = REPO / "Resources" / "UI" / "MedQuantSlicer.ui"
+CODE = [MODULE_DIR / "MedQuantSlicer.py", *sorted((MODULE_DIR / "MedQuantSlicerLib").glob("*.py"))]
+
+
+def _ui_names() -> set[str]:
+    root = ET.parse(UI_FILE).getroot()
+    return {w.get("name") for w in root.iter("widget")}
+
+
+def test_every_referenced_widget_exists_in_ui():
+    names = _ui_names()
+    referenced = set()
+    for path in CODE:
+        referenced |= set(re.findall(r"\bui\.([A-Za-z_]\w*)", path.read_text()))
+    assert referenced, "no ui.<widget> references found"
+    missing = sorted(referenced - names)
+    assert not missing, f"widgets used in code but absent from {UI_FILE.name}: {missing}"
+    # and the root is a qMRMLWidget as Slicer expects
+    root_widget = ET.parse(UI_FILE).getroot().find("widget")
+    assert root_widget.get("class") == "qMRMLWidget"
+
+
+def test_no_non_portable_qt_idioms():
+    bad = [
+        (re.compile(r"\.(enabled|checked|text|value|currentIndex|visible)\s*=[^=]"), "property assignment"),
+        (re.compile(r"\.connect\(\s*['\"]"), "string-signal connect"),
+    ]
+    for path in [MODULE_DIR / "MedQuantSlicerLib" / "panel.py", MODULE_DIR / "MedQuantSlicer.py"]:
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            for pattern, what in bad:
+                assert not pattern.search(line), f"{path.name}:{number}: {what}: {line.strip()}"
+
+
+def _cmake_listed(cmake: Path, variable: str) -> list[str]:
+    text = cmake.read_text()
+    block = re.search(rf"set\({variable}\s+(.*?)\)", text, re.S)
+    assert block, f"{cmake}: {variable} not found"
+    module = "MedQuantSlicer"
+    return [
+        line.strip().replace("${MODULE_NAME}", module)
+        for line in block.group(1).splitlines()
+        if line.strip() and not line.strip().startswith("#")
+    ]
+
+
+def test_cmake_lists_every_module_file_and_only_existing_ones():
+    cmake = MODULE_DIR / "CMakeLists.txt"
+    listed = _cmake_listed(cmake, "MODULE_PYTHON_SCRIPTS")
+    for item in listed:
+        assert (MODULE_DIR / item).is_file(), f"{cmake} lists {item}, which does not exist"
+    on_disk = {str(p.relative_to(MODULE_DIR)) for p in CODE}
+    assert on_disk == set(listed), f"not listed in CMake: {sorted(on_disk - set(listed))}"
+    root_cmake = (REPO / "CMakeLists.txt").read_text()
+    for resource in re.findall(r"(Resources/[\w/]+\.\w+)", root_cmake):
+        assert (REPO / resource).is_file(), f"top-level CMakeLists.txt lists missing {resource}"
+    for required in (
+        "EXTENSION_HOMEPAGE",
+        "EXTENSION_CATEGORY",
+        "EXTENSION_ICONURL",
+        "EXTENSION_DEPENDS",
+        "add_subdirectory(MedQuantSlicer)",
+        "find_package(Slicer",
+    ):
+        assert required in root_cmake
+    assert "WITH_GENERIC_TESTS" in cmake.read_text() and "slicer_add_python_unittest" in cmake.read_text()
+
+
+def test_icon_is_a_real_png():
+    from PIL import Image
+
+    with Image.open(REPO / "Resources" / "Icons" / "MedQuantSlicer.png") as icon:
+        assert icon.format == "PNG" and icon.size == (128, 128)
+
+
+def test_paths_resolve_in_source_checkout():
+    from MedQuantSlicerLib import paths
+
+    assert paths.engine_tools_root() == REPO
+    assert paths.ui_file() == UI_FILE
+    command = paths.worker_command("models")
+    assert command[1:4] == ["-m", "engine_tools", "models"] and command[-2:] == ["--progress", "jsonl"]
+    env = paths.worker_environment({"PYTHONPATH": "/elsewhere"})
+    assert env["PYTHONPATH"].split(":")[0] == str(REPO) and "/elsewhere" in env["PYTHONPATH"]
