@@ -75,6 +75,9 @@ def _latency_from_timings(timings: dict[str, Any]) -> float | None:
     for key in ("ms_per_window", "latency_ms_per_window", "median_ms_per_window"):
         if key in timings:
             return _number(timings[key])
+    median_s = _number(timings.get("median_window_latency_s"))
+    if median_s is not None:
+        return 1000.0 * median_s
     windows, seconds = _number(timings.get("windows")), _number(timings.get("inference_s"))
     if windows and seconds is not None:
         return 1000.0 * seconds / windows

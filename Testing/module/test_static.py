@@ -92,3 +92,23 @@ def test_paths_resolve_in_source_checkout():
     assert command[1:4] == ["-m", "engine_tools", "models"] and command[-2:] == ["--progress", "jsonl"]
     env = paths.worker_environment({"PYTHONPATH": "/elsewhere"})
     assert env["PYTHONPATH"].split(":")[0] == str(REPO) and "/elsewhere" in env["PYTHONPATH"]
+
+
+def test_result_rows_from_segment_timings():
+    from MedQuantSlicerLib.results import row_from_segment
+
+    row = row_from_segment(
+        {
+            "engine": {
+                "backend": "openvino",
+                "precision": "int8",
+                "device": "cpu",
+                "bytes_on_disk": 3 * 2**20,
+                "cache": "hit",
+            },
+            "timings": {"median_window_latency_s": 0.0425, "total_s": 7.5},
+        }
+    )
+    assert row.precision == "INT8" and row.size_mb == 3.0 and row.latency_ms == 42.5 and row.total_s == 7.5
+    assert "cached" in row.engine
+    assert row.cells()[:5] == ["INT8", "openvino (cpu), cached", "3.00", "42.5", "7.50"]
