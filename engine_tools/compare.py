@@ -36,6 +36,7 @@ CPU_FLAGS_OF_INTEREST = (
     "amx_int8",
     "amx_tile",
 )
+MAX_KEPT_LOGITS_BYTES = 512 * 2**20
 LIBRARIES = ("numpy", "torch", "monai", "openvino", "nncf", "onnxruntime", "onnx", "SimpleITK", "tensorrt")
 
 
@@ -271,6 +272,8 @@ def compare_precisions(
     if reference is not None:
         reference_labels = _label_array(_reference_on_grid(reference, image))
 
+    # whole-volume logits SQNR only where FP32's logits fit comfortably in memory
+    keep_logits = card.num_classes * int(np.prod(prep.array.shape[1:])) * 4 <= MAX_KEPT_LOGITS_BYTES
     rows: dict[str, dict[str, Any]] = {}
     fp32_labels: np.ndarray | None = None
     fp32_logits: np.ndarray | None = None
@@ -316,7 +319,9 @@ def compare_precisions(
                 progress.update("compare", 0.55, f"{precision}: segmenting")
                 t0 = time.perf_counter()
                 with progress.span(0.55, 0.85):
-                    result = segment_image(engine, card, image, progress=progress, overlap=overlap)
+                    result = segment_image(
+                        engine, card, image, progress=progress, overlap=overlap, keep_logits=keep_logits
+                    )
                 row["segment_seconds"] = round(time.perf_counter() - t0, 3)
                 row["segment_timings"] = getattr(result, "timings", None)
                 progress.update("compare", 0.85, f"{precision}: timing {repeats} runs of one window")

@@ -9,17 +9,6 @@ from typing import Any
 
 from engine_tools.progress import Progress
 
-LABEL_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".seg.nrrd")
-
-
-def label_table_path(output: Path) -> Path:
-    """``OUT.nii.gz`` → ``OUT.labels.json`` (the label table written beside the labelmap)."""
-    name = output.name
-    for suffix in sorted(LABEL_SUFFIXES, key=len, reverse=True):
-        if name.lower().endswith(suffix):
-            return output.with_name(name[: -len(suffix)] + ".labels.json")
-    return output.with_name(name + ".labels.json")
-
 
 def add_engine_arguments(parser: argparse.ArgumentParser, precision_default: str | None = "int8") -> None:
     """Options shared by ``segment`` and ``compare``: backend, calibration folder and size."""
@@ -96,19 +85,20 @@ def register(
 
 
 def run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
+    from engine_tools.segment import label_table_paths
+
     output = Path(args.output)
-    table_path = label_table_path(output)
-    if not args.overwrite:
-        for path in (output, table_path):
+    table_path, csv_path = label_table_paths(output)
+    if not args.overwrite:  # refuse before any expensive work; write_segmentation checks again
+        for path in (output, table_path, csv_path):
             if path.exists():
                 raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
     input_path = require_input(args.input)
 
-    from engine_tools.cache import write_json_atomic
     from engine_tools.pipeline import prepare_engine
     from engine_tools.registry import get_card
-    from engine_tools.segment import segment_image
-    from engine_tools.volumes import read_image, write_image
+    from engine_tools.segment import segment_image, write_segmentation
+    from engine_tools.volumes import read_image
 
     card = get_card(args.model)
     started = time.perf_counter()
@@ -130,18 +120,17 @@ def run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
         result = segment_image(engine, card, image, progress=progress, overlap=args.overlap)
     segmented = time.perf_counter()
     progress.update("write", 0.97, f"writing {output}")
-    write_image(result.labels, output, overwrite=args.overwrite)
-    table = result.label_table if getattr(result, "label_table", None) else card.label_table()
-    write_json_atomic(table_path, {"model": card.id, "labels": table})
+    written = write_segmentation(result, output, overwrite=args.overwrite)
     timings = dict(getattr(result, "timings", None) or {})
     timings.update(
         prepare_engine_s=round(prepared - started, 3),
         segment_s=round(segmented - prepared, 3),
-        total_s=round(time.perf_counter() - started, 3),
+        end_to_end_s=round(time.perf_counter() - started, 3),
     )
     return {
         "output": str(output),
-        "label_table": str(table_path),
+        "label_table": str(written["label_table_json"]),
+        "label_table_csv": str(written["label_table_csv"]),
         "timings": timings,
         "engine": engine.describe(),
         "model": card.id,
@@ -158,7 +147,11 @@ def render(result: dict[str, Any]) -> str:
         f"engine:      {engine.get('backend')} {engine.get('precision')} on {engine.get('device')}, "
         f"{engine.get('bytes_on_disk', 0) / 2**20:.2f} MiB ({engine.get('cache', 'built')})",
         "timings:     "
-        + ", ".join(f"{k} {v:.2f}s" for k, v in result["timings"].items() if isinstance(v, float | int)),
+        + ", ".join(
+            f"{k} {v:.2f}s"
+            for k, v in result["timings"].items()
+            if k.endswith("_s") and isinstance(v, float | int)
+        ),
     ]
     if kept:
         lines.append(f"INT8 layers kept in higher precision: {', '.join(map(str, kept))}")
