@@ -1,0 +1,100 @@
+"""Agreement between two segmentations or two sets of logits (INT8 versus FP32, engine versus reference).
+
+Used by the accuracy guard of the INT8 builds and by ``medquant compare``. Label maps are integer arrays
+of any shape; logits are ``N, K, ...`` float arrays (classes on axis 1).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def dice_per_label(labels_a: np.ndarray, labels_b: np.ndarray, num_classes: int) -> dict[int, float | None]:
+    """Dice of every label value ``0..num_classes-1``; ``None`` where the label is absent from both."""
+    a = np.asarray(labels_a).ravel().astype(np.int64)
+    b = np.asarray(labels_b).ravel().astype(np.int64)
+    if a.shape != b.shape:
+        raise ValueError(f"label maps differ in size: {np.shape(labels_a)} vs {np.shape(labels_b)}")
+    count_a = np.bincount(a, minlength=num_classes)[:num_classes]
+    count_b = np.bincount(b, minlength=num_classes)[:num_classes]
+    both = np.bincount(a[a == b], minlength=num_classes)[:num_classes]
+    result: dict[int, float | None] = {}
+    for value in range(num_classes):
+        total = int(count_a[value] + count_b[value])
+        result[value] = None if total == 0 else float(2.0 * both[value] / total)
+    return result
+
+
+def agreement_dice(
+    labels_a: np.ndarray, labels_b: np.ndarray, num_classes: int, include_background: bool = True
+) -> dict[str, Any]:
+    """Per-label Dice between two label maps, their mean over labels present in either, and the worst.
+
+    Returns ``{"per_label": {value: dice | None}, "mean": float, "worst": (value, dice),
+    "voxels": int}``. Labels absent from both maps are ``None`` and do not enter the mean.
+    """
+    per_label = dice_per_label(labels_a, labels_b, num_classes)
+    scored = {
+        value: dice
+        for value, dice in per_label.items()
+        if dice is not None and (include_background or value != 0)
+    }
+    if not scored:
+        return {"per_label": per_label, "mean": 1.0, "worst": (None, None), "voxels": int(np.size(labels_a))}
+    worst = min(scored.items(), key=lambda item: item[1])
+    return {
+        "per_label": per_label,
+        "mean": float(np.mean(list(scored.values()))),
+        "worst": (int(worst[0]), float(worst[1])),
+        "voxels": int(np.size(labels_a)),
+    }
+
+
+def logits_agreement(
+    reference_logits: np.ndarray, test_logits: np.ndarray, include_background: bool = True
+) -> dict[str, Any]:
+    """:func:`agreement_dice` of the argmax of two logits arrays ``N, K, ...`` plus their SQNR."""
+    reference_logits = np.asarray(reference_logits)
+    num_classes = int(reference_logits.shape[1])
+    result = agreement_dice(
+        np.argmax(reference_logits, axis=1),
+        np.argmax(np.asarray(test_logits), axis=1),
+        num_classes,
+        include_background=include_background,
+    )
+    result["sqnr_db"] = sqnr_db(reference_logits, test_logits)
+    return result
+
+
+def sqnr_db(reference: np.ndarray, test: np.ndarray) -> float:
+    """Signal-to-quantization-noise ratio in dB: ``10 log10(sum(ref^2) / sum((ref - test)^2))``.
+
+    ``inf`` when the two are identical.
+    """
+    reference = np.asarray(reference, dtype=np.float64)
+    test = np.asarray(test, dtype=np.float64)
+    if reference.shape != test.shape:
+        raise ValueError(f"shapes differ: {reference.shape} vs {test.shape}")
+    noise = float(np.sum((reference - test) ** 2))
+    signal = float(np.sum(reference**2))
+    if noise == 0.0:
+        return float("inf")
+    if signal == 0.0:
+        return float("-inf")
+    return float(10.0 * np.log10(signal / noise))
+
+
+def json_ready(agreement: dict[str, Any]) -> dict[str, Any]:
+    """An agreement result with string keys and rounded numbers, for JSON reports."""
+    out = dict(agreement)
+    out["per_label"] = {
+        str(k): (None if v is None else round(float(v), 5)) for k, v in agreement["per_label"].items()
+    }
+    out["mean"] = round(float(agreement["mean"]), 5)
+    if "sqnr_db" in out and np.isfinite(out["sqnr_db"]):
+        out["sqnr_db"] = round(float(out["sqnr_db"]), 3)
+    worst = agreement.get("worst", (None, None))
+    out["worst"] = [worst[0], None if worst[1] is None else round(float(worst[1]), 5)]
+    return out
