@@ -160,7 +160,13 @@ def find_scans(folder: str | Path) -> tuple[list[_Candidate], list[str]]:
         return [_Candidate(root.name, root, [root])], []
     candidates: list[_Candidate] = []
     unrecognised: list[str] = []
-    for directory, subdirs, names in os.walk(root):
+    visited: set[str] = set()
+    for directory, subdirs, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(directory)
+        if real in visited:  # a symlink loop or a folder linked twice
+            subdirs[:] = []
+            continue
+        visited.add(real)
         subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
         here = Path(directory)
         dicom_files: list[Path] = []
@@ -220,7 +226,9 @@ def foreground_mask(array: np.ndarray) -> np.ndarray:
     """Tissue voxels of a preprocessed volume (half-way between the 1st percentile and Otsu)."""
     values = array.ravel()[:: max(1, array.size // 1_000_000)]
     low = float(np.percentile(values, 1))
-    threshold = _otsu(values)
+    if float(values.max()) <= low:  # no contrast at all (e.g. only air): nothing to calibrate on
+        return np.zeros(array.shape, dtype=bool)
+    threshold = max(_otsu(values), low)
     return array > low + 0.5 * (threshold - low)
 
 
