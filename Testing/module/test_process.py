@@ -155,3 +155,35 @@ def test_failed_to_start(tmp_path):
     worker = ThreadWorkerProcess([str(tmp_path / "no-such-python")])
     with pytest.raises(FileNotFoundError):
         worker.start()
+
+
+@pytest.mark.skipif(os.name == "nt", reason="process-group semantics tested on POSIX")
+def test_qprocess_runner_cancels_tree_through_launcher(tmp_path):
+    """The QProcess runner (used by the panel) starts the worker via launcher.py in a new session."""
+    pytest.importorskip("PySide6")
+    from MedQuantSlicerLib.process import QtWorkerProcess
+    from pyside_host import PySideHost, application, spin
+
+    from engine_tools.cache import partial_artifacts
+
+    application()  # QProcess signals need a running Qt application, as in Slicer
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    cache, pid_file = tmp_path / "cache", tmp_path / "child.pid"
+    progress = []
+    worker = QtWorkerProcess(
+        PySideHost(None).qt,
+        [sys.executable, str(script), "stubborn", str(cache), str(pid_file)],
+        on_progress=lambda f, s, m: progress.append(f),
+        cancel_grace_s=1.0,
+        cleanup_dirs=[cache],
+    )
+    worker.start()
+    assert spin(lambda: len(progress) >= 5, 60), worker.outcome and worker.outcome.message()
+    assert worker._pgid is not None and worker._pgid != os.getpgid(0)
+    child_pid = int(pid_file.read_text())
+    worker.cancel()
+    assert spin(lambda: worker.outcome is not None, 30)
+    assert worker.outcome.status == CANCELLED
+    assert spin(lambda: not _alive(child_pid), 5), "grandchild survived"
+    assert partial_artifacts(cache) == []
