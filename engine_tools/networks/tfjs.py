@@ -99,11 +99,15 @@ def read_weights(model_json: Path, shard_files: dict[str, Path] | None = None) -
             if quant:
                 qtype = quant["dtype"]
                 if qtype not in _QUANTIZED_DTYPES:
-                    raise TfjsFormatError(f"{model_json}: {entry['name']} has unsupported quantization {qtype}")
+                    raise TfjsFormatError(
+                        f"{model_json}: {entry['name']} has unsupported quantization {qtype}"
+                    )
                 dtype = np.dtype(_QUANTIZED_DTYPES[qtype])
             else:
                 if entry["dtype"] not in _MANIFEST_DTYPES:
-                    raise TfjsFormatError(f"{model_json}: {entry['name']} has unsupported dtype {entry['dtype']}")
+                    raise TfjsFormatError(
+                        f"{model_json}: {entry['name']} has unsupported dtype {entry['dtype']}"
+                    )
                 dtype = np.dtype(_MANIFEST_DTYPES[entry["dtype"]])
             nbytes = count * dtype.itemsize
             if offset + nbytes > len(blob):
@@ -216,7 +220,9 @@ def build_tfjs_module(
             if padding_mode == "same":
                 if stride != (1, 1, 1) or any(k % 2 == 0 for k in kernel):
                     raise TfjsFormatError(f"{where}: 'same' padding only with stride 1 and odd kernels")
-                padding: tuple[int, ...] = tuple(d * (k - 1) // 2 for k, d in zip(kernel, dilation, strict=True))
+                padding: tuple[int, ...] = tuple(
+                    d * (k - 1) // 2 for k, d in zip(kernel, dilation, strict=True)
+                )
             elif padding_mode == "valid":
                 padding = (0, 0, 0)
             else:
@@ -278,7 +284,9 @@ def build_tfjs_module(
             raise TfjsFormatError(f"{where}: unsupported layer type {kind!r}")
     unused = sorted(set(weights) - used)
     if unused:
-        raise TfjsFormatError(f"{model_json}: manifest weights not used by any layer: {', '.join(unused[:5])}")
+        raise TfjsFormatError(
+            f"{model_json}: manifest weights not used by any layer: {', '.join(unused[:5])}"
+        )
     module = nn.Sequential(modules)
     return module.float().eval()
 
