@@ -113,6 +113,7 @@ class Engine(ABC):
             "bytes_on_disk": sum(p.stat().st_size for p in self.artifact_files()),
             "versions": self.versions(),
             "artifact_dir": str(self.artifact_dir) if self.artifact_dir else None,
+            "cache": getattr(self, "cache_status", None),  # "hit" / "built" when made by pipeline
             **{
                 k: v
                 for k, v in self.build_report.items()

@@ -209,6 +209,33 @@ def _rt_value(info: Any, key: str) -> str:
     return str(value.astype(str)) if hasattr(value, "astype") else str(value)
 
 
+def dequantize_layers(quantized: Any, original: Any, names: list[str]) -> Any:
+    """A copy of ``quantized`` where the named layers take float input and their FP32 weights again.
+
+    The activation FakeQuantize before each layer is bypassed (other consumers keep it) and the
+    compressed INT8 weights are replaced by the original FP32 constant of the same layer.
+    """
+    ov = _ov()
+    from openvino import opset13
+
+    edited = quantized.clone()
+    originals = {op.get_friendly_name(): op for op in original.get_ordered_ops()}
+    ops = {op.get_friendly_name(): op for op in edited.get_ordered_ops()}
+    for name in names:
+        if name not in ops or name not in originals:
+            raise KeyError(f"layer {name!r} not found in the model")
+        layer = ops[name]
+        source = layer.input_value(0).get_node()
+        if source.get_type_name() == "FakeQuantize":
+            layer.input(0).replace_source_output(source.input_value(0))
+        weights = originals[name].input_value(1).get_node()
+        if weights.get_type_name() == "Constant":
+            layer.input(1).replace_source_output(opset13.constant(weights.get_data().copy()).output(0))
+    edited.validate_nodes_and_infer_types()
+    del ov
+    return edited
+
+
 def cpu_has_vnni() -> bool:
     """Whether the CPU has VNNI/AMX INT8 dot products (without them, u8*s8 products can saturate)."""
     try:
@@ -296,7 +323,14 @@ class AccuracyGuard:
         advanced = AdvancedQuantizationParameters(
             activations_range_estimator_params=estimators[method],
             overflow_fix=OverflowFix(calibration["overflow_fix"]),
+            disable_channel_alignment=not calibration.get("channel_alignment", False),
         )
+        if calibration.get("smooth_quant_alpha") is not None:
+            from nncf.quantization.advanced_parameters import AdvancedSmoothQuantParameters
+
+            advanced.smooth_quant_alphas = AdvancedSmoothQuantParameters(
+                convolution=float(calibration["smooth_quant_alpha"])
+            )
         preset = nncf.QuantizationPreset(calibration["preset"])
         patterns = list(self.options.get("keep_higher_precision_patterns", []))
         scope = None
@@ -355,6 +389,8 @@ class AccuracyGuard:
             "preset": str(opts.get("preset", "performance")),
             "fast_bias_correction": bool(opts.get("fast_bias_correction", True)),
             "overflow_fix": str(opts.get("overflow_fix", default_overflow_fix())),
+            "channel_alignment": bool(opts.get("channel_alignment", False)),
+            "smooth_quant_alpha": opts.get("smooth_quant_alpha"),
         }
         forced = list(opts.get("ignored_layers", []))
         layers = [name for name in quantizable_layers(self.model) if name not in forced]
@@ -381,30 +417,50 @@ class AccuracyGuard:
                 if best["mean"] >= self.target:
                     break
 
-        # (3) per-layer sensitivity: keep each layer in higher precision on its own, rank by gain.
+        # (3) per-layer sensitivity on the quantized model itself: dequantize one layer at a time
+        # (no re-calibration), rank layers by the agreement they give back, keep the fewest.
         kept = list(forced)
         sensitivity: list[dict[str, Any]] = []
         if guard_enabled and best["mean"] < self.target and layers:
-            base_mean = best["mean"]
+            base_model, base_mean = best_model, best["mean"]
+            start = time.perf_counter()
             for index, name in enumerate(layers):
                 self.progress.update("guard", 0.4 + 0.4 * index / len(layers), f"sensitivity of {name}")
-                _, agreement = self._attempt(f"sensitivity:{name}", best_calibration, forced + [name])
+                agreement = self.evaluate(dequantize_layers(base_model, self.model, [name]))
                 sensitivity.append({"layer": name, "gain": round(agreement["mean"] - base_mean, 5)})
+            self.attempts.append(
+                {
+                    "step": "sensitivity",
+                    "method": "one layer at a time back to higher precision on the quantized model",
+                    "layers": len(layers),
+                    "seconds": round(time.perf_counter() - start, 2),
+                }
+            )
             ranked = [s["layer"] for s in sorted(sensitivity, key=lambda s: -s["gain"])]
             max_kept = int(opts.get("max_kept_layers", max(1, len(layers) // 2)))
-            for count in range(2, min(max_kept, len(ranked)) + 1):
-                self.progress.update("guard", 0.8 + 0.15 * count / len(ranked), f"keeping {count} layers")
-                candidate_kept = forced + ranked[:count]
-                model, agreement = self._attempt(f"keep-{count}", best_calibration, candidate_kept)
-                if agreement["mean"] > best["mean"]:
-                    best_model, best, kept = model, agreement, candidate_kept
-                if best["mean"] >= self.target:
-                    break
-            # a single layer may already suffice
-            single_best = max(sensitivity, key=lambda s: s["gain"])
-            if single_best["gain"] + base_mean >= self.target and len(kept) > len(forced) + 1:
-                kept = forced + [single_best["layer"]]
-                best_model, best = self._attempt("keep-1", best_calibration, kept)
+            for count in range(1, min(max_kept, len(ranked)) + 1):
+                self.progress.update("guard", 0.8 + 0.15 * count / max_kept, f"keeping {count} layer(s)")
+                candidate = forced + ranked[:count]
+                start = time.perf_counter()
+                edited = dequantize_layers(base_model, self.model, ranked[:count])
+                agreement = self.evaluate(edited)
+                self.attempts.append(
+                    {
+                        "step": f"keep-{count}",
+                        "kept_in_higher_precision": candidate,
+                        "mean_dice": round(agreement["mean"], 5),
+                        "seconds": round(time.perf_counter() - start, 2),
+                    }
+                )
+                if agreement["mean"] >= self.target or count == min(max_kept, len(ranked)):
+                    # Confirm with NNCF's own ignored scope (re-calibrated without those layers).
+                    model, confirmed = self._attempt(f"ignored-scope-{count}", best_calibration, candidate)
+                    if confirmed["mean"] < agreement["mean"]:
+                        model, confirmed = edited, agreement
+                    if confirmed["mean"] > best["mean"]:
+                        best_model, best, kept = model, confirmed, candidate
+                    if best["mean"] >= self.target:
+                        break
         ready = accuracy.json_ready(best)
         guard = {
             "target": self.target,

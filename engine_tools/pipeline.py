@@ -1,0 +1,232 @@
+"""From a model card to a loaded engine: export, calibrate, quantize, guard, compile, cache.
+
+:func:`prepare_engine` is what ``medquant build``/``segment``/``compare`` and the Slicer module call.
+Built engines live in ``<cache>/engines/<key>/`` (written through
+:func:`engine_tools.cache.atomic_directory`, so a cancelled or killed build leaves nothing behind) with
+``engine.json`` holding the key parts and the build report. The key covers the card, the weights, the
+calibration windows and method (INT8 only), the backend and its library versions, the precision, the
+device and the accuracy-guard target, so any change rebuilds and nothing stale is reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engine_tools.cache import atomic_directory, cache_dir, sha256_file, sha256_json
+from engine_tools.engines import METADATA_FILE, BuildRequest, Engine, engine_class, select_backend
+from engine_tools.progress import Progress, SilentProgress
+from engine_tools.registry import ModelCard, get_card
+
+#: Bump when the artifact layout or build logic changes incompatibly (part of every cache key).
+PIPELINE_VERSION = 1
+DEFAULT_NUM_WINDOWS = 32
+
+
+def holdout_count(num_windows: int) -> int:
+    """Windows held out for the accuracy guard: a quarter, at least 1 and at most 8 (0 below 2 windows)."""
+    if num_windows < 2:
+        return 0
+    return max(1, min(8, num_windows // 4))
+
+
+def _calibration_windows(
+    calibration: Any,
+    card: ModelCard,
+    num_windows: int,
+    seed: int,
+    progress: Progress,
+) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
+    """``(calibration windows, held-out windows or None, description)`` from a folder, set or array."""
+    from engine_tools import calibration as calib
+
+    if isinstance(calibration, (str, Path)):
+        folder = Path(calibration)
+        if not folder.exists():
+            raise FileNotFoundError(f"calibration folder not found: {folder}")
+        calibration = calib.collect_windows(
+            folder, card, num_windows=num_windows, seed=seed, progress=progress
+        )
+    if isinstance(calibration, calib.CalibrationSet):
+        n_holdout = holdout_count(len(calibration))
+        for warning in calibration.warnings:
+            progress.warning(warning)
+        if n_holdout:
+            used, held = calibration.split(n_holdout)
+            info = {
+                "calibration": used.describe(),
+                "holdout": held.describe(),
+                "fingerprint": calibration.fingerprint,
+            }
+            return used.windows, held.windows, info
+        return (
+            calibration.windows,
+            None,
+            {"calibration": calibration.describe(), "fingerprint": calibration.fingerprint},
+        )
+    windows = np.ascontiguousarray(calibration, dtype=np.float32)
+    if windows.ndim != 5:
+        raise ValueError(f"calibration windows must be N, C, D, H, W; got shape {windows.shape}")
+    n_holdout = holdout_count(len(windows))
+    fingerprint = sha256_json({"array": hashlib.sha256(windows.tobytes()).hexdigest()})
+    info = {"num_windows": len(windows), "fingerprint": fingerprint}
+    if n_holdout:
+        return windows[:-n_holdout], windows[-n_holdout:], info
+    return windows, None, info
+
+
+def engine_key(parts: dict[str, Any]) -> str:
+    return sha256_json(parts)
+
+
+def cached_engines() -> list[dict[str, Any]]:
+    """Metadata of every engine in the cache (for listings and tests)."""
+    root = cache_dir("engines")
+    found = []
+    for meta in sorted(root.glob(f"*/{METADATA_FILE}")):
+        try:
+            found.append(json.loads(meta.read_text()))
+        except (OSError, json.JSONDecodeError):
+            continue
+    return found
+
+
+def prepare_engine(
+    card: ModelCard | str,
+    backend: str = "auto",
+    precision: str = "int8",
+    calibration: Any = None,
+    calibration_method: str = "minmax",
+    target_dice: float = 0.97,
+    device: str | None = None,
+    weights_dir: str | Path | None = None,
+    rebuild: bool = False,
+    progress: Progress | None = None,
+    *,
+    num_windows: int = DEFAULT_NUM_WINDOWS,
+    seed: int = 0,
+    options: dict[str, Any] | None = None,
+) -> Engine:
+    """A loaded engine for ``card`` at ``precision``, built (and cached) or taken from the cache.
+
+    ``calibration`` (INT8 only): a folder of unlabeled scans, a
+    :class:`engine_tools.calibration.CalibrationSet` or an ``N, C, D, H, W`` array; a quarter of the
+    windows (at most 8) is held out for the accuracy guard. ``options`` go to the backend
+    (``preset``, ``fast_bias_correction``, ``guard``, ...). ``engine.describe()["cache"]`` is ``"hit"``
+    or ``"built"``.
+    """
+    from engine_tools import networks
+
+    progress = progress or SilentProgress()
+    if isinstance(card, str):
+        card = get_card(card)
+    backend, reason = select_backend(backend)
+    progress.log(f"backend: {reason}")
+    cls = engine_class(backend)
+    cls.require_available()
+    engine = cls(precision=precision, device=device)
+    if precision == "int8" and calibration is None:
+        raise ValueError(
+            f"INT8 for {card.id} needs a folder of unlabeled scans for calibration "
+            "(--calibration FOLDER); or choose --precision fp32/bf16/fp16"
+        )
+
+    with progress.span(0.0, 0.15):
+        progress.update("export", 0.0, f"exporting {card.id} to ONNX")
+        factory = None
+        if backend.startswith("torch"):
+            factory = networks.torch_factory(card, weights_dir)
+        onnx_path = (
+            None if backend == "torch" else Path(networks.export_onnx(card, weights_dir, progress=progress))
+        )
+        progress.update("export", 1.0, "network ready")
+
+    calibration_info: dict[str, Any] = {}
+    cal_windows = val_windows = None
+    if precision == "int8":
+        with progress.span(0.15, 0.3):
+            progress.update("calibrate", 0.0, "collecting calibration windows")
+            cal_windows, val_windows, calibration_info = _calibration_windows(
+                calibration, card, num_windows, seed, progress
+            )
+            progress.update("calibrate", 1.0, f"{len(cal_windows)} calibration windows")
+
+    build_options = {
+        **dict(card.quantization.get("options", {})),
+        **(options or {}),
+        "calibration_method": calibration_method,
+        "target_dice": float(target_dice),
+    }
+    if card.quantization.get("keep_higher_precision"):
+        build_options.setdefault(
+            "keep_higher_precision_patterns", list(card.quantization["keep_higher_precision"])
+        )
+    if card.quantization.get("model_type"):
+        build_options.setdefault("model_type", card.quantization["model_type"])
+
+    key_parts: dict[str, Any] = {
+        "pipeline": PIPELINE_VERSION,
+        "model": card.id,
+        "card": sha256_json(card.raw),
+        "network": sha256_file(onnx_path) if onnx_path else networks.export_key(card, None, False),
+        "backend": backend,
+        "versions": engine.versions(),
+        "precision": precision,
+        "device": engine.device,
+    }
+    if precision == "int8":
+        key_parts.update(
+            calibration=calibration_info.get("fingerprint"),
+            calibration_method=calibration_method,
+            target_dice=float(target_dice),
+            options={
+                k: v for k, v in build_options.items() if k not in ("calibration_method", "target_dice")
+            },
+        )
+    key = engine_key(key_parts)
+    destination = cache_dir("engines") / key[:32]
+    metadata_path = destination / METADATA_FILE
+    if hasattr(engine, "attach_factory") and factory is not None:
+        engine.attach_factory(factory)
+
+    if metadata_path.is_file() and not rebuild:
+        metadata = json.loads(metadata_path.read_text())
+        engine.build_report = metadata.get("build_report", {})
+        with progress.span(0.95, 1.0):
+            progress.update("compile", 0.0, f"loading cached engine {destination.name}")
+            engine.load(destination)
+        engine.cache_status = "hit"
+        progress.log(f"engine cache hit: {destination}")
+        return engine
+
+    request = BuildRequest(
+        model_id=card.id,
+        onnx_path=onnx_path,
+        window_shape=card.window_size,
+        in_channels=card.in_channels,
+        num_classes=card.num_classes,
+        torch_module_factory=factory,
+        calibration=cal_windows,
+        validation=val_windows,
+        options=build_options,
+    )
+    with progress.span(0.3, 0.95), atomic_directory(destination) as tmp:
+        report = engine.build(request, tmp, progress)
+        metadata = {
+            "key": key,
+            "key_parts": key_parts,
+            "calibration": calibration_info,
+            "build_report": report,
+        }
+        (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True, default=str))
+    engine.build_report = report
+    with progress.span(0.95, 1.0):
+        progress.update("compile", 0.0, "compiling the engine")
+        engine.load(destination)
+        progress.update("compile", 1.0, "engine ready")
+    engine.cache_status = "built"
+    return engine
