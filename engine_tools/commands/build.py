@@ -1,17 +1,96 @@
-"""`medquant build` (placeholder until implemented)."""
+"""``medquant build MODEL --calibration FOLDER``: build (or reuse) an engine and print what it is."""
 
 from __future__ import annotations
 
 import argparse
+from typing import Any
+
+from engine_tools.progress import Progress
 
 
 def register(
     subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser
 ) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser("build", parents=[common], help="(not implemented yet)")
-    parser.set_defaults(func=_run)
+    parser = subparsers.add_parser(
+        "build",
+        parents=[common],
+        help="build an engine (INT8 with calibration + accuracy guard, or FP32/BF16/FP16) and cache it",
+        description=(
+            "Export MODEL, calibrate on a folder of unlabeled scans, quantize, check INT8 against FP32 on "
+            "held-out windows (accuracy guard) and cache the engine. Prints describe() and the build report."
+        ),
+    )
+    parser.add_argument("model", help="model id (see `medquant models`) or path to a model card JSON")
+    parser.add_argument("--calibration", help="folder of unlabeled scans (required for int8)")
+    parser.add_argument("--windows", type=int, default=32, help="calibration windows (default 32)")
+    parser.add_argument(
+        "--method",
+        choices=("minmax", "percentile", "histogram", "mean_minmax"),
+        default="minmax",
+        help="activation range estimator (default minmax)",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=("auto", "openvino", "onnxruntime", "tensorrt", "torch"),
+        default="auto",
+        help="auto: TensorRT with an NVIDIA GPU, else OpenVINO on the CPU",
+    )
+    parser.add_argument("--precision", choices=("int8", "bf16", "fp16", "fp32"), default="int8")
+    parser.add_argument(
+        "--target-dice",
+        type=float,
+        default=0.97,
+        help="accuracy guard: minimum mean agreement Dice of INT8 vs FP32 (default 0.97)",
+    )
+    parser.add_argument("--no-guard", action="store_true", help="skip the accuracy guard (not recommended)")
+    parser.add_argument("--device", help="device (cpu, cuda:0, ...); default: the backend's")
+    parser.add_argument("--rebuild", action="store_true", help="rebuild even if a cached engine matches")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the calibration window sampling")
+    parser.set_defaults(func=run, render=render)
     return parser
 
 
-def _run(args: argparse.Namespace, progress) -> dict:
-    raise NotImplementedError("medquant build is not implemented yet")
+def run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
+    from engine_tools.pipeline import prepare_engine
+
+    if not 0.0 < args.target_dice <= 1.0:
+        raise ValueError(f"--target-dice must be in (0, 1], got {args.target_dice}")
+    engine = prepare_engine(
+        args.model,
+        backend=args.backend,
+        precision=args.precision,
+        calibration=args.calibration,
+        calibration_method=args.method,
+        target_dice=args.target_dice,
+        device=args.device,
+        weights_dir=args.weights_dir,
+        rebuild=args.rebuild,
+        progress=progress,
+        num_windows=args.windows,
+        seed=args.seed,
+        options={"guard": False} if args.no_guard else None,
+    )
+    return {"model": args.model, "engine": engine.describe(), "build_report": engine.build_report}
+
+
+def render(result: dict[str, Any]) -> str:
+    engine = result["engine"]
+    lines = [
+        f"{result['model']}: {engine['backend']} {engine['precision']} on {engine['device']}"
+        f" ({engine['bytes_on_disk'] / 1e6:.2f} MB, cache {engine.get('cache')})",
+        f"  artifact: {engine['artifact_dir']}",
+    ]
+    kernels = engine.get("kernels")
+    if kernels:
+        convs = kernels.get("convolutions", {})
+        lines.append(f"  convolution kernels: {convs.get('int8', 0)} int8, {convs.get('float', 0)} float")
+    guard = engine.get("accuracy_guard")
+    if guard:
+        lines.append(
+            f"  accuracy guard: mean agreement Dice {guard['initial_mean_dice']:.4f} -> "
+            f"{guard['final_mean_dice']:.4f} (target {guard['target']}, "
+            f"{'met' if guard['met_target'] else 'NOT met'})"
+        )
+        kept = guard.get("kept_in_higher_precision") or []
+        lines.append(f"  kept in higher precision: {', '.join(kept) if kept else 'none'}")
+    return "\n".join(lines)
