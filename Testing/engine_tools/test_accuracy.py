@@ -1,0 +1,49 @@
+"""Agreement metrics used by the INT8 accuracy guard and `medquant compare`."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from engine_tools.accuracy import agreement_dice, json_ready, logits_agreement, sqnr_db
+
+
+def test_agreement_dice_per_label_mean_and_worst() -> None:
+    a = np.array([0, 0, 1, 1, 2, 2, 2, 2])
+    b = np.array([0, 0, 1, 2, 2, 2, 2, 2])
+    result = agreement_dice(a, b, num_classes=4)
+    assert result["per_label"][0] == pytest.approx(1.0)
+    assert result["per_label"][1] == pytest.approx(2 * 1 / (2 + 1))
+    assert result["per_label"][2] == pytest.approx(2 * 4 / (4 + 5))
+    assert result["per_label"][3] is None  # absent from both: not counted
+    expected_mean = np.mean([1.0, 2 / 3, 8 / 9])
+    assert result["mean"] == pytest.approx(expected_mean)
+    assert result["worst"] == (1, pytest.approx(2 / 3))
+    ready = json_ready(result)
+    assert ready["per_label"]["3"] is None and ready["worst"][0] == 1
+
+
+def test_agreement_dice_identical_and_disjoint() -> None:
+    labels = np.random.default_rng(0).integers(0, 5, size=(4, 8, 8))
+    assert agreement_dice(labels, labels, 5)["mean"] == pytest.approx(1.0)
+    disjoint = agreement_dice(np.zeros(10, int), np.ones(10, int), 2)
+    assert disjoint["mean"] == 0.0 and disjoint["per_label"] == {0: 0.0, 1: 0.0}
+    with pytest.raises(ValueError, match="differ in size"):
+        agreement_dice(np.zeros(3, int), np.zeros(4, int), 2)
+
+
+def test_sqnr_db_and_logits_agreement() -> None:
+    reference = np.ones((1, 2, 4, 4, 4), np.float32)
+    assert math.isinf(sqnr_db(reference, reference))
+    noisy = reference + 0.1  # noise power 0.01 per element, signal 1 → 20 dB
+    assert sqnr_db(reference, noisy) == pytest.approx(20.0, abs=1e-4)
+    logits = np.zeros((1, 3, 2, 2, 2), np.float32)
+    logits[:, 1] = 1.0
+    other = logits.copy()
+    other[0, 2, 0, 0, 0] = 5.0  # one voxel flips from class 1 to class 2
+    result = logits_agreement(logits, other)
+    assert result["per_label"][1] == pytest.approx(2 * 7 / 15)
+    assert result["per_label"][2] == 0.0 and result["per_label"][0] is None
+    assert np.isfinite(result["sqnr_db"])

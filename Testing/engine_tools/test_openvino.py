@@ -1,0 +1,95 @@
+"""OpenVINO engine on real brainchop MeshNets and real T1 windows: INT8 kernels really run, the
+artifact shrinks, INT8 agrees with strict FP32 on an unseen subject, and the accuracy guard works."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import shared_path
+from engine_helpers import foreground_windows, small_card
+
+pytest.importorskip("openvino", reason="OpenVINO not installed (pip install openvino nncf)")
+pytest.importorskip("nncf", reason="NNCF not installed (pip install nncf)")
+
+from engine_tools.accuracy import logits_agreement  # noqa: E402
+from engine_tools.pipeline import prepare_engine  # noqa: E402
+
+WINDOW = 64
+
+
+@pytest.fixture(scope="session")
+def brainchop() -> Path:
+    return shared_path("models", "brainchop")
+
+
+@pytest.fixture(scope="session")
+def three_class(brainchop: Path, session_cache: Path) -> dict:
+    """model11_gw_ae at 64^3: strict FP32, BF16 and INT8 engines (INT8 calibrated on t1_crop)."""
+    import os
+
+    os.environ["MEDQUANT_CACHE_DIR"] = str(session_cache)
+    card = small_card("brainchop-model11_gw_ae", WINDOW)
+    calibration = foreground_windows(shared_path("data", "mri", "t1_crop.nii.gz"), card, 8, seed=0)
+    unseen = foreground_windows(shared_path("data", "mri", "mni152_2009_t1.nii.gz"), card, 2, seed=1)
+    engines = {
+        precision: prepare_engine(
+            card,
+            backend="openvino",
+            precision=precision,
+            calibration=calibration if precision == "int8" else None,
+            weights_dir=brainchop,
+        )
+        for precision in ("fp32", "bf16", "int8")
+    }
+    return {"card": card, "engines": engines, "unseen": unseen}
+
+
+def test_int8_kernels_run_and_artifact_shrinks(three_class: dict) -> None:
+    fp32, int8 = three_class["engines"]["fp32"], three_class["engines"]["int8"]
+    described = int8.describe()
+    convs = described["kernels"]["convolutions"]
+    # proof from the compiled runtime model: the CPU plugin picked INT8 convolution primitives
+    assert convs["int8"] >= 1, described["kernels"]
+    assert any("i8" in name.lower() or "u8" in name.lower() for name in described["kernels"]["by_primitive"])
+    assert fp32.describe()["kernels"]["convolutions"]["int8"] == 0
+    assert described["bytes_on_disk"] < fp32.describe()["bytes_on_disk"]
+    assert fp32.describe()["compile_config"]["INFERENCE_PRECISION_HINT"] == "f32"
+    guard = described["accuracy_guard"]
+    assert guard["validated_on"].endswith("held-out windows") and guard["attempts"]
+
+
+def test_int8_agrees_with_strict_fp32_on_unseen_subject(three_class: dict) -> None:
+    unseen = three_class["unseen"]
+    reference = three_class["engines"]["fp32"].run(unseen)
+    assert reference.shape == (len(unseen), 3, WINDOW, WINDOW, WINDOW)
+    for precision in ("bf16", "int8"):
+        logits = three_class["engines"][precision].run(unseen)
+        agreement = logits_agreement(reference, logits)
+        assert agreement["mean"] >= 0.95, (precision, agreement)
+        assert np.isfinite(agreement["sqnr_db"])
+
+
+def test_guard_on_18_class_model_keeps_layers_and_reports(brainchop: Path) -> None:
+    """The 18-class MeshNet, calibrated on one subject: the guard records its attempts, never ends
+    below where it started, and names the layers it kept in higher precision."""
+    card = small_card("brainchop-model18cls", 48)
+    calibration = foreground_windows(shared_path("data", "mri", "t1_crop.nii.gz"), card, 5, seed=0)
+    engine = prepare_engine(
+        card,
+        backend="openvino",
+        precision="int8",
+        calibration=calibration,
+        weights_dir=brainchop,
+        options={"max_kept_layers": 3},
+    )
+    guard = engine.describe()["accuracy_guard"]
+    assert guard["final_mean_dice"] >= guard["initial_mean_dice"]
+    assert guard["attempts"][0]["step"] == "initial"
+    if guard["initial_mean_dice"] < guard["target"]:
+        assert guard["sensitivity"], guard
+        assert len(guard["attempts"]) > 1
+    for name in guard["kept_in_higher_precision"]:
+        assert name in {entry["layer"] for entry in guard["sensitivity"]}
+    assert engine.describe()["kernels"]["convolutions"]["int8"] >= 1
