@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from conftest import shared_path
 from phantoms import LPS, OBLIQUE, RAS, dice, make_phantom, world_centroid
 
 from engine_tools.cache import partial_artifacts
@@ -169,3 +170,48 @@ def test_write_segmentation_writes_labelmap_and_tables(engine, tmp_path):
     write_segmentation(result, tmp_path / "case1.nii.gz")
     assert (tmp_path / "case1.labels.csv").is_file()
     assert partial_artifacts(tmp_path) == []
+
+
+# ------------------------------------------------------------------------------------- a real network
+
+
+def test_real_brainchop_grey_white_model_on_a_t1_crop(shared):
+    """The published 3-class MeshNet, OpenVINO strict FP32 engine, on a real T1 (cropped to stay fast)."""
+    from dataclasses import replace
+
+    from engine_tools.pipeline import prepare_engine
+    from engine_tools.registry import get_card
+    from engine_tools.volumes import ijk_array
+
+    weights = shared_path("models", "brainchop")
+    card = get_card("brainchop-model5_gw_ae")
+    assert card.preprocessing["orientation"] == "LIA"
+    # the card conforms to 256^3 with 192^3 windows; a 112x96x96 crop with 96^3 windows keeps this short
+    card = replace(
+        card,
+        preprocessing={**card.preprocessing, "shape": None},
+        window={**card.window, "size": [96, 96, 96], "overlap": 0.5},
+    )
+    t1 = read_image(shared_path("data", "mri", "t1_crop.nii.gz"))
+    crop = t1[72:184, 80:176, 80:176]
+    engine = prepare_engine(card, backend="openvino", precision="fp32", weights_dir=weights)
+
+    result = segment_image(engine, card, crop, keep_logits=True)
+    labels = result.labels
+    assert labels.GetSize() == crop.GetSize()
+    np.testing.assert_allclose(labels.GetOrigin(), crop.GetOrigin())
+    assert result.timings["num_windows"] == 2  # axis 0: windows at 0 and 16
+    # LIA 1 mm input and card: network grid == input grid, labels map back voxel for voxel
+    network = result.network_labels
+    np.testing.assert_array_equal(ijk_array(labels), network)
+    # the voxels only one window covers carry exactly that window's argmax
+    volume = result.prep.array[None]
+    first = engine.run(np.ascontiguousarray(volume[..., :96, :, :])).argmax(1)[0]
+    second = engine.run(np.ascontiguousarray(volume[..., 16:, :, :])).argmax(1)[0]
+    np.testing.assert_array_equal(network[:16], first[:16])
+    np.testing.assert_array_equal(network[96:], second[80:])
+    # plausible anatomy: all tissues present, white matter brighter than grey matter on T1
+    fractions = [float((network == k).mean()) for k in range(3)]
+    assert min(fractions) > 0.1, fractions
+    values = np.asarray(ijk_array(crop), dtype=np.float32)
+    assert values[network == 1].mean() > values[network == 2].mean() + 10
