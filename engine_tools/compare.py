@@ -78,6 +78,23 @@ def openvino_cpu_capabilities() -> list[str]:
         return []
 
 
+def unsupported_reason(backend: str, precision: str) -> str | None:
+    """Why ``precision`` cannot run natively on this CPU with ``backend`` (``None`` when it can).
+
+    OpenVINO silently runs a BF16/FP16 request in FP32 on a CPU without those kernels, which would
+    only repeat the FP32 row under another name.
+    """
+    if backend != "openvino" or precision not in ("bf16", "fp16"):
+        return None
+    caps = openvino_cpu_capabilities()
+    if caps and precision.upper() not in caps:
+        return (
+            f"this CPU has no native {precision.upper()} (OpenVINO CPU capabilities: {', '.join(caps)}); "
+            "OpenVINO would run it as FP32"
+        )
+    return None
+
+
 def machine_description() -> dict[str, Any]:
     """CPU model, core count, memory, the INT8/BF16-relevant CPU flags and library versions."""
     model, flags = _cpu_model_and_flags()
@@ -243,13 +260,15 @@ def compare_precisions(
     overlap: float | None = None,
     rebuild: bool = False,
     input_path: str | None = None,
+    skip_unsupported: bool = True,
 ) -> dict[str, Any]:
     """Segment ``image`` with every precision on one backend and compare them.
 
     ``card`` is a :class:`~engine_tools.registry.ModelCard`, ``image`` and ``reference`` are
     ``SimpleITK.Image`` (reference labels use the card's label values), ``calibration`` a
-    :class:`~engine_tools.calibration.CalibrationSet` (needed for INT8 builds). Returns a JSON-ready
-    report; precisions the backend cannot run here appear with ``"status": "unavailable"`` and the reason.
+    :class:`~engine_tools.calibration.CalibrationSet` or a folder of scans (needed for INT8). Returns a
+    JSON-ready report; precisions the backend cannot run here (or, with ``skip_unsupported``, that this
+    CPU would only emulate) appear with ``"status": "unavailable"`` and the reason.
     """
     from engine_tools.accuracy import agreement_dice, json_ready, sqnr_db
     from engine_tools.engines import select_backend
@@ -283,6 +302,11 @@ def compare_precisions(
         row: dict[str, Any] = {"precision": precision}
         rows[precision] = row
         with progress.span(index * step, (index + 1) * step):
+            skip = unsupported_reason(resolved, precision) if skip_unsupported else None
+            if skip:
+                row.update(status="unavailable", reason=skip)
+                progress.warning(f"{precision} skipped: {skip}")
+                continue
             progress.update("compare", 0.0, f"{precision}: preparing the {resolved} engine")
             engine = None
             try:
@@ -375,6 +399,10 @@ def _finite(value: float) -> float | None:
 def _calibration_summary(calibration: Any) -> dict[str, Any] | None:
     if calibration is None:
         return None
+    if isinstance(calibration, str | Path):
+        return {"folder": str(calibration)}
+    if hasattr(calibration, "describe"):
+        return calibration.describe()
     windows = getattr(calibration, "windows", None)
     return {
         "windows": None if windows is None else int(np.shape(windows)[0]),
@@ -417,7 +445,12 @@ def _findings(report: dict[str, Any]) -> list[str]:
     """Plain sentences on what each lower precision bought versus FP32 and BF16, good or bad."""
     rows, ratios, out = report["rows"], report["ratios"], []
     caps = report["machine"].get("openvino_cpu_capabilities") or []
-    if report["backend"] == "openvino" and "bf16" in rows and caps and "BF16" not in caps:
+    if (
+        report["backend"] == "openvino"
+        and rows.get("bf16", {}).get("status") == "ok"
+        and caps
+        and "BF16" not in caps
+    ):
         out.append(
             "This CPU has no native BF16 (OpenVINO CPU capabilities: "
             f"{', '.join(caps)}): a BF16 request cannot run BF16 kernels here."
