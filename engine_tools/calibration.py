@@ -10,7 +10,10 @@ usable scan, is an error.
 
 Foreground: after preprocessing, voxels brighter than half-way between the 1st percentile (air or
 background) and the Otsu threshold, so that fat in CT and dark grey matter in MR count as tissue.
-A window is accepted when at least ``min_foreground`` (default 0.5) of its voxels are foreground.
+A window is accepted when at least ``min_foreground`` (default 0.5) of its voxels are foreground; when
+the window is larger than the anatomy so that no window gets there (192^3 windows of a conformed 256^3
+head), windows with at least 80% of the best achievable fraction are used; a scan whose best window
+holds under 5% foreground is skipped as mostly air.
 
 Reproducibility: each scan's candidate windows are shuffled with a generator seeded by ``seed`` and the
 scan's relative path, scan ``i`` (sorted order) contributes the first ``N // n (+1)`` of them, and the
@@ -47,6 +50,10 @@ from engine_tools.volumes import (
 
 #: Bump when the sampling changes so cached sets are not reused across versions.
 SAMPLER_VERSION = 1
+#: A scan whose best window holds less tissue than this is skipped as "mostly air".
+MIN_BEST_FOREGROUND = 0.05
+#: When no window reaches ``min_foreground``, windows within this factor of the best one are used.
+NEAR_BEST = 0.8
 #: Files that accompany images or are plainly not scans; skipped silently.
 _SIDECAR_SUFFIXES = (
     ".raw",
@@ -291,8 +298,12 @@ def _ordered_corners(
     mask = foreground_mask(array[0])
     stride = tuple(max(1, w // 16) for w in window)
     corners, fractions = window_fractions(mask, window, stride)  # type: ignore[arg-type]
-    good = np.flatnonzero(fractions >= min_foreground)
     best = float(fractions.max()) if fractions.size else 0.0
+    if best < MIN_BEST_FOREGROUND:
+        return corners[:0], fractions[:0], best
+    # a window larger than the anatomy (e.g. 192^3 in a conformed 256^3 head) cannot be mostly tissue:
+    # then take the windows holding nearly the most tissue possible
+    good = np.flatnonzero(fractions >= min(min_foreground, NEAR_BEST * best))
     order = rng.permutation(good)
     return corners[order], fractions[order], best
 
@@ -461,7 +472,7 @@ def _sample_scan(
     rng = np.random.default_rng([seed, zlib.crc32(candidate.relative.encode())])
     corners, fractions, best = _ordered_corners(array, window, min_foreground, rng)
     if len(corners) == 0:
-        return f"no window with at least {min_foreground:.0%} foreground (best {best:.0%}); mostly air?"
+        return f"no window with tissue (best {best:.1%} foreground); mostly air?"
     if len(corners) < need:  # few distinct positions (small scan): reuse them in order
         repeat = np.resize(np.arange(len(corners)), need)
         corners, fractions = corners[repeat], fractions[repeat]

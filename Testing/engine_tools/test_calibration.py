@@ -169,7 +169,7 @@ def test_folder_with_nothing_usable_is_an_error_naming_every_file(tmp_path):
         collect_windows(folder, make_card(), use_cache=False)
     message = str(info.value)
     assert "no usable scan" in message
-    assert "x.mha" in message and "y.nii: " in message and "air.nii.gz: no window" in message
+    assert "x.mha" in message and "y.nii: " in message and "air.nii.gz: no window with tissue" in message
 
 
 def test_modality_mismatch_is_warned_with_the_file_name(tmp_path):
@@ -209,3 +209,15 @@ def test_real_dicom_folder_and_nifti_ct(tmp_path, shared):
     assert set(result.sources) == {"series/", "small.nii.gz"} and result.warnings == []
     # body, not air: most voxels are above -100 HU (window value 0.18)
     assert (result.windows > 0.15).reshape(6, -1).mean(axis=1).min() >= 0.5
+
+
+def test_windows_larger_than_the_anatomy_take_the_most_tissue(tmp_path):
+    """A 40^3 window around a 14 mm ball can hold at most ~18% tissue: the fullest windows are used."""
+    phantom = make_phantom(size=(48, 48, 48), radius=14.0, offset_mm=(3, 0, 0), inside=1075, outside=-1000)
+    sitk.WriteImage(sitk.Cast(phantom.image, sitk.sitkInt16), str(tmp_path / "big_window.nii.gz"))
+    result = collect_windows(tmp_path, make_card(window=(40, 40, 40)), num_windows=4, use_cache=False)
+    ball_voxels = int(sitk.GetArrayViewFromImage(phantom.mask).sum())
+    best_possible = ball_voxels / 40**3
+    assert 0.1 < best_possible < 0.5
+    assert min(result.foreground) >= 0.8 * best_possible * 0.95
+    assert ((result.windows > 0.5).reshape(4, -1).mean(axis=1) >= 0.75 * best_possible).all()
