@@ -251,3 +251,11 @@ def test_deepbet_torchscript_from_local_wheel(tmp_path: Path) -> None:
         out = module(torch.rand(1, 1, 64, 64, 64))
     assert out.shape == (1, 2, 64, 64, 64)
     assert torch.allclose(out.sum(1), torch.ones(1, 64, 64, 64), atol=1e-4)  # softmax probabilities
+    ort = pytest.importorskip("onnxruntime")
+    x = np.random.default_rng(3).random((1, 1, 64, 64, 64), dtype=np.float32)
+    exported = ort.InferenceSession(
+        str(export_onnx(card, weights_dir=mirror)), providers=["CPUExecutionProvider"]
+    )
+    with torch.no_grad():
+        expected = module(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(exported.run(None, {"input": x})[0], expected, atol=1e-2)

@@ -71,26 +71,11 @@ class InputTransform(nn.Module):
         self.shift = float(shift)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.zscore:
-            dims = tuple(range(1, x.dim()))
-            mean = x.mean(dim=dims, keepdim=True)
-            std = x.std(dim=dims, keepdim=True).clamp_min(1e-6)
+        if self.zscore:  # over C, D, H, W of each sample (rank-5 input)
+            mean = x.mean(dim=[1, 2, 3, 4], keepdim=True)
+            std = x.std(dim=[1, 2, 3, 4], keepdim=True).clamp_min(1e-6)
             x = (x - mean) / std
         return self.network(x * self.scale + self.shift)
-
-
-class _FirstTensor(nn.Module):
-    """Wraps a TorchScript module so that the output is one float32 tensor (first of a tuple/list)."""
-
-    def __init__(self, scripted: nn.Module) -> None:
-        super().__init__()
-        self.scripted = scripted
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.scripted(x)
-        if isinstance(out, tuple | list):
-            out = out[0]
-        return out
 
 
 def _where(card: ModelCard) -> str:
@@ -141,7 +126,7 @@ def _load_torchscript(card: ModelCard, files: dict[str, Path] | None, random_wei
         scripted = torch.jit.load(str(path), map_location="cpu")
     except Exception as exc:  # corrupt or not TorchScript
         raise NetworkError(f"{path}: not a loadable TorchScript file ({exc})") from exc
-    return _FirstTensor(scripted)
+    return scripted  # kept scripted: the ONNX exporter can then trace it (a Python wrapper cannot)
 
 
 def _resolve(dotted: str, where: str) -> Callable[..., nn.Module]:
@@ -219,12 +204,14 @@ def build_network(
 def _finish(card: ModelCard, module: nn.Module) -> nn.Module:
     transform = card.network.get("input_transform")
     if transform:
-        module = InputTransform(
+        wrapped = InputTransform(
             module,
             bool(transform.get("zscore", False)),
             float(transform.get("scale", 1.0)),
             float(transform.get("shift", 0.0)),
         )
+        # around a TorchScript network the wrapper must be scripted too, or ONNX export cannot trace it
+        module = torch.jit.script(wrapped) if isinstance(module, torch.jit.ScriptModule) else wrapped
     return module.float().eval()
 
 
