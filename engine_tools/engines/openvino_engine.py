@@ -104,6 +104,7 @@ class OpenVINOEngine(Engine):
             report["int8_fallback"] = options.get("int8_fallback", "f32")
         progress.update("compile", 0.9, "saving OpenVINO IR")
         ov.save_model(model, artifact_dir / MODEL_XML, compress_to_fp16=self.precision == "fp16")
+        progress.update("compile", 1.0, f"OpenVINO IR saved ({MODEL_XML})")
         self.build_report = report
         return report
 
@@ -386,7 +387,7 @@ class AccuracyGuard:
         opts = self.options
         calibration = {
             "calibration_method": str(opts.get("calibration_method", "minmax")),
-            "preset": str(opts.get("preset", "performance")),
+            "preset": str(opts.get("preset", "mixed")),
             "fast_bias_correction": bool(opts.get("fast_bias_correction", True)),
             "overflow_fix": str(opts.get("overflow_fix", default_overflow_fix())),
             "channel_alignment": bool(opts.get("channel_alignment", False)),
