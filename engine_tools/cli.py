@@ -12,10 +12,12 @@ import importlib
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import TextIO
 
 from engine_tools import __version__
-from engine_tools.progress import Cancelled, make_progress
+from engine_tools.progress import Cancelled, JsonLinesProgress, Progress, make_progress
 
 COMMANDS = ("models", "fetch", "build", "segment", "compare", "demo")
 
@@ -47,12 +49,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextmanager
+def _stdout_reserved_for_protocol() -> Iterator[TextIO]:
+    """Yield a stream on the real stdout for the jsonl protocol while everything else written to stdout
+    (libraries' progress bars, print calls, native code writing to descriptor 1) goes to stderr."""
+    saved_stdout = sys.stdout
+    saved_fd = None
+    sys.stdout.flush()
+    try:
+        fd = sys.stdout.fileno()
+        saved_fd = os.dup(fd)
+        protocol: TextIO = os.fdopen(os.dup(fd), "w", encoding="utf-8", buffering=1)
+        os.dup2(sys.stderr.fileno(), fd)
+    except (AttributeError, OSError, ValueError):  # stdout without a descriptor (in-process callers)
+        protocol = saved_stdout
+    sys.stdout = sys.stderr
+    try:
+        yield protocol
+    finally:
+        sys.stdout = saved_stdout
+        if saved_fd is not None:
+            protocol.flush()
+            os.dup2(saved_fd, saved_stdout.fileno())
+            os.close(saved_fd)
+            protocol.close()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.cache_dir:
         os.environ["MEDQUANT_CACHE_DIR"] = args.cache_dir
-    progress = make_progress(args.progress)
+    if args.progress == "jsonl":
+        with _stdout_reserved_for_protocol() as protocol:
+            return _run(args, JsonLinesProgress(protocol))
+    return _run(args, make_progress(args.progress))
+
+
+def _run(args: argparse.Namespace, progress: Progress) -> int:
     try:
         result = args.func(args, progress)
     except (Cancelled, KeyboardInterrupt) as exc:

@@ -338,6 +338,7 @@ def compare_precisions(
                 cache=described.get("cache"),
                 kept_in_higher_precision=described.get("kept_in_higher_precision"),
                 accuracy_guard=described.get("accuracy_guard"),
+                files=_artifact_files(described.get("artifact_dir")),
             )
             with PeakMemory() as memory:
                 progress.update("compare", 0.55, f"{precision}: segmenting")
@@ -390,6 +391,19 @@ def compare_precisions(
     report["ratios"] = _ratios(rows)
     report["findings"] = _findings(report)
     return report
+
+
+def _artifact_files(artifact_dir: str | None) -> dict[str, int]:
+    """Bytes of each file of the engine artifact (the cache's own metadata file excluded)."""
+    from engine_tools.engines.base import METADATA_FILE
+
+    if not artifact_dir or not Path(artifact_dir).is_dir():
+        return {}
+    return {
+        p.name: p.stat().st_size
+        for p in sorted(Path(artifact_dir).iterdir())
+        if p.is_file() and p.name != METADATA_FILE
+    }
 
 
 def _finite(value: float) -> float | None:
@@ -465,13 +479,23 @@ def _findings(report: dict[str, Any]) -> list[str]:
         r = ratios.get(f"{precision}_vs_fp32", {})
         speed = r.get("speedup")
         if speed:
-            verdict = "faster" if speed > 1.02 else ("slower" if speed < 0.98 else "as fast as")
-            text = f"{speed:.2f}x {verdict}" if verdict != "as fast as" else "about as fast as"
+            times = f"({row['latency_ms_per_window']:.1f} vs {rows['fp32']['latency_ms_per_window']:.1f} ms)"
+            if speed >= 1.02:
+                text = f"{speed:.2f}x faster than strict FP32 per window {times}"
+            elif speed <= 0.98:
+                text = f"SLOWER than strict FP32 per window {times}, {1 / speed:.2f}x its latency"
+            else:
+                text = f"about as fast as strict FP32 per window {times}"
             out.append(
-                f"{precision.upper()} is {text} than strict FP32 per window"
-                f" ({row['latency_ms_per_window']:.1f} vs {rows['fp32']['latency_ms_per_window']:.1f} ms)"
-                f" and {r.get('size') or float('nan'):.2f}x its size on disk."
+                f"{precision.upper()} is {text}; its engine is {r.get('size') or float('nan'):.2f}x FP32's size."
             )
+            if (r.get("size") or 0) >= 1.0:
+                before, after = rows["fp32"].get("files", {}), row.get("files", {})
+                detail = ", ".join(
+                    f"{name} {before.get(name, 0) / 1024:.0f} -> {after[name] / 1024:.0f} KiB"
+                    for name in after
+                )
+                out.append(f"{precision.upper()} engine is not smaller on disk ({detail}).")
         agreement = row.get("agreement_vs_fp32")
         if agreement:
             worst = agreement.get("worst") or [None, None]
@@ -481,6 +505,12 @@ def _findings(report: dict[str, Any]) -> list[str]:
                 + (f" (worst label {name}: {worst[1]:.4f})" if worst[1] is not None else "")
                 + (f", logits SQNR {row['sqnr_db_window']:.1f} dB" if row.get("sqnr_db_window") else "")
                 + "."
+            )
+        guard = row.get("accuracy_guard") or {}
+        if precision == "int8" and guard.get("met_target") is False:
+            out.append(
+                f"The INT8 accuracy guard did NOT reach its target mean Dice {guard.get('target')} on held-out "
+                f"windows (reached {guard.get('final_mean_dice')})."
             )
         kept = row.get("kept_in_higher_precision")
         if precision == "int8" and kept is not None:

@@ -1,0 +1,112 @@
+"""`medquant segment` and `medquant compare` end to end on a real brainchop MeshNet and a real T1.
+
+The published 18-class MeshNet (model18cls) runs on a 64^3 crop of the shared T1 with 48^3 windows (a
+card derived from the real one, so the test stays short); INT8 is calibrated on another subject (a crop of
+the MNI152 template). Both commands run as subprocesses with ``--progress jsonl`` and share one cache.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from conftest import shared_path
+from test_cli import run_cli
+
+from engine_tools.registry import get_card
+
+
+@pytest.fixture(scope="session")
+def small_case(tmp_path_factory, session_cache) -> dict[str, Path]:
+    """A 48^3-window card of the real model18cls, a real T1 crop and a calibration folder."""
+    weights = shared_path("models", "brainchop")
+    t1 = sitk.ReadImage(str(shared_path("data", "mri", "t1_crop.nii.gz")))
+    mni = sitk.ReadImage(str(shared_path("data", "mri", "mni152_2009_t1.nii.gz")))
+    root = tmp_path_factory.mktemp("compare-case")
+    raw = dict(get_card("brainchop-model18cls").raw)
+    raw["id"] = "test-brainchop-model18cls-w48"
+    raw["preprocessing"] = {**raw["preprocessing"], "shape": None}
+    raw["window"] = {**raw["window"], "size": [48, 48, 48], "overlap": 0.25}
+    card_path = root / "card.json"
+    card_path.write_text(json.dumps(raw))
+    scan = root / "t1_crop_small.nii.gz"
+    sitk.WriteImage(t1[96:160, 96:160, 96:160], str(scan))
+    calibration = root / "calibration"
+    calibration.mkdir()
+    sitk.WriteImage(mni[48:144, 64:160, 48:144], str(calibration / "mni_crop.nii.gz"))
+    return {"card": card_path, "scan": scan, "calibration": calibration, "weights": weights, "root": root}
+
+
+@pytest.fixture(scope="session")
+def segmented(small_case, session_cache) -> tuple[Path, list[dict]]:
+    """FP32 labels written by `medquant segment` (also the reference for `compare`)."""
+    output = small_case["root"] / "fp32_labels.nii.gz"
+    code, events = run_cli(
+        "segment", str(small_case["card"]), "--input", str(small_case["scan"]), "--output", str(output),
+        "--precision", "fp32", "--backend", "openvino", "--weights-dir", str(small_case["weights"]),
+        cache=session_cache,
+    )  # fmt: skip
+    assert code == 0, events[-1]
+    return output, events
+
+
+def test_segment_writes_labels_in_input_geometry_and_a_label_table(small_case, segmented):
+    output, events = segmented
+    result = events[-1]
+    assert result["event"] == "result"
+    data = result["data"]
+    assert {"output", "label_table", "timings", "engine"} <= set(data)
+    assert data["engine"]["precision"] == "fp32" and data["engine"]["backend"] == "openvino"
+    assert data["timings"]["num_windows"] == 8  # 64^3 crop, 48^3 windows, overlap 0.25
+    labels, scan = sitk.ReadImage(str(output)), sitk.ReadImage(str(small_case["scan"]))
+    assert labels.GetSize() == scan.GetSize()
+    np.testing.assert_allclose(labels.GetOrigin(), scan.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(labels.GetDirection(), scan.GetDirection(), atol=1e-6)
+    values = np.unique(sitk.GetArrayViewFromImage(labels))
+    assert len(values) >= 3 and values.max() < 18, values  # background and tissue classes at least
+    table = json.loads(Path(data["label_table"]).read_text())
+    assert [entry["value"] for entry in table["labels"]] == list(range(18))
+    assert any(e["event"] == "progress" for e in events)
+
+
+def test_compare_reports_int8_smaller_with_per_label_agreement(
+    small_case, segmented, session_cache, tmp_path
+):
+    reference, _ = segmented
+    out = tmp_path / "report"
+    code, events = run_cli(
+        "compare", str(small_case["card"]), "--input", str(small_case["scan"]), "--reference", str(reference),
+        "--calibration", str(small_case["calibration"]), "--windows", "8", "--backend", "openvino",
+        "--weights-dir", str(small_case["weights"]), "--repeats", "2", "--output-dir", str(out),
+        cache=session_cache,
+    )  # fmt: skip
+    assert code == 0, events[-1]
+    report = json.loads((out / "report.json").read_text())
+    rows = report["rows"]
+    fp32, int8 = rows["fp32"], rows["int8"]
+    assert fp32["status"] == "ok" and int8["status"] == "ok", int8.get("reason")
+    assert int8["engine"]["precision"] == "int8"
+    assert 0 < int8["bytes_on_disk"] < fp32["bytes_on_disk"]
+    for row in (fp32, int8):
+        assert row["latency_ms_per_window"] > 0 and row["segment_seconds"] > 0
+        assert row["memory"]["peak_rss_mib"] > 0
+    # agreement per label with FP32, computed on the real INT8 output
+    per_label = int8["agreement_vs_fp32"]["per_label"]
+    assert set(per_label) == {str(v) for v in range(18)}
+    scored = [d for d in per_label.values() if d is not None]
+    assert len(scored) >= 3 and all(0.0 <= d <= 1.0 for d in scored)
+    assert 0.0 < int8["agreement_vs_fp32"]["mean"] <= 1.0
+    assert int8["sqnr_db_window"] is not None and int8["sqnr_db_window"] > 0
+    assert int8["kept_in_higher_precision"] is not None  # the accuracy guard reported its decision
+    # the reference is the FP32 segmentation written by `segment`: FP32 matches it exactly, INT8 as above
+    assert fp32["dice_vs_reference"]["mean"] == pytest.approx(1.0)
+    assert int8["dice_vs_reference"]["mean"] == pytest.approx(int8["agreement_vs_fp32"]["mean"], abs=1e-4)
+    # BF16 is either measured or skipped with the reason (CPUs without native BF16)
+    assert rows["bf16"]["status"] == "ok" or "BF16" in rows["bf16"]["reason"]
+    markdown = (out / "report.md").read_text()
+    assert "| INT8 |" in markdown and "| FP32 |" in markdown and report["machine"]["cpu"] in markdown
+    png = (out / "chart.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
