@@ -18,6 +18,7 @@ import numpy as np
 
 from engine_tools import accuracy
 from engine_tools.engines.base import BuildRequest, Engine, _progress
+from engine_tools.engines.openvino_engine import cpu_has_vnni
 from engine_tools.progress import Progress
 
 MODEL_FILE = "model.onnx"
@@ -140,6 +141,8 @@ class OnnxRuntimeEngine(Engine):
         extra = {"ActivationSymmetric": False, "WeightSymmetric": True}
         if method_name == "percentile":
             extra["CalibPercentile"] = float(request.options.get("percentile", 99.999))
+        # Without VNNI the AVX2 u8*s8 dot product saturates: ONNX Runtime's remedy is 7-bit weights.
+        reduce_range = bool(request.options.get("reduce_range", not cpu_has_vnni()))
         progress.update("quantize", 0.0, f"ONNX Runtime static QDQ quantization ({method_name})")
         with tempfile.TemporaryDirectory(prefix="medquant-ort-") as scratch:
             quantize_static(
@@ -150,6 +153,7 @@ class OnnxRuntimeEngine(Engine):
                 activation_type=QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
                 per_channel=True,
+                reduce_range=reduce_range,
                 calibrate_method=methods[method_name],
                 nodes_to_exclude=excluded,
                 extra_options={**extra, "CalibTensorRangeSymmetric": False},
@@ -160,6 +164,7 @@ class OnnxRuntimeEngine(Engine):
         return {
             "precision": "int8",
             "format": "QDQ U8S8 per-channel",
+            "reduce_range": reduce_range,
             "calibration_method": method_name,
             "calibration_windows": int(len(request.calibration)),
             "kept_in_higher_precision": excluded,

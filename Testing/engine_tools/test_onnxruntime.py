@@ -1,0 +1,45 @@
+"""ONNX Runtime engine: FP32 and static QDQ INT8 on a real brainchop MeshNet and real T1 windows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import shared_path
+from engine_helpers import foreground_windows, small_card
+
+pytest.importorskip("onnxruntime", reason="ONNX Runtime not installed (pip install onnxruntime)")
+
+from engine_tools.accuracy import logits_agreement  # noqa: E402
+from engine_tools.pipeline import prepare_engine  # noqa: E402
+
+WINDOW = 48
+
+
+def test_int8_qdq_runs_quantized_convolutions() -> None:
+    brainchop = shared_path("models", "brainchop")
+    card = small_card("brainchop-model11_gw_ae", WINDOW)
+    calibration = foreground_windows(shared_path("data", "mri", "t1_crop.nii.gz"), card, 5, seed=0)
+    unseen = foreground_windows(shared_path("data", "mri", "mni152_2009_t1.nii.gz"), card, 1, seed=1)
+    fp32 = prepare_engine(card, backend="onnxruntime", precision="fp32", weights_dir=brainchop)
+    int8 = prepare_engine(
+        card, backend="onnxruntime", precision="int8", calibration=calibration, weights_dir=brainchop
+    )
+    described = int8.describe()
+    ops = described["kernels"]["by_op_type"]
+    # ONNX Runtime fused the Q/DQ pairs into integer convolutions in the graph it runs
+    assert ops.get("QLinearConv", 0) >= 1, ops
+    assert described["kernels"]["int8"] >= described["kernels"]["float"], ops
+    assert fp32.describe()["kernels"]["int8"] == 0
+    assert described["bytes_on_disk"] < fp32.describe()["bytes_on_disk"]
+    assert Path(described["artifact_dir"], "model.onnx").is_file()
+    guard = described["accuracy_guard"]
+    assert 0.0 <= guard["final_mean_dice"] <= 1.0 and guard["per_label"]
+
+    reference = fp32.run(unseen)
+    logits = int8.run(unseen)
+    assert logits.shape == reference.shape == (1, 3, WINDOW, WINDOW, WINDOW)
+    agreement = logits_agreement(reference, logits)
+    assert agreement["mean"] > 0.5, agreement  # real segmentation, not noise (ORT is the secondary engine)
+    assert np.isfinite(agreement["sqnr_db"])
