@@ -51,8 +51,30 @@ class VISTA3DAuto(nn.Module):
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
 
-def vista3d_auto(in_channels: int = 1, encoder_embed_dim: int = 48, num_classes: int = 132) -> VISTA3DAuto:
-    """Builder used by the ``vista3d`` card (``encoder_embed_dim=48`` is the published ``vista3d132``)."""
-    from monai.networks.nets import vista3d132
+def vista3d_auto(
+    in_channels: int = 1,
+    encoder_embed_dim: int = 48,
+    num_classes: int = 132,
+    blocks_down: Sequence[int] = (1, 2, 2, 4, 4),
+) -> VISTA3DAuto:
+    """Builder used by the ``vista3d`` card.
 
-    return VISTA3DAuto(vista3d132(encoder_embed_dim=encoder_embed_dim, in_channels=in_channels), num_classes)
+    The defaults are exactly ``monai.networks.nets.vista3d132`` (the published network); ``blocks_down``
+    and ``encoder_embed_dim`` exist only to build a reduced-width copy for CI.
+    """
+    from monai.networks.nets import VISTA3D, SegResNetDS2
+    from monai.networks.nets.vista3d import ClassMappingClassify, PointMappingSAM
+
+    encoder = SegResNetDS2(
+        in_channels=in_channels,
+        blocks_down=tuple(blocks_down),
+        norm="instance",
+        out_channels=encoder_embed_dim,
+        init_filters=encoder_embed_dim,
+        dsdepth=1,
+    )
+    point_head = PointMappingSAM(feature_size=encoder_embed_dim, n_classes=512, last_supported=num_classes)
+    class_head = ClassMappingClassify(n_classes=512, feature_size=encoder_embed_dim, use_mlp=True)
+    return VISTA3DAuto(
+        VISTA3D(image_encoder=encoder, class_head=class_head, point_head=point_head), num_classes
+    )
