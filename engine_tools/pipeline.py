@@ -23,7 +23,7 @@ from engine_tools.progress import Progress, SilentProgress
 from engine_tools.registry import ModelCard, get_card
 
 #: Bump when the artifact layout or build logic changes incompatibly (part of every cache key).
-PIPELINE_VERSION = 1
+PIPELINE_VERSION = 2
 DEFAULT_NUM_WINDOWS = 32
 
 

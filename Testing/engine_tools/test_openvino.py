@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 from conftest import shared_path
 from engine_helpers import foreground_windows, small_card
@@ -68,7 +67,7 @@ def test_int8_agrees_with_strict_fp32_on_unseen_subject(three_class: dict) -> No
         logits = three_class["engines"][precision].run(unseen)
         agreement = logits_agreement(reference, logits)
         assert agreement["mean"] >= 0.95, (precision, agreement)
-        assert np.isfinite(agreement["sqnr_db"])
+        assert agreement["sqnr_db"] > 10.0  # inf where BF16 is not native and OpenVINO runs f32
 
 
 def test_guard_on_18_class_model_keeps_layers_and_reports(brainchop: Path) -> None:
