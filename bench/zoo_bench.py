@@ -60,7 +60,26 @@ def machine() -> dict[str, Any]:
     except (OSError, subprocess.CalledProcessError) as exc:
         info["lscpu_error"] = str(exc)
     info["os_cpu_count"] = os.cpu_count()
+    info["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
     return info
+
+
+def standard_notes(machine_info: dict[str, Any]) -> list[str]:
+    """What a reader needs to interpret the table on this machine."""
+    flags = machine_info.get("flags", {})
+    notes = []
+    if not (flags.get("avx512_vnni") or flags.get("amx_int8")):
+        notes.append(
+            "No AVX-512 VNNI/AMX on this CPU: OpenVINO's INT8 runs AVX2 u8s8 kernels; with VNNI/AMX the INT8 gain is larger."
+        )
+    if not (flags.get("avx512_bf16") or flags.get("amx_bf16")):
+        notes.append(
+            "No native BF16 on this CPU: the BF16 hint is emulated, so BF16 is not faster than FP32 here."
+        )
+    notes.append(
+        "Engine sizes are OpenVINO IR files; the paper's TensorRT engines include tactic data, so compare the ratios."
+    )
+    return notes
 
 
 def calibration_windows(card: Any, count: int) -> np.ndarray:
@@ -233,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         "models": [],
         "notes": [],
     }
+    report["notes"] = standard_notes(report["machine"])
     args.output.parent.mkdir(parents=True, exist_ok=True)
     for model_id in args.models:
         if model_id in existing:
