@@ -28,32 +28,54 @@ def dice_per_label(labels_a: np.ndarray, labels_b: np.ndarray, num_classes: int)
 
 
 def agreement_dice(
-    labels_a: np.ndarray, labels_b: np.ndarray, num_classes: int, include_background: bool = True
+    labels_a: np.ndarray,
+    labels_b: np.ndarray,
+    num_classes: int,
+    include_background: bool = True,
+    min_voxels: int = 0,
 ) -> dict[str, Any]:
     """Per-label Dice between two label maps, their mean over labels present in either, and the worst.
 
     Returns ``{"per_label": {value: dice | None}, "mean": float, "worst": (value, dice),
-    "voxels": int}``. Labels absent from both maps are ``None`` and do not enter the mean.
+    "voxels": int, "excluded_small": [values]}``. Labels absent from both maps are ``None`` and do not
+    enter the mean; nor do labels with fewer than ``min_voxels`` voxels in either map (listed in
+    ``excluded_small``: on a few windows their Dice is noise, on a whole volume they are larger).
     """
     per_label = dice_per_label(labels_a, labels_b, num_classes)
+    small: list[int] = []
+    if min_voxels > 0:
+        a = np.asarray(labels_a).ravel().astype(np.int64)
+        b = np.asarray(labels_b).ravel().astype(np.int64)
+        largest = np.maximum(np.bincount(a, minlength=num_classes), np.bincount(b, minlength=num_classes))
+        small = [v for v, d in per_label.items() if d is not None and largest[v] < min_voxels]
     scored = {
         value: dice
         for value, dice in per_label.items()
-        if dice is not None and (include_background or value != 0)
+        if dice is not None and (include_background or value != 0) and value not in small
     }
     if not scored:
-        return {"per_label": per_label, "mean": 1.0, "worst": (None, None), "voxels": int(np.size(labels_a))}
+        return {
+            "per_label": per_label,
+            "mean": 1.0,
+            "worst": (None, None),
+            "voxels": int(np.size(labels_a)),
+            "excluded_small": small,
+        }
     worst = min(scored.items(), key=lambda item: item[1])
     return {
         "per_label": per_label,
         "mean": float(np.mean(list(scored.values()))),
         "worst": (int(worst[0]), float(worst[1])),
         "voxels": int(np.size(labels_a)),
+        "excluded_small": small,
     }
 
 
 def logits_agreement(
-    reference_logits: np.ndarray, test_logits: np.ndarray, include_background: bool = True
+    reference_logits: np.ndarray,
+    test_logits: np.ndarray,
+    include_background: bool = True,
+    min_voxels: int = 0,
 ) -> dict[str, Any]:
     """:func:`agreement_dice` of the argmax of two logits arrays ``N, K, ...`` plus their SQNR."""
     reference_logits = np.asarray(reference_logits)
@@ -63,6 +85,7 @@ def logits_agreement(
         np.argmax(np.asarray(test_logits), axis=1),
         num_classes,
         include_background=include_background,
+        min_voxels=min_voxels,
     )
     result["sqnr_db"] = sqnr_db(reference_logits, test_logits)
     return result

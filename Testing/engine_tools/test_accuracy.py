@@ -47,3 +47,15 @@ def test_sqnr_db_and_logits_agreement() -> None:
     assert result["per_label"][1] == pytest.approx(2 * 7 / 15)
     assert result["per_label"][2] == 0.0 and result["per_label"][0] is None
     assert np.isfinite(result["sqnr_db"])
+
+
+def test_small_labels_can_be_left_out_of_the_mean() -> None:
+    a = np.zeros(1000, int)
+    b = np.zeros(1000, int)
+    a[:3] = 1  # a 3-voxel structure the two maps disagree on
+    b[3:6] = 1
+    full = agreement_dice(a, b, 2)
+    assert full["mean"] < 0.6
+    guarded = agreement_dice(a, b, 2, min_voxels=10)
+    assert guarded["excluded_small"] == [1] and guarded["per_label"][1] == 0.0
+    assert guarded["mean"] == pytest.approx(full["per_label"][0])

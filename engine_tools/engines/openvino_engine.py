@@ -165,8 +165,14 @@ def compile_model(model: Any, hint: str) -> Any:
     )
 
 
-def run_compiled(request: Any, windows: np.ndarray, input_shape: tuple[int, ...] | None = None) -> np.ndarray:
-    """Run ``N, C, D, H, W`` windows one at a time through an infer request (static batch 1)."""
+def run_compiled(
+    request: Any,
+    windows: np.ndarray,
+    input_shape: tuple[int, ...] | None = None,
+    timings: list[float] | None = None,
+) -> np.ndarray:
+    """Run ``N, C, D, H, W`` windows one at a time through an infer request (static batch 1); seconds
+    per window are appended to ``timings`` when given."""
     windows = np.ascontiguousarray(windows, dtype=np.float32)
     if windows.ndim != 5:
         raise ValueError(f"expected windows N, C, D, H, W; got shape {windows.shape}")
@@ -176,7 +182,10 @@ def run_compiled(request: Any, windows: np.ndarray, input_shape: tuple[int, ...]
         )
     outputs = []
     for window in windows:
+        start = time.perf_counter()
         result = request.infer({0: window[None]})
+        if timings is not None:
+            timings.append(time.perf_counter() - start)
         outputs.append(np.array(result[request.model_outputs[0]], dtype=np.float32, copy=True))
     return np.concatenate(outputs, axis=0)
 
@@ -315,6 +324,8 @@ class AccuracyGuard:
         self.target = float(options.get("target_dice", 0.97))
         self.fallback = str(options.get("int8_fallback", default_int8_fallback()))
         self.num_classes = request.num_classes
+        #: labels smaller than this (voxels, in either map) are reported but left out of the mean
+        self.min_voxels = int(options.get("min_label_voxels", 1000))
         self.attempts: list[dict[str, Any]] = []
         validation = request.validation
         if validation is None or len(validation) == 0:
@@ -376,13 +387,19 @@ class AccuracyGuard:
     def reference(self) -> np.ndarray:
         if self._reference is None:
             compiled = compile_model(self.model, "f32")
-            self._reference = run_compiled(compiled.create_infer_request(), self.validation)
+            request = compiled.create_infer_request()
+            run_compiled(request, self.validation[:1])  # warm-up
+            self.fp32_times: list[float] = []
+            self._reference = run_compiled(request, self.validation, timings=self.fp32_times)
         return self._reference
 
-    def evaluate(self, quantized: Any) -> dict[str, Any]:
+    def evaluate(self, quantized: Any, timings: list[float] | None = None) -> dict[str, Any]:
         compiled = compile_model(quantized, self.fallback)
-        logits = run_compiled(compiled.create_infer_request(), self.validation)
-        return accuracy.logits_agreement(self.reference(), logits)
+        request = compiled.create_infer_request()
+        if timings is not None:
+            run_compiled(request, self.validation[:1])  # warm-up
+        logits = run_compiled(request, self.validation, timings=timings)
+        return accuracy.logits_agreement(self.reference(), logits, min_voxels=self.min_voxels)
 
     def _attempt(
         self, label: str, calibration: dict[str, Any], ignored: list[str]
@@ -507,6 +524,22 @@ class AccuracyGuard:
                 else:
                     best_model, best = edited, agreement
                 kept = candidate
+        # Speed check on the same windows: INT8 (with its kept layers) against strict FP32.
+        int8_times: list[float] = []
+        self.evaluate(best_model, timings=int8_times)
+        fp32_median = float(np.median(self.fp32_times))
+        int8_median = float(np.median(int8_times))
+        latency = {
+            "fp32_strict_median_s": round(fp32_median, 4),
+            "int8_median_s": round(int8_median, 4),
+            "speedup_vs_fp32": round(fp32_median / int8_median, 3) if int8_median > 0 else None,
+            "windows": len(self.validation),
+        }
+        if int8_median >= fp32_median:
+            self.progress.warning(
+                f"INT8 ({int8_median:.3f} s/window) is not faster than strict FP32 ({fp32_median:.3f} s/window) "
+                f"with {len(kept)} layer(s) kept in higher precision"
+            )
         ready = accuracy.json_ready(best)
         guard = {
             "target": self.target,
@@ -515,12 +548,15 @@ class AccuracyGuard:
             "final_mean_dice": ready["mean"],
             "met_target": bool(best["mean"] >= self.target),
             "per_label": ready["per_label"],
+            "labels_too_small_to_score": ready.get("excluded_small", []),
+            "min_label_voxels": self.min_voxels,
             "worst": ready["worst"],
             "sqnr_db": ready.get("sqnr_db"),
             "kept_in_higher_precision": kept,
             "higher_precision": self.fallback,
             "quantizable_layers": len(layers) + len(forced),
             "sensitivity": sensitivity,
+            "latency": latency,
             "attempts": self.attempts,
         }
         if not guard["met_target"]:
