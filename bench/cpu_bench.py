@@ -57,6 +57,17 @@ def real_model_cards(selected: list[str] | None = None) -> list[Any]:
     return [card for mid, card in sorted(load_cards().items()) if mid.startswith(REAL_MODEL_PREFIXES)]
 
 
+def with_window(card: Any, size: int) -> Any:
+    """A copy of ``card`` with ``size``^3 windows and no conform shape (its own id, so its own cache keys)."""
+    from engine_tools.registry import ModelCard
+
+    raw = dict(card.raw)
+    raw["id"] = f"{card.id}-w{size}"
+    raw["window"] = {**raw["window"], "size": [size, size, size]}
+    raw["preprocessing"] = {**raw["preprocessing"], "shape": None}
+    return ModelCard.from_dict(raw, card.path)
+
+
 def calibration_folder(modality: str) -> Path:
     """A cache folder linking one scan of another subject than the measured one."""
     source = demo.shared_root().joinpath(*CALIBRATION.get(modality, CALIBRATION["MR"]))
@@ -79,10 +90,9 @@ def bench_model(
     progress: Progress,
 ) -> dict[str, Any]:
     """All rows of one model; a row that cannot run records why instead of stopping the bench."""
+    from engine_tools.accuracy import agreement_dice, json_ready, sqnr_db
     from engine_tools.calibration import collect_windows
     from engine_tools.pipeline import prepare_engine
-
-    from engine_tools.accuracy import agreement_dice, json_ready, sqnr_db
     from engine_tools.volumes import preprocess, read_image
 
     modality = card.modality.upper() if card.modality.upper() in SCANS else "MR"
@@ -91,7 +101,9 @@ def bench_model(
     batch = centre_window(np.asarray(preprocess(image, card).array, dtype=np.float32), card.window_size)[None]
     calibration = None
     if any(precision == "int8" for _, precision in rows):
-        calibration = collect_windows(calibration_folder(modality), card, num_windows=windows, progress=progress)
+        calibration = collect_windows(
+            calibration_folder(modality), card, num_windows=windows, progress=progress
+        )
     result: dict[str, Any] = {
         "model": card.id,
         "title": card.title,
@@ -155,9 +167,13 @@ def _add_ratios(rows: list[dict[str, Any]]) -> None:
             row["speedup_vs_fp32_same_backend"] = round(
                 same_fp32["latency_ms_per_window"] / row["latency_ms_per_window"], 3
             )
-            row["size_vs_fp32_same_backend"] = round(row["bytes_on_disk"] / max(same_fp32["bytes_on_disk"], 1), 3)
+            row["size_vs_fp32_same_backend"] = round(
+                row["bytes_on_disk"] / max(same_fp32["bytes_on_disk"], 1), 3
+            )
         if base:
-            row["speedup_vs_openvino_fp32"] = round(base["latency_ms_per_window"] / row["latency_ms_per_window"], 3)
+            row["speedup_vs_openvino_fp32"] = round(
+                base["latency_ms_per_window"] / row["latency_ms_per_window"], 3
+            )
         bf16 = ok.get((row["backend"], "bf16"))
         if bf16 and row["precision"] == "int8":
             row["speedup_vs_bf16"] = round(bf16["latency_ms_per_window"] / row["latency_ms_per_window"], 3)
@@ -182,6 +198,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         "versus OpenVINO strict FP32 (Dice over labels present; worst label), logits SQNR. INT8 calibrated on "
         "another subject than the measured scan, with the accuracy guard on (target mean Dice 0.97).",
         "",
+        "Windows marked * are smaller than the card's (a copy of the card with that window and no conform "
+        "shape; MeshNets are fully convolutional) to keep the whole run short on a small CPU.",
+        "",
         "| model | window | backend | precision | size (MiB) | size vs FP32 | latency (ms) | speed-up vs FP32 "
         "| vs BF16 | mean Dice vs FP32 | worst | SQNR (dB) | layers kept | status |",
         "|" + "---|" * 14,
@@ -190,7 +209,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         if "error" in model:
             lines.append(f"| {model['model']} | | | | | | | | | | | | | error: {model['error'][:120]} |")
             continue
-        window = "x".join(str(s) for s in model["window"][2:])
+        window = "x".join(str(s) for s in model["window"][2:]) + ("*" if model.get("window_override") else "")
         for row in model["rows"]:
             if row.get("status") != "ok":
                 lines.append(
@@ -212,7 +231,9 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--models", nargs="*", help="card ids (default: every model with real weights)")
     parser.add_argument("--output-dir", default=str(REPO / "bench" / "results"))
     parser.add_argument("--name", default=None, help="file stem (default cpu_models, cpu_smoke with --smoke)")
@@ -220,23 +241,40 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--weights-dir", default=None, help="offline weights mirror (default ../shared)")
-    parser.add_argument("--smoke", action="store_true", help=f"{SMOKE_MODEL}, OpenVINO FP32+INT8, 1 repeat")
+    parser.add_argument("--window", type=int, default=None, help="override the cards' window size (N^3)")
+    parser.add_argument(
+        "--smoke", action="store_true", help=f"{SMOKE_MODEL}, 64^3 windows, OpenVINO FP32+INT8, 1 repeat"
+    )
+    parser.add_argument("--append", action="store_true", help="add to the models already in the output JSON")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     progress: Progress = SilentProgress() if args.quiet else HumanProgress()
     rows = ROWS
     if args.smoke:
         args.models = args.models or [SMOKE_MODEL]
-        rows, args.repeats, args.windows = SMOKE_ROWS, 1, min(args.windows, 2)
-    weights_dir = args.weights_dir or (str(demo.default_weights_dir()) if demo.default_weights_dir() else None)
+        rows, args.repeats, args.windows = SMOKE_ROWS, 1, min(args.windows, 4)
+        args.window = args.window or 64
+    weights_dir = args.weights_dir or (
+        str(demo.default_weights_dir()) if demo.default_weights_dir() else None
+    )
     report: dict[str, Any] = {
         "machine": machine_description(),
-        "settings": {"repeats": args.repeats, "warmup": args.warmup, "calibration_windows": args.windows},
+        "settings": {
+            "repeats": args.repeats,
+            "warmup": args.warmup,
+            "calibration_windows": args.windows,
+            "window_override": args.window,
+        },
         "models": [],
     }
     stem = args.name or ("cpu_smoke" if args.smoke else "cpu_models")
     out = Path(args.output_dir)
+    if args.append and (out / f"{stem}.json").is_file():
+        previous = json.loads((out / f"{stem}.json").read_text())
+        report["models"] = previous.get("models", [])
     for card in real_model_cards(args.models):
+        if args.window:
+            card = with_window(card, args.window)
         started = time.perf_counter()
         try:
             model = bench_model(card, rows, args.windows, args.warmup, args.repeats, weights_dir, progress)
@@ -244,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
             model = {"model": card.id, "error": f"{type(exc).__name__}: {exc}"}
             progress.warning(f"{card.id}: {model['error']}")
         model["seconds"] = round(time.perf_counter() - started, 1)
+        model["window_override"] = args.window
         report["models"].append(model)
         write_json_atomic(out / f"{stem}.json", report)  # keep partial results of a long run
         with atomic_file(out / f"{stem}.md", "w") as stream:

@@ -15,7 +15,9 @@ DEFAULT_MODEL = "brainchop-model11_gw_ae"
 DEFAULT_PRECISIONS = ("fp32", "bf16", "int8")
 DEFAULT_BACKEND = "openvino"
 DEFAULT_CALIBRATION_WINDOWS = 4
-DEFAULT_REPEATS = 3
+DEFAULT_REPEATS = 2
+#: The segmentation before the timing already warms the engine up.
+DEFAULT_WARMUP = 0
 SCAN = ("data", "mri", "t1_crop.nii.gz")
 CALIBRATION_SCANS = (("data", "mri", "mni152_2009_t1.nii.gz"),)
 WEIGHTS_MIRROR = ("models", "brainchop")

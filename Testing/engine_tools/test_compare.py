@@ -110,3 +110,42 @@ def test_compare_reports_int8_smaller_with_per_label_agreement(
     assert "| INT8 |" in markdown and "| FP32 |" in markdown and report["machine"]["cpu"] in markdown
     png = (out / "chart.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_cpu_bench_smoke_writes_a_table_for_a_real_model(session_cache, tmp_path):
+    """`bench/cpu_bench.py --smoke`: the real model5_gw_ae, 64^3 windows, OpenVINO FP32 and INT8."""
+    import os
+    import subprocess
+    import sys
+
+    shared_path("models", "brainchop", "model5_gw_ae")
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(repo / "bench" / "cpu_bench.py"),
+            "--smoke",
+            "--quiet",
+            "--output-dir",
+            str(tmp_path),
+        ],
+        env={**os.environ, "MEDQUANT_CACHE_DIR": str(session_cache)},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "cpu_smoke.json").read_text())
+    assert report["machine"]["cores"] >= 1 and report["machine"]["libraries"]["openvino"]
+    (model,) = report["models"]
+    assert model["model"] == "brainchop-model5_gw_ae-w64" and model["window"] == [1, 1, 64, 64, 64]
+    rows = {(r["backend"], r["precision"]): r for r in model["rows"]}
+    fp32, int8 = rows[("openvino", "fp32")], rows[("openvino", "int8")]
+    assert fp32["status"] == "ok" and int8["status"] == "ok", int8.get("reason")
+    assert fp32["latency_ms_per_window"] > 0 and int8["latency_ms_per_window"] > 0
+    assert int8["kernels"]["convolutions"]["int8"] > 0  # INT8 kernels really ran
+    assert 0.0 < int8["agreement_vs_fp32"]["mean"] <= 1.0
+    assert (
+        "| brainchop-model5_gw_ae-w64 | 64x64x64* | openvino | int8 |"
+        in (tmp_path / "cpu_smoke.md").read_text()
+    )

@@ -43,7 +43,7 @@ def register(
     parser.add_argument("--calibration-method", default="minmax")
     parser.add_argument("--target-dice", type=float, default=0.97)
     parser.add_argument("--repeats", type=int, default=demo.DEFAULT_REPEATS)
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=demo.DEFAULT_WARMUP)
     parser.set_defaults(func=run, render=render_compare, reference=None, rebuild=False)
     return parser
 
