@@ -542,6 +542,12 @@ def _fmt(value: Any, spec: str = ".1f", missing: str = "–") -> str:
     return format(value, spec)
 
 
+def _ordered_rows(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Rows in the order the precisions were asked for (JSON files store keys sorted)."""
+    order = [p for p in report.get("precisions", []) if p in report["rows"]]
+    return {p: report["rows"][p] for p in order + [p for p in report["rows"] if p not in order]}
+
+
 def summary_table(report: dict[str, Any]) -> str:
     """A markdown table: one row per precision (size, latency, end-to-end time, memory, agreement)."""
     has_ref = any("dice_vs_reference" in r for r in report["rows"].values())
@@ -559,11 +565,10 @@ def summary_table(report: dict[str, Any]) -> str:
     ] + (["mean Dice vs reference"] if has_ref else [])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     ratios = report.get("ratios", {})
-    for precision, row in report["rows"].items():
+    for precision, row in _ordered_rows(report).items():
         if row.get("status") != "ok":
-            cells = [precision.upper(), "unavailable: " + str(row.get("reason", ""))[:80]] + [""] * (
-                len(header) - 2
-            )
+            reason = str(row.get("reason", "")).split(" (")[0].split(";")[0][:80]
+            cells = [precision.upper(), "unavailable: " + reason] + [""] * (len(header) - 2)
             lines.append("| " + " | ".join(cells) + " |")
             continue
         r = ratios.get(f"{precision}_vs_fp32", {})
@@ -589,7 +594,7 @@ def summary_table(report: dict[str, Any]) -> str:
 
 def per_label_table(report: dict[str, Any]) -> str:
     """Dice per label versus FP32 (and versus the reference) for every precision."""
-    rows = {p: r for p, r in report["rows"].items() if r.get("status") == "ok"}
+    rows = {p: r for p, r in _ordered_rows(report).items() if r.get("status") == "ok"}
     columns: list[tuple[str, str, str]] = [
         (p, "agreement_vs_fp32", f"{p.upper()} vs FP32") for p in rows if p != "fp32"
     ]
@@ -657,7 +662,7 @@ def write_chart(report: dict[str, Any], path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = {p: r for p, r in report["rows"].items() if r.get("status") == "ok"}
+    rows = {p: r for p, r in _ordered_rows(report).items() if r.get("status") == "ok"}
     names = [p.upper() for p in rows]
     colours = ["#4c72b0", "#dd8452", "#55a868", "#c44e52"][: len(names)]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
