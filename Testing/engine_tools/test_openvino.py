@@ -71,8 +71,9 @@ def test_int8_agrees_with_strict_fp32_on_unseen_subject(three_class: dict) -> No
 
 
 def test_guard_on_18_class_model_keeps_layers_and_reports(brainchop: Path) -> None:
-    """The 18-class MeshNet, calibrated on one subject: the guard records its attempts, never ends
-    below where it started, and names the layers it kept in higher precision."""
+    """The 18-class MeshNet, calibrated on one subject, with a target above what plain INT8 reaches:
+    the guard measures per-layer sensitivity, keeps the top-ranked layers in higher precision, never
+    ends below where it started, and reports the layers, attempts and speed against strict FP32."""
     card = small_card("brainchop-model18cls", 48)
     calibration = foreground_windows(shared_path("data", "mri", "t1_crop.nii.gz"), card, 5, seed=0)
     engine = prepare_engine(
@@ -81,14 +82,17 @@ def test_guard_on_18_class_model_keeps_layers_and_reports(brainchop: Path) -> No
         precision="int8",
         calibration=calibration,
         weights_dir=brainchop,
-        options={"max_kept_layers": 3},
+        target_dice=0.995,
+        options={"max_kept_layers": 2, "calibration_budget_s": 0},
     )
     guard = engine.describe()["accuracy_guard"]
+    steps = [attempt["step"] for attempt in guard["attempts"]]
+    assert steps[0] == "initial" and "sensitivity" in steps and "keep-1" in steps, steps
     assert guard["final_mean_dice"] >= guard["initial_mean_dice"]
-    assert guard["attempts"][0]["step"] == "initial"
-    if guard["initial_mean_dice"] < guard["target"]:
-        assert guard["sensitivity"], guard
-        assert len(guard["attempts"]) > 1
-    for name in guard["kept_in_higher_precision"]:
-        assert name in {entry["layer"] for entry in guard["sensitivity"]}
-    assert engine.describe()["kernels"]["convolutions"]["int8"] >= 1
+    assert len(guard["sensitivity"]) == guard["quantizable_layers"] == 10
+    kept = guard["kept_in_higher_precision"]
+    assert 1 <= len(kept) <= 2 and set(kept) <= {entry["layer"] for entry in guard["sensitivity"]}
+    assert engine.describe()["kept_in_higher_precision"] == kept
+    assert guard["latency"]["fp32_strict_median_s"] > 0 and guard["latency"]["int8_median_s"] > 0
+    convs = engine.describe()["kernels"]["convolutions"]
+    assert convs["int8"] >= 10 - len(kept) and convs["float"] >= len(kept)
