@@ -393,13 +393,17 @@ class AccuracyGuard:
             self._reference = run_compiled(request, self.validation, timings=self.fp32_times)
         return self._reference
 
-    def evaluate(self, quantized: Any, timings: list[float] | None = None) -> dict[str, Any]:
+    def evaluate(
+        self, quantized: Any, timings: list[float] | None = None, windows: int | None = None
+    ) -> dict[str, Any]:
+        """Agreement with strict FP32 on the validation windows (the first ``windows`` of them)."""
         compiled = compile_model(quantized, self.fallback)
         request = compiled.create_infer_request()
+        count = len(self.validation) if windows is None else max(1, min(windows, len(self.validation)))
         if timings is not None:
             run_compiled(request, self.validation[:1])  # warm-up
-        logits = run_compiled(request, self.validation, timings=timings)
-        return accuracy.logits_agreement(self.reference(), logits, min_voxels=self.min_voxels)
+        logits = run_compiled(request, self.validation[:count], timings=timings)
+        return accuracy.logits_agreement(self.reference()[:count], logits, min_voxels=self.min_voxels)
 
     def _attempt(
         self, label: str, calibration: dict[str, Any], ignored: list[str]
@@ -471,10 +475,16 @@ class AccuracyGuard:
         sensitivity: list[dict[str, Any]] = []
         if guard_enabled and best["mean"] < self.target and layers:
             base_model, base = best_model, best
+            # Ranking needs the ordering only: a few windows suffice (option sensitivity_windows).
+            rank_windows = int(opts.get("sensitivity_windows", 2))
+            if rank_windows < len(self.validation):
+                base = self.evaluate(base_model, windows=rank_windows)
             start = time.perf_counter()
             for index, name in enumerate(layers):
                 self.progress.update("guard", 0.4 + 0.4 * index / len(layers), f"sensitivity of {name}")
-                agreement = self.evaluate(dequantize_layers(base_model, self.model, [name]))
+                agreement = self.evaluate(
+                    dequantize_layers(base_model, self.model, [name]), windows=rank_windows
+                )
                 sensitivity.append(
                     {
                         "layer": name,
@@ -486,6 +496,7 @@ class AccuracyGuard:
                 {
                     "step": "sensitivity",
                     "method": "each layer alone back to higher precision on the quantized model",
+                    "windows": min(rank_windows, len(self.validation)),
                     "layers": len(layers),
                     "seconds": round(time.perf_counter() - start, 2),
                 }
