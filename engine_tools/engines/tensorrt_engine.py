@@ -1,0 +1,366 @@
+"""TensorRT engine (NVIDIA GPUs): strongly-typed networks from FP32, FP16 or calibrated Q/DQ ONNX.
+
+Targets TensorRT 10.x and 11.x (:func:`engine_tools.engine_meta.version_features`). Precision never comes
+from builder flags (TensorRT 10 deprecated, 11 removed ``BuilderFlag.FP16/INT8`` and implicit INT8
+calibrators); it comes from the ONNX types of a strongly-typed network:
+
+* ``fp32``: the FP32 export as is;
+* ``fp16``: an FP16 copy made by ModelOpt AutoCast (:func:`engine_tools.modelopt_qdq.convert_fp16_onnx`);
+* ``int8``: a Q/DQ ONNX calibrated by ModelOpt on the calibration windows
+  (:func:`engine_tools.modelopt_qdq.quantize_qdq`, FP16 for everything not quantized).
+
+The plan is built with an optimization profile for the window batch (min 1, opt/max = batch), a
+workspace limit, a persisted timing cache (``cache_dir("tensorrt")/timing.cache``, replaced atomically),
+``ProfilingVerbosity.DETAILED`` (for the per-layer precision report) and written atomically together
+with ``trt_meta.json`` (TensorRT version, GPU, compute capability, hashes, precision). A cached engine
+from another GPU or TensorRT version is refused before deserialization (:mod:`engine_tools.engine_meta`).
+Inference binds PyTorch CUDA tensors (``set_tensor_address``) and runs ``execute_async_v3`` on a torch
+CUDA stream, optionally replayed from a captured CUDA graph.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engine_tools.cache import atomic_file, cache_dir, sha256_file, write_json_atomic
+from engine_tools.engine_meta import (
+    META_FILE,
+    EngineMeta,
+    check_compatibility,
+    layer_precisions,
+    summarize_layers,
+    version_features,
+)
+from engine_tools.engines.base import BuildRequest, Engine, _progress
+from engine_tools.progress import Progress
+
+PLAN_FILE = "model.plan"
+DEFAULT_WORKSPACE_GIB = 4.0
+_METHODS = {"minmax": "max", "max": "max", "entropy": "entropy"}
+
+
+def _trt() -> Any:
+    import tensorrt
+
+    return tensorrt
+
+
+def current_platform() -> dict[str, str]:
+    """TensorRT version, GPU name and compute capability of this machine (needs tensorrt + CUDA)."""
+    import torch
+
+    trt = _trt()
+    major, minor = torch.cuda.get_device_capability(0)
+    return {
+        "tensorrt_version": trt.__version__,
+        "gpu_name": torch.cuda.get_device_name(0),
+        "compute_capability": f"{major}.{minor}",
+    }
+
+
+def timing_cache_path() -> Path:
+    return cache_dir("tensorrt") / "timing.cache"
+
+
+class TensorRTEngine(Engine):
+    backend = "tensorrt"
+    supported_precisions = ("fp32", "fp16", "int8")
+    default_device = "cuda"
+
+    def __init__(self, precision: str = "int8", device: str | None = None) -> None:
+        super().__init__(precision, device)
+        self.meta: dict[str, Any] = {}
+        self.expected: dict[str, Any] = {}
+        self._engine: Any = None
+        self._context: Any = None
+        self._graph: Any = None
+        self._graph_io: tuple[Any, Any] | None = None
+        self.use_cuda_graph = False
+
+    # -- availability -------------------------------------------------------------------------------
+    @classmethod
+    def availability(cls) -> tuple[bool, str]:
+        try:
+            trt = _trt()
+        except ImportError as exc:
+            return False, (
+                f"the tensorrt Python package does not import ({exc}); on a machine with an NVIDIA GPU: "
+                "pip install -r requirements-tensorrt.txt (see docs/TENSORRT.md)"
+            )
+        features = version_features(trt.__version__)
+        if not features["supported"]:
+            return False, f"TensorRT {trt.__version__} found; this code targets TensorRT 10.x and 11.x"
+        try:
+            import torch
+        except ImportError as exc:
+            return False, f"PyTorch is needed to hold GPU buffers ({exc})"
+        if not torch.cuda.is_available():
+            return False, f"TensorRT {trt.__version__} found but no CUDA GPU is visible to PyTorch"
+        return True, f"TensorRT {trt.__version__} on {torch.cuda.get_device_name(0)}"
+
+    def versions(self) -> dict[str, str]:
+        found = super().versions()
+        try:
+            found.update(current_platform())
+        except Exception:  # noqa: BLE001 - versions are informative only
+            pass
+        return found
+
+    # -- build ----------------------------------------------------------------------------------------
+    def build(
+        self, request: BuildRequest, artifact_dir: Path, progress: Progress | None = None
+    ) -> dict[str, Any]:
+        self.require_available()
+        progress = _progress(progress)
+        if request.onnx_path is None:
+            raise ValueError(f"{request.model_id}: TensorRT builds from the ONNX export; none was given")
+        artifact_dir = Path(artifact_dir)
+        options = request.options
+        batch = int(options.get("batch", 1))
+        report: dict[str, Any] = {"precision": self.precision, "batch": batch}
+        with tempfile.TemporaryDirectory(prefix="medquant-trt-") as tmp:
+            onnx_file, onnx_kind, calibration_hash = self._typed_onnx(request, Path(tmp), report, progress)
+            progress.update("tensorrt", 0.3, f"building {self.precision} engine (strongly typed)")
+            plan, build_log = self._build_plan(onnx_file, request, batch, options)
+        with atomic_file(artifact_dir / PLAN_FILE) as stream:
+            stream.write(plan)
+        platform = current_platform()
+        meta = EngineMeta(
+            tensorrt_version=platform["tensorrt_version"],
+            gpu_name=platform["gpu_name"],
+            compute_capability=platform["compute_capability"],
+            precision=self.precision,
+            model_sha256=sha256_file(request.onnx_path),
+            engine_sha256=sha256_file(artifact_dir / PLAN_FILE),
+            calibration_sha256=calibration_hash,
+            onnx_kind=onnx_kind,
+            batch=batch,
+            window=tuple(request.window_shape),
+        )
+        write_json_atomic(artifact_dir / META_FILE, meta.to_json())
+        report.update(build_log, meta=meta.to_json())
+        progress.update("tensorrt", 1.0, f"engine {len(plan) / 2**20:.1f} MiB")
+        self.load(artifact_dir)
+        layers = self.layer_report()
+        report["layers"] = summarize_layers(layers)
+        if "warning" in report["layers"]:
+            progress.warning(report["layers"]["warning"])
+        self.build_report = report
+        return report
+
+    def _typed_onnx(
+        self, request: BuildRequest, tmp: Path, report: dict[str, Any], progress: Progress
+    ) -> tuple[Path, str, str | None]:
+        """The ONNX whose types fix the engine's precision, plus its kind and the calibration hash."""
+        from engine_tools import modelopt_qdq
+
+        assert request.onnx_path is not None
+        if self.precision == "fp32":
+            return Path(request.onnx_path), "fp32", None
+        if self.precision == "fp16":
+            progress.update("tensorrt", 0.05, "FP16 ONNX (ModelOpt AutoCast)")
+            return modelopt_qdq.convert_fp16_onnx(request.onnx_path, tmp / "model_fp16.onnx"), "fp16", None
+        if request.calibration is None or len(request.calibration) == 0:
+            raise ValueError(f"{request.model_id}: INT8 needs calibration windows (BuildRequest.calibration)")
+        method = str(request.options.get("calibration_method", "max"))
+        if method not in _METHODS:
+            raise ValueError(f"calibration_method {method!r} unknown for TensorRT; use max or entropy")
+        keep = list(request.options.get("keep_higher_precision", [])) + list(
+            request.options.get("ignored_layers", [])
+        )
+        with progress.span(0.0, 0.3):
+            result = modelopt_qdq.quantize_qdq(
+                request.onnx_path,
+                request.calibration,
+                tmp / "model_qdq.onnx",
+                calibration_method=_METHODS[method],
+                high_precision_dtype=str(request.options.get("high_precision_dtype", "fp16")),
+                keep_higher_precision=keep,
+                progress=progress,
+            )
+        report["qdq"] = result.to_json()
+        calibration_hash = _array_hash(request.calibration)
+        return result.path, "qdq", calibration_hash
+
+    def _build_plan(
+        self, onnx_file: Path, request: BuildRequest, batch: int, options: dict[str, Any]
+    ) -> tuple[bytes, dict[str, Any]]:
+        trt = _trt()
+        features = version_features(trt.__version__)
+        logger = trt.Logger(trt.Logger.WARNING)
+        builder = trt.Builder(logger)
+        flags = 0
+        strongly_typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+        if strongly_typed is not None:  # 10.x: opt in; 11.x: strongly typed is the only mode
+            flags |= 1 << int(strongly_typed)
+        elif features["needs_strongly_typed_flag"]:
+            raise RuntimeError(
+                f"TensorRT {trt.__version__} lacks NetworkDefinitionCreationFlag.STRONGLY_TYPED"
+            )
+        network = builder.create_network(flags)
+        parser = trt.OnnxParser(network, logger)
+        if not parser.parse_from_file(str(onnx_file)):
+            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+            raise RuntimeError(f"TensorRT could not parse {onnx_file.name}: {errors}")
+        config = builder.create_builder_config()
+        workspace = float(options.get("workspace_gib", DEFAULT_WORKSPACE_GIB))
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace * 2**30))
+        config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+        if "optimization_level" in options:
+            config.builder_optimization_level = int(options["optimization_level"])
+        input_tensor = network.get_input(0)
+        shape = (request.in_channels, *request.window_shape)
+        profile = builder.create_optimization_profile()
+        profile.set_shape(input_tensor.name, (1, *shape), (batch, *shape), (batch, *shape))
+        config.add_optimization_profile(profile)
+        cache_file = timing_cache_path()
+        cache_bytes = cache_file.read_bytes() if cache_file.is_file() else b""
+        timing_cache = config.create_timing_cache(cache_bytes)
+        config.set_timing_cache(timing_cache, ignore_mismatch=False)
+        plan = builder.build_serialized_network(network, config)
+        if plan is None:
+            raise RuntimeError(
+                f"TensorRT failed to build an engine from {onnx_file.name} (see the log above)"
+            )
+        with atomic_file(cache_file) as stream:
+            stream.write(bytes(config.get_timing_cache().serialize()))
+        return bytes(plan), {
+            "strongly_typed": True,
+            "workspace_gib": workspace,
+            "timing_cache": str(cache_file),
+            "timing_cache_reused": bool(cache_bytes),
+            "profile": {"min": [1, *shape], "opt": [batch, *shape], "max": [batch, *shape]},
+        }
+
+    # -- load / run -------------------------------------------------------------------------------------
+    def expect(self, **fields: Any) -> None:
+        """What the caller requires of a cached engine (``model_sha256``, ``calibration_sha256``, ...)."""
+        self.expected.update({k: v for k, v in fields.items() if v is not None})
+
+    def load(self, artifact_dir: Path) -> None:
+        self.require_available()
+        artifact_dir = Path(artifact_dir)
+        current = {**current_platform(), "precision": self.precision, **self.expected}
+        self.meta = check_compatibility(artifact_dir / META_FILE, current)
+        plan_path = artifact_dir / PLAN_FILE
+        if sha256_file(plan_path) != self.meta["engine_sha256"]:
+            raise RuntimeError(f"{plan_path}: engine file does not match its metadata hash; rebuild it")
+        trt = _trt()
+        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        engine = runtime.deserialize_cuda_engine(plan_path.read_bytes())
+        if engine is None:
+            raise RuntimeError(f"{plan_path}: TensorRT could not deserialize the engine; rebuild it")
+        self._engine = engine
+        self._context = engine.create_execution_context()
+        self._graph = None
+        self.artifact_dir = artifact_dir
+
+    def _io_names(self) -> tuple[str, str]:
+        trt = _trt()
+        names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
+        inputs = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        outputs = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        return inputs[0], outputs[0]
+
+    def _torch_dtype(self, name: str) -> Any:
+        import torch
+
+        trt = _trt()
+        mapping = {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16}
+        return mapping[self._engine.get_tensor_dtype(name)]
+
+    def run_torch(self, batch: Any) -> Any:
+        """Torch tensor ``N, C, D, H, W`` → float32 logits on the GPU (chunks of the profile's batch)."""
+        import torch
+
+        if self._context is None:
+            raise RuntimeError("engine not loaded")
+        input_name, output_name = self._io_names()
+        limit = int(self.meta.get("batch", 1))
+        outputs = []
+        for start in range(0, int(batch.shape[0]), limit):
+            chunk = batch[start : start + limit].to("cuda", self._torch_dtype(input_name)).contiguous()
+            outputs.append(self._execute(chunk, input_name, output_name).float())
+        return torch.cat(outputs)
+
+    def _execute(self, chunk: Any, input_name: str, output_name: str) -> Any:
+        import torch
+
+        self._context.set_input_shape(input_name, tuple(chunk.shape))
+        out_shape = tuple(self._context.get_tensor_shape(output_name))
+        stream = torch.cuda.current_stream()
+        if self.use_cuda_graph and chunk.shape[0] == int(self.meta.get("batch", 1)):
+            return self._graph_replay(chunk, input_name, output_name, out_shape).clone()
+        output = torch.empty(out_shape, dtype=self._torch_dtype(output_name), device="cuda")
+        self._context.set_tensor_address(input_name, chunk.data_ptr())
+        self._context.set_tensor_address(output_name, output.data_ptr())
+        if not self._context.execute_async_v3(stream.cuda_stream):
+            raise RuntimeError("TensorRT execute_async_v3 failed")
+        stream.synchronize()
+        return output
+
+    def _graph_replay(self, chunk: Any, input_name: str, output_name: str, out_shape: tuple[int, ...]) -> Any:
+        """Capture ``execute_async_v3`` once into a CUDA graph on static buffers, then replay it."""
+        import torch
+
+        if self._graph is None:
+            static_in = torch.empty_like(chunk)
+            static_out = torch.empty(out_shape, dtype=self._torch_dtype(output_name), device="cuda")
+            self._context.set_tensor_address(input_name, static_in.data_ptr())
+            self._context.set_tensor_address(output_name, static_out.data_ptr())
+            stream = torch.cuda.Stream()
+            with torch.cuda.stream(stream):
+                self._context.execute_async_v3(stream.cuda_stream)  # warm-up outside capture
+                stream.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, stream=stream):
+                    self._context.execute_async_v3(stream.cuda_stream)
+            self._graph, self._graph_io = graph, (static_in, static_out)
+        assert self._graph_io is not None
+        static_in, static_out = self._graph_io
+        static_in.copy_(chunk)
+        self._graph.replay()
+        torch.cuda.current_stream().synchronize()
+        return static_out
+
+    def run(self, windows: np.ndarray) -> np.ndarray:
+        import torch
+
+        return self.run_torch(torch.from_numpy(np.ascontiguousarray(windows, dtype=np.float32))).cpu().numpy()
+
+    def predictor(self) -> Callable[[Any], Any]:
+        """Keeps tensors on the GPU for MONAI ``sliding_window_inference``."""
+        return self.run_torch
+
+    # -- describe ---------------------------------------------------------------------------------------
+    def layer_report(self) -> list[dict[str, Any]]:
+        """Per-layer precision from the engine inspector (needs ``ProfilingVerbosity.DETAILED``)."""
+        if self._engine is None:
+            return []
+        trt = _trt()
+        inspector = self._engine.create_engine_inspector()
+        info = json.loads(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
+        return layer_precisions(info)
+
+    def describe(self) -> dict[str, Any]:
+        layers = self.layer_report()
+        return {
+            **super().describe(),
+            "tensorrt": self.meta,
+            "layers": summarize_layers(layers),
+            "cuda_graph": self.use_cuda_graph,
+        }
+
+
+def _array_hash(array: np.ndarray) -> str:
+    import hashlib
+
+    digest = hashlib.sha256(str((array.shape, str(array.dtype))).encode())
+    digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
