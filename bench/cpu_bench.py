@@ -30,7 +30,13 @@ if str(REPO) not in sys.path:
 
 from engine_tools import demo  # noqa: E402
 from engine_tools.cache import atomic_file, cache_dir, write_json_atomic  # noqa: E402
-from engine_tools.compare import centre_window, machine_description, time_engine  # noqa: E402
+from engine_tools.compare import (  # noqa: E402
+    centre_window,
+    machine_description,
+    openvino_cpu_capabilities,
+    time_engine,
+    unsupported_reason,
+)
 from engine_tools.progress import HumanProgress, Progress, SilentProgress  # noqa: E402
 
 #: Card id prefixes of models whose real pretrained weights are reachable here.
@@ -119,6 +125,10 @@ def bench_model(
         row: dict[str, Any] = {"backend": backend, "precision": precision}
         result["rows"].append(row)
         progress.log(f"{card.id}: {backend} {precision}")
+        skip = unsupported_reason(backend, precision)
+        if skip:
+            row.update(status="unavailable", reason=skip)
+            continue
         try:
             t0 = time.perf_counter()
             engine = prepare_engine(
@@ -158,8 +168,20 @@ def bench_model(
     return result
 
 
-def _add_ratios(rows: list[dict[str, Any]]) -> None:
-    ok = {(r["backend"], r["precision"]): r for r in rows if r.get("status") == "ok"}
+def _native(row: dict[str, Any], capabilities: list[str]) -> bool:
+    """False for a BF16/FP16 OpenVINO row on a CPU without those kernels (OpenVINO ran it as FP32)."""
+    if row["backend"] != "openvino" or row["precision"] not in ("bf16", "fp16") or not capabilities:
+        return True
+    return row["precision"].upper() in capabilities
+
+
+def _add_ratios(rows: list[dict[str, Any]], capabilities: list[str] | None = None) -> None:
+    capabilities = capabilities if capabilities is not None else openvino_cpu_capabilities()
+    for row in rows:
+        row.pop("speedup_vs_bf16", None)
+        if row.get("status") == "ok" and not _native(row, capabilities):
+            row["note"] = f"no native {row['precision'].upper()} on this CPU: OpenVINO ran FP32 kernels"
+    ok = {(r["backend"], r["precision"]): r for r in rows if r.get("status") == "ok" and "note" not in r}
     base = ok.get(("openvino", "fp32"))
     for row in ok.values():
         same_fp32 = ok.get((row["backend"], "fp32"))
@@ -195,9 +217,13 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         f"Latency: median of {report['settings']['repeats']} runs of `engine.run` on one real window (batch 1) "
         f"after {report['settings']['warmup']} warm-up run(s). Agreement: argmax of the logits on that window "
-        "versus OpenVINO strict FP32 (Dice over labels present; worst label), logits SQNR. INT8 calibrated on "
+        "versus OpenVINO strict FP32 (Dice over labels present; worst label), logits SQNR (– = identical). INT8 calibrated on "
         "another subject than the measured scan, with the accuracy guard on (target mean Dice 0.97).",
-        "",
+        *(
+            [f"**Run conditions:** {report['settings']['note']}", ""]
+            if report["settings"].get("note")
+            else []
+        ),
         "Windows marked * are smaller than the card's (a copy of the card with that window and no conform "
         "shape; MeshNets are fully convolutional) to keep the whole run short on a small CPU.",
         "",
@@ -220,6 +246,12 @@ def render_markdown(report: dict[str, Any]) -> str:
             agreement = row.get("agreement_vs_fp32") or {}
             worst = (agreement.get("worst") or [None, None])[1]
             kept = row.get("kept_in_higher_precision")
+            if row.get("note"):
+                lines.append(
+                    f"| {model['model']} | {window} | {row['backend']} | {row['precision']} "
+                    f"| | | {row['latency_ms_per_window']:.1f} | | | | | | | {row['note']} |"
+                )
+                continue
             lines.append(
                 f"| {model['model']} | {window} | {row['backend']} | {row['precision']} "
                 f"| {row['bytes_on_disk'] / 2**20:.3f} | {_f(row.get('size_vs_fp32_same_backend'), '.2f')} "
@@ -246,6 +278,10 @@ def main(argv: list[str] | None = None) -> int:
         "--smoke", action="store_true", help=f"{SMOKE_MODEL}, 64^3 windows, OpenVINO FP32+INT8, 1 repeat"
     )
     parser.add_argument("--append", action="store_true", help="add to the models already in the output JSON")
+    parser.add_argument(
+        "--note", default=None, help="a sentence on the run's conditions, shown in the markdown"
+    )
+    parser.add_argument("--render-only", action="store_true", help="re-render the markdown from the JSON")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     progress: Progress = SilentProgress() if args.quiet else HumanProgress()
@@ -264,11 +300,23 @@ def main(argv: list[str] | None = None) -> int:
             "warmup": args.warmup,
             "calibration_windows": args.windows,
             "window_override": args.window,
+            "note": args.note,
         },
         "models": [],
     }
     stem = args.name or ("cpu_smoke" if args.smoke else "cpu_models")
     out = Path(args.output_dir)
+    if args.render_only:
+        saved = json.loads((out / f"{stem}.json").read_text())
+        if args.note:
+            saved["settings"]["note"] = args.note
+        caps = saved["machine"].get("openvino_cpu_capabilities", [])
+        for model in saved["models"]:
+            _add_ratios(model.get("rows", []), caps)
+        write_json_atomic(out / f"{stem}.json", saved)
+        with atomic_file(out / f"{stem}.md", "w") as stream:
+            stream.write(render_markdown(saved))
+        return 0
     if args.append and (out / f"{stem}.json").is_file():
         previous = json.loads((out / f"{stem}.json").read_text())
         report["models"] = previous.get("models", [])
