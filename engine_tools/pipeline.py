@@ -24,7 +24,6 @@ from engine_tools.registry import ModelCard, get_card
 
 #: Bump when the artifact layout or build logic changes incompatibly (part of every cache key).
 PIPELINE_VERSION = 2
-DEFAULT_NUM_WINDOWS = 32
 
 
 def holdout_count(num_windows: int) -> int:
@@ -107,7 +106,7 @@ def prepare_engine(
     rebuild: bool = False,
     progress: Progress | None = None,
     *,
-    num_windows: int = DEFAULT_NUM_WINDOWS,
+    num_windows: int | None = None,
     seed: int = 0,
     options: dict[str, Any] | None = None,
 ) -> Engine:
@@ -151,7 +150,7 @@ def prepare_engine(
         with progress.span(0.15, 0.3):
             progress.update("calibrate", 0.0, "collecting calibration windows")
             cal_windows, val_windows, calibration_info = _calibration_windows(
-                calibration, card, num_windows, seed, progress
+                calibration, card, num_windows or card.calibration_windows, seed, progress
             )
             progress.update("calibrate", 1.0, f"{len(cal_windows)} calibration windows")
 

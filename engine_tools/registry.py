@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 CARDS_ENV = "MEDQUANT_MODEL_CARDS"
+DEFAULT_CALIBRATION_WINDOWS = 32
 REQUIRED_KEYS = ("id", "title", "task", "modality", "labels", "preprocessing", "window", "network", "weights")
 
 
@@ -102,6 +103,11 @@ class ModelCard:
     def window_size(self) -> tuple[int, int, int]:
         size = self.window["size"]
         return (size, size, size) if isinstance(size, int) else tuple(int(s) for s in size)  # type: ignore[return-value]
+
+    @property
+    def calibration_windows(self) -> int:
+        """Default number of calibration windows (``quantization.calibration_windows``, else 32)."""
+        return int(self.quantization.get("calibration_windows", DEFAULT_CALIBRATION_WINDOWS))
 
     @property
     def licence(self) -> str:

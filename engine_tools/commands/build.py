@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from engine_tools.commands._options import add_engine_arguments, check_engine_arguments
 from engine_tools.progress import Progress
 
 
@@ -21,31 +22,9 @@ def register(
         ),
     )
     parser.add_argument("model", help="model id (see `medquant models`) or path to a model card JSON")
-    parser.add_argument("--calibration", help="folder of unlabeled scans (required for int8)")
-    parser.add_argument("--windows", type=int, default=32, help="calibration windows (default 32)")
-    parser.add_argument(
-        "--method",
-        choices=("minmax", "percentile", "histogram", "mean_minmax"),
-        default="minmax",
-        help="activation range estimator (default minmax)",
-    )
-    parser.add_argument(
-        "--backend",
-        choices=("auto", "openvino", "onnxruntime", "tensorrt", "torch"),
-        default="auto",
-        help="auto: TensorRT with an NVIDIA GPU, else OpenVINO on the CPU",
-    )
-    parser.add_argument("--precision", choices=("int8", "bf16", "fp16", "fp32"), default="int8")
-    parser.add_argument(
-        "--target-dice",
-        type=float,
-        default=0.97,
-        help="accuracy guard: minimum mean agreement Dice of INT8 vs FP32 (default 0.97)",
-    )
+    add_engine_arguments(parser)
     parser.add_argument("--no-guard", action="store_true", help="skip the accuracy guard (not recommended)")
     parser.add_argument("--device", help="device (cpu, cuda:0, ...); default: the backend's")
-    parser.add_argument("--rebuild", action="store_true", help="rebuild even if a cached engine matches")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the calibration window sampling")
     parser.set_defaults(func=run, render=render)
     return parser
 
@@ -53,20 +32,19 @@ def register(
 def run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
     from engine_tools.pipeline import prepare_engine
 
-    if not 0.0 < args.target_dice <= 1.0:
-        raise ValueError(f"--target-dice must be in (0, 1], got {args.target_dice}")
+    check_engine_arguments(args)
     engine = prepare_engine(
         args.model,
         backend=args.backend,
         precision=args.precision,
         calibration=args.calibration,
-        calibration_method=args.method,
+        calibration_method=args.calibration_method,
         target_dice=args.target_dice,
         device=args.device,
         weights_dir=args.weights_dir,
         rebuild=args.rebuild,
         progress=progress,
-        num_windows=args.windows,
+        num_windows=args.windows,  # None: the card's default
         seed=args.seed,
         options={"guard": False} if args.no_guard else None,
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from engine_tools.commands.segment import add_engine_arguments, load_calibration, require_input
+from engine_tools.commands._options import add_engine_arguments, load_calibration, require_input
 from engine_tools.progress import Progress
 
 
@@ -41,7 +41,6 @@ def register(
     add_engine_arguments(parser, precision_default=None)
     parser.add_argument("--repeats", type=int, default=5, help="timed runs of one window (median)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs before timing")
-    parser.add_argument("--rebuild", action="store_true", help="rebuild engines even if cached")
     parser.add_argument("--output-dir", "-o", required=True, help="folder for report.json/.md and chart.png")
     parser.set_defaults(func=run, render=render)
     return parser

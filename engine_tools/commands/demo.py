@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from engine_tools import demo
+from engine_tools.commands._options import add_engine_arguments
 from engine_tools.commands.compare import parse_precisions
 from engine_tools.commands.compare import render as render_compare
 from engine_tools.progress import Progress
@@ -30,21 +31,21 @@ def register(
     )
     parser.add_argument("--input", "-i", help="scan to segment (default: the shared T1)")
     parser.add_argument(
-        "--calibration", metavar="FOLDER", help="calibration scans (default: another subject)"
-    )
-    parser.add_argument("--backend", default=demo.DEFAULT_BACKEND, help="default openvino (CPU)")
-    parser.add_argument(
         "--precisions",
         type=parse_precisions,
         default=list(demo.DEFAULT_PRECISIONS),
         help="default fp32,bf16,int8",
     )
-    parser.add_argument("--windows", type=int, default=demo.DEFAULT_CALIBRATION_WINDOWS, metavar="N")
-    parser.add_argument("--calibration-method", default="minmax")
-    parser.add_argument("--target-dice", type=float, default=0.97)
+    add_engine_arguments(parser, precision_default=None)
     parser.add_argument("--repeats", type=int, default=demo.DEFAULT_REPEATS)
     parser.add_argument("--warmup", type=int, default=demo.DEFAULT_WARMUP)
-    parser.set_defaults(func=run, render=render_compare, reference=None, rebuild=False)
+    parser.set_defaults(
+        func=run,
+        render=render_compare,
+        reference=None,
+        backend=demo.DEFAULT_BACKEND,
+        windows=demo.DEFAULT_CALIBRATION_WINDOWS,
+    )
     return parser
 
 

@@ -7,60 +7,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from engine_tools.commands._options import add_engine_arguments, load_calibration, require_input
 from engine_tools.progress import Progress
-
-
-def add_engine_arguments(parser: argparse.ArgumentParser, precision_default: str | None = "int8") -> None:
-    """Options shared by ``segment`` and ``compare``: backend, calibration folder and size."""
-    parser.add_argument(
-        "--backend",
-        default="auto",
-        help="auto (TensorRT on an NVIDIA GPU, else OpenVINO), openvino, onnxruntime, tensorrt or torch",
-    )
-    if precision_default is not None:
-        parser.add_argument(
-            "--precision", default=precision_default, choices=("fp32", "bf16", "fp16", "int8")
-        )
-    parser.add_argument(
-        "--calibration",
-        metavar="FOLDER",
-        help="folder (searched recursively) of unlabeled scans for INT8 calibration",
-    )
-    parser.add_argument(
-        "--windows", type=int, default=32, metavar="N", help="calibration windows to sample (default 32)"
-    )
-    parser.add_argument(
-        "--calibration-method", default="minmax", help="minmax or a percentile/histogram method"
-    )
-    parser.add_argument(
-        "--target-dice",
-        type=float,
-        default=0.97,
-        help="INT8 accuracy guard: minimum mean agreement Dice with FP32 on held-out windows",
-    )
-
-
-def load_calibration(args: argparse.Namespace, card: Any, progress: Progress) -> Any:
-    """The :class:`CalibrationSet` from ``--calibration`` (``None`` when not given)."""
-    if not args.calibration:
-        return None
-    from engine_tools.calibration import collect_windows
-
-    folder = Path(args.calibration)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"--calibration {folder}: not a folder of scans")
-    with progress.span(0.0, 0.2):
-        calibration = collect_windows(folder, card, num_windows=args.windows, progress=progress)
-    for warning in getattr(calibration, "warnings", []):
-        progress.warning(str(warning))
-    return calibration
-
-
-def require_input(path: str, option: str = "--input") -> Path:
-    resolved = Path(path)
-    if not resolved.exists():
-        raise FileNotFoundError(f"{option} {resolved}: no such file or folder")
-    return resolved
 
 
 def register(
@@ -113,6 +61,7 @@ def run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
             calibration_method=args.calibration_method,
             target_dice=args.target_dice,
             weights_dir=args.weights_dir,
+            rebuild=args.rebuild,
             progress=progress,
         )
     prepared = time.perf_counter()
