@@ -1,23 +1,11 @@
-"""Shared pytest fixtures: paths to the real data and weights in ``../shared`` and an isolated cache."""
+"""Shared pytest fixtures: the real data in ``../shared`` and an isolated cache per test."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parent.parent
-SHARED = Path(os.environ.get("MEDQUANT_SHARED", REPO.parent / "shared"))
-ARTIFACTS = REPO / "Testing" / "artifacts"
-
-
-def shared_path(*parts: str) -> Path:
-    """A file under ``../shared``; the test is skipped (with the reason) when it is absent."""
-    path = SHARED.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"shared data {path} not present (see ../shared/README.md)")
-    return path
+from shared_data import ARTIFACTS, SHARED
 
 
 @pytest.fixture

@@ -17,11 +17,13 @@ the built TensorRT engine.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import re
 import shutil
 import tempfile
 from collections import Counter
 from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -180,7 +182,6 @@ def quantize_qdq(
     require_modelopt()
     import modelopt
     import onnx
-    from modelopt.onnx.quantization import quantize
 
     excluded = expand_patterns(onnx_path, keep_higher_precision)
     input_name = onnx_input_name(onnx_path)
@@ -189,18 +190,24 @@ def quantize_qdq(
         work = Path(tmp) / "model.onnx"
         shutil.copyfile(onnx_path, work)  # ModelOpt rewrites (and writes beside) its input
         result = Path(tmp) / "model.qdq.onnx"
-        quantize(
-            str(work),
-            quantize_mode="int8",
-            calibration_data={input_name: windows},
-            calibration_method=calibration_method,
-            calibration_eps=list(calibration_eps),
-            nodes_to_exclude=excluded or None,
-            op_types_to_exclude=list(op_types_to_exclude) or None,
-            high_precision_dtype=high_precision_dtype,
-            output_path=str(result),
-            log_level=logging.getLevelName(logging.WARNING),
-        )
+        windows_file = Path(tmp) / "calibration.npy"
+        np.save(windows_file, windows)
+        arguments = {
+            "onnx_path": str(work),
+            "quantize_mode": "int8",
+            "calibration_method": calibration_method,
+            "calibration_eps": list(calibration_eps),
+            "nodes_to_exclude": excluded or None,
+            "op_types_to_exclude": list(op_types_to_exclude) or None,
+            "high_precision_dtype": high_precision_dtype,
+            "output_path": str(result),
+            "log_level": logging.getLevelName(logging.WARNING),
+        }
+        # ModelOpt monkey-patches onnxruntime.quantization while it calibrates; a spawned child keeps
+        # that out of this process (ONNX Runtime's own INT8 engine must keep working afterwards).
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+            pool.submit(_modelopt_quantize, arguments, input_name, str(windows_file)).result()
         if not result.is_file():
             raise RuntimeError(f"ModelOpt wrote no quantized model for {onnx_path}")
         model = onnx.load(str(result))
@@ -227,6 +234,14 @@ def quantize_qdq(
         modelopt_version=str(modelopt.__version__),
         notes=notes,
     )
+
+
+def _modelopt_quantize(arguments: dict[str, Any], input_name: str, windows_file: str) -> None:
+    """Child-process body of :func:`quantize_qdq` (ModelOpt's calibration, isolated)."""
+    from modelopt.onnx.quantization import quantize
+
+    onnx_path = arguments.pop("onnx_path")
+    quantize(onnx_path, calibration_data={input_name: np.load(windows_file)}, **arguments)
 
 
 def convert_fp16_onnx(onnx_path: str | Path, output_path: str | Path, keep_io_types: bool = True) -> Path:

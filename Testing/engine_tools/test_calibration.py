@@ -8,8 +8,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import shared_path
 from phantoms import OBLIQUE, RAS, make_phantom
+from shared_data import shared_path
 
 from engine_tools.cache import cache_dir, partial_artifacts
 from engine_tools.calibration import CalibrationError, collect_windows, find_scans

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import shared_path
+from shared_data import shared_path
 from test_cli import run_cli
 
 from engine_tools.registry import get_card

@@ -7,12 +7,12 @@ held-out windows are crops of the real T1 in ``../shared`` after the card's own 
 
 from __future__ import annotations
 
-import socket
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import shared_path
+from shared_data import shared_path
 
 from engine_tools.cache import sha256_file
 from engine_tools.modelopt_qdq import (
@@ -105,10 +105,24 @@ def test_keep_higher_precision_and_no_network(meshnet: dict, monkeypatch: pytest
     kept = convs[len(convs) // 2]
     assert expand_patterns(meshnet["onnx"], [f"^{kept}$"]) == [kept]
 
-    def refuse(*args: object, **kwargs: object) -> None:
-        raise AssertionError(f"ModelOpt tried to open a network connection: {args}")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)  # calibration must not phone home
+    # ModelOpt calibrates in a spawned child: block sockets there through sitecustomize, and log
+    # both that the block was installed and any connection attempt.
+    site = meshnet["folder"] / "no-network-site"
+    site.mkdir(exist_ok=True)
+    log = site / "attempts.log"
+    log.unlink(missing_ok=True)
+    (site / "sitecustomize.py").write_text(
+        "import socket\n"
+        f"LOG = {str(log)!r}\n"
+        "open(LOG, 'a').write('installed\\n')\n"
+        "def _refuse(*args, **kwargs):\n"
+        "    open(LOG, 'a').write('attempt %r\\n' % (args[1:],))\n"
+        "    raise OSError('network blocked by test')\n"
+        "socket.socket.connect = _refuse\n"
+        "socket.socket.connect_ex = _refuse\n"
+        "socket.getaddrinfo = _refuse\n"
+    )
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])))
     result = quantize_qdq(
         meshnet["onnx"],
         meshnet["calibration"][:4],
@@ -118,6 +132,9 @@ def test_keep_higher_precision_and_no_network(meshnet: dict, monkeypatch: pytest
     )
     assert kept in result.excluded_nodes and kept not in result.quantized_nodes
     assert result.quantized_nodes
+    lines = log.read_text().splitlines()
+    assert "installed" in lines, "the calibration child did not run under the socket block"
+    assert not [line for line in lines if line.startswith("attempt")], lines
 
 
 def test_fp16_onnx_for_strongly_typed_fp16_engine(meshnet: dict) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import shared_path
+from shared_data import shared_path
 
 from engine_tools.cache import partial_artifacts
 from engine_tools.networks import NetworkError, build_network, export_onnx, torch_factory, validate_onnx

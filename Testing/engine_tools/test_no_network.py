@@ -16,7 +16,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import REPO, shared_path
+from shared_data import REPO, shared_path
 
 pytest.importorskip("openvino", reason="OpenVINO not installed")
 pytest.importorskip("nncf", reason="NNCF not installed")

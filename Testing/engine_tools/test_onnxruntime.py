@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import shared_path
 from engine_helpers import foreground_windows, small_card
+from shared_data import shared_path
 
 pytest.importorskip("onnxruntime", reason="ONNX Runtime not installed (pip install onnxruntime)")
 

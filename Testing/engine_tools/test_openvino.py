@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import shared_path
 from engine_helpers import foreground_windows, small_card
+from shared_data import shared_path
 
 pytest.importorskip("openvino", reason="OpenVINO not installed (pip install openvino nncf)")
 pytest.importorskip("nncf", reason="NNCF not installed (pip install nncf)")

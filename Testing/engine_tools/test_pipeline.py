@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import shared_path
 from engine_helpers import small_card
+from shared_data import shared_path
 
 pytest.importorskip("openvino", reason="OpenVINO not installed (pip install openvino nncf)")
 

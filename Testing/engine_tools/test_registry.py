@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import shared_path
+from shared_data import shared_path
 
 from engine_tools.cli import main
 from engine_tools.networks import NetworkError, build_network, export_onnx, validate_onnx

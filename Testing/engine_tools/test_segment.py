@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import shared_path
 from phantoms import LPS, OBLIQUE, RAS, dice, make_phantom, world_centroid
+from shared_data import shared_path
 
 from engine_tools.cache import partial_artifacts
 from engine_tools.engines import BuildRequest

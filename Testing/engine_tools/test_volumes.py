@@ -10,8 +10,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import shared_path
 from phantoms import LIA, LPS, OBLIQUE, RAS, dice, make_phantom, world_centroid
+from shared_data import shared_path
 
 from engine_tools.cache import partial_artifacts
 from engine_tools.volumes import (

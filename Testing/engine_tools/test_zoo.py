@@ -132,7 +132,7 @@ def _crop_center(image, fraction: tuple[float, float, float]):
 
 @pytest.fixture(scope="module")
 def ct_image():
-    from conftest import shared_path
+    from shared_data import shared_path
 
     from engine_tools.volumes import read_image
 
@@ -141,7 +141,7 @@ def ct_image():
 
 @pytest.fixture(scope="module")
 def mri_image():
-    from conftest import shared_path
+    from shared_data import shared_path
 
     from engine_tools.volumes import read_image
 

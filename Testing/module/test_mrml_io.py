@@ -10,9 +10,9 @@ import json
 
 import numpy as np
 import pytest
-from conftest import oblique_volume, ras_of_voxels
 from MedQuantSlicerLib import mrml_io, parameters
 from MedQuantSlicerLib.results import ResultRow, rows_from_compare
+from mrml_helpers import oblique_volume, ras_of_voxels
 
 sitk = pytest.importorskip("SimpleITK")
 

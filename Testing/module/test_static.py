@@ -7,7 +7,7 @@ import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from conftest import MODULE_DIR, REPO
+from mrml_helpers import MODULE_DIR, REPO
 
 UI_FILE = REPO / "Resources" / "UI" / "MedQuantSlicer.ui"
 CODE = [MODULE_DIR / "MedQuantSlicer.py", *sorted((MODULE_DIR / "MedQuantSlicerLib").glob("*.py"))]

@@ -14,11 +14,11 @@ import pytest
 pytest.importorskip("PySide6", reason="PySide6 is needed for the offscreen widget test")
 pytest.importorskip("slicer", reason="slicer-core is needed for the MRML scene")
 
-from conftest import oblique_volume  # noqa: E402
 from MedQuantSlicerLib import parameters, paths  # noqa: E402
 from MedQuantSlicerLib.controller import CANCEL_TEXT, State  # noqa: E402
 from MedQuantSlicerLib.logic import MedQuantLogic  # noqa: E402
 from MedQuantSlicerLib.panel import Panel  # noqa: E402
+from mrml_helpers import oblique_volume  # noqa: E402
 from pyside_host import PySideHost, load_panel_ui, spin  # noqa: E402
 
 MODEL = os.environ.get("MEDQUANT_WIDGET_TEST_MODEL", "brainchop-model5_gw_ae")

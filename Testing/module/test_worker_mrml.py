@@ -102,7 +102,7 @@ def test_oblique_volume_segmentation_lands_in_world_space(scene, shared, tmp_pat
 
 
 def test_cancel_mid_build_leaves_scene_and_cache_clean(scene, shared, isolated_cache):
-    from conftest import REPO
+    from mrml_helpers import REPO
 
     from engine_tools.cache import partial_artifacts
 
