@@ -221,6 +221,8 @@ class MedQuantLogic:
             input_path = self.export_input(input_node, workdir)
             command = self.segment_command(model, input_path, workdir / "labels.nrrd", options)
             result = self.run_worker(command, timeout, on_progress)
+            # the worker's files live in workdir, which goes away: keep the label table itself
+            result["label_table"] = mrml_io.read_label_table(result["label_table"])
             node = self.import_segmentation(result, input_node, model, options.precision, replace_previous)
             return node, result
         finally:
