@@ -85,8 +85,11 @@ def test_oblique_volume_segmentation_lands_in_world_space(scene, shared, tmp_pat
     worker.start()
     outcome = worker.wait(900)
     assert outcome.succeeded, outcome.message()
+    # the node's own voxel grid: MRML stores a left-handed file grid with its k axis reversed (same
+    # world positions, other voxel order), so compare on the grid the node reports, not the file's
+    node_grid = sitk.ReadImage(str(mrml_io.export_volume(volume, tmp_path / "node_grid.nrrd")))
     reference = sitk.Resample(
-        sitk.ReadImage(str(reference_out)), oblique, sitk.Transform(), sitk.sitkNearestNeighbor, 0
+        sitk.ReadImage(str(reference_out)), node_grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0
     )
     reference_array = sitk.GetArrayFromImage(reference)
     dices = {}
