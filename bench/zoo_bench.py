@@ -84,30 +84,14 @@ def standard_notes(machine_info: dict[str, Any]) -> list[str]:
 
 def calibration_windows(card: Any, count: int) -> np.ndarray:
     """``count`` windows from the real scan matching the card's modality, after the card's preprocessing."""
+    from engine_tools.calibration import evenly_spaced_windows
     from engine_tools.volumes import preprocess, read_image
 
     path = SHARED / (
         "data/mri/mni152_2009_t1.nii.gz" if card.modality == "MR" else "data/ct/example_ct.nii.gz"
     )
     array = preprocess(read_image(path), card).array
-    window = card.window_size
-    array = np.pad(
-        array, [(0, 0)] + [(0, max(0, w - s)) for s, w in zip(array.shape[1:], window, strict=True)]
-    )
-    out = []
-    for index in range(count):
-        start = [
-            int((s - w) * (index + 1) / (count + 1)) for s, w in zip(array.shape[1:], window, strict=True)
-        ]
-        out.append(
-            array[
-                :,
-                start[0] : start[0] + window[0],
-                start[1] : start[1] + window[1],
-                start[2] : start[2] + window[2],
-            ]
-        )
-    return np.stack(out).astype(np.float32)
+    return evenly_spaced_windows(array, card.window_size, count)
 
 
 def bench_model(model_id: str, repeats: int, calibration: int, workdir: Path) -> dict[str, Any]:

@@ -528,3 +528,19 @@ def _load_cached(path: Path, fingerprint: str) -> CalibrationSet | None:
         skipped=list(meta["skipped"]),
         from_cache=True,
     )
+
+
+def evenly_spaced_windows(array: np.ndarray, window: tuple[int, int, int], count: int) -> np.ndarray:
+    """``count`` windows of ``window`` placed evenly along the diagonal of a preprocessed ``C, D, H, W``
+    volume (zero-padded where it is smaller than a window): deterministic windows for tests and benchmarks."""
+    padded = np.pad(
+        array, [(0, 0)] + [(0, max(0, w - s)) for s, w in zip(array.shape[1:], window, strict=True)]
+    )
+    windows = []
+    for index in range(count):
+        start = [
+            int((s - w) * (index + 1) / (count + 1)) for s, w in zip(padded.shape[1:], window, strict=True)
+        ]
+        region = tuple(slice(b, b + w) for b, w in zip(start, window, strict=True))
+        windows.append(padded[(slice(None), *region)])
+    return np.stack(windows).astype(np.float32)

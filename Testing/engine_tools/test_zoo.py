@@ -150,23 +150,9 @@ def mri_image():
 
 def _calibration_windows(array: np.ndarray, window: tuple[int, int, int], count: int = 2) -> np.ndarray:
     """``count`` real windows from a preprocessed volume (zero-padded when the volume is smaller)."""
-    padded = np.pad(
-        array, [(0, 0)] + [(0, max(0, w - s)) for s, w in zip(array.shape[1:], window, strict=True)]
-    )
-    windows = []
-    for index in range(count):
-        start = [
-            int((s - w) * (index + 1) / (count + 1)) for s, w in zip(padded.shape[1:], window, strict=True)
-        ]
-        windows.append(
-            padded[
-                :,
-                start[0] : start[0] + window[0],
-                start[1] : start[1] + window[1],
-                start[2] : start[2] + window[2],
-            ]
-        )
-    return np.stack(windows).astype(np.float32)
+    from engine_tools.calibration import evenly_spaced_windows
+
+    return evenly_spaced_windows(array, window, count)
 
 
 @pytest.mark.parametrize("model_id", ZOO)
