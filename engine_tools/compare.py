@@ -261,6 +261,7 @@ def compare_precisions(
     rebuild: bool = False,
     input_path: str | None = None,
     skip_unsupported: bool = True,
+    random_weights: bool = False,
 ) -> dict[str, Any]:
     """Segment ``image`` with every precision on one backend and compare them.
 
@@ -322,6 +323,7 @@ def compare_precisions(
                         weights_dir=weights_dir,
                         rebuild=rebuild,
                         progress=progress,
+                        random_weights=random_weights,
                     )
                 row["prepare_seconds"] = round(time.perf_counter() - t0, 2)
             except Exception as exc:  # a precision this backend/CPU cannot do is a result, not a crash

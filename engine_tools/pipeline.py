@@ -106,6 +106,7 @@ def prepare_engine(
     rebuild: bool = False,
     progress: Progress | None = None,
     *,
+    random_weights: bool = False,
     num_windows: int | None = None,
     seed: int = 0,
     options: dict[str, Any] | None = None,
@@ -116,7 +117,8 @@ def prepare_engine(
     :class:`engine_tools.calibration.CalibrationSet` or an ``N, C, D, H, W`` array; a quarter of the
     windows (at most 8) is held out for the accuracy guard. ``options`` go to the backend
     (``preset``, ``fast_bias_correction``, ``guard``, ...). ``engine.describe()["cache"]`` is ``"hit"``
-    or ``"built"``.
+    or ``"built"``. ``random_weights`` builds the architecture without its published weights (speed and
+    size checks only; the engine's output is not a segmentation).
     """
     from engine_tools import networks
 
@@ -138,9 +140,13 @@ def prepare_engine(
         progress.update("export", 0.0, f"exporting {card.id} to ONNX")
         factory = None
         if backend.startswith("torch"):
-            factory = networks.torch_factory(card, weights_dir)
+            factory = networks.torch_factory(card, weights_dir, random_weights=random_weights)
         onnx_path = (
-            None if backend == "torch" else Path(networks.export_onnx(card, weights_dir, progress=progress))
+            None
+            if backend == "torch"
+            else Path(
+                networks.export_onnx(card, weights_dir, random_weights=random_weights, progress=progress)
+            )
         )
         progress.update("export", 1.0, "network ready")
 

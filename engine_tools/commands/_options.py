@@ -48,6 +48,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser, precision_default: str
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the calibration window sampling")
     parser.add_argument("--rebuild", action="store_true", help="rebuild even if a cached engine matches")
+    parser.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="build the architecture WITHOUT its published weights (random, seeded): for size/speed checks "
+        "when the weights cannot be downloaded; the labels are not a segmentation",
+    )
 
 
 def check_engine_arguments(args: argparse.Namespace) -> None:
@@ -65,6 +71,7 @@ def calibration_windows(args: argparse.Namespace, card: Any) -> int:
 def load_calibration(args: argparse.Namespace, card: Any, progress: Progress) -> Any:
     """The :class:`CalibrationSet` from ``--calibration`` (``None`` when not given)."""
     check_engine_arguments(args)
+    warn_random_weights(args, progress)
     if not args.calibration:
         return None
     from engine_tools.calibration import collect_windows
@@ -86,3 +93,10 @@ def require_input(path: str, option: str = "--input") -> Path:
     if not resolved.exists():
         raise FileNotFoundError(f"{option} {resolved}: no such file or folder")
     return resolved
+
+
+def warn_random_weights(args: argparse.Namespace, progress: Progress) -> None:
+    if getattr(args, "random_weights", False):
+        progress.warning(
+            "--random-weights: the network has random weights; sizes and latencies are real, the labels are not"
+        )

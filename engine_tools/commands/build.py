@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from engine_tools.commands._options import add_engine_arguments, check_engine_arguments
+from engine_tools.commands._options import add_engine_arguments, check_engine_arguments, warn_random_weights
 from engine_tools.progress import Progress
 
 
@@ -33,6 +33,7 @@ def run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
     from engine_tools.pipeline import prepare_engine
 
     check_engine_arguments(args)
+    warn_random_weights(args, progress)
     engine = prepare_engine(
         args.model,
         backend=args.backend,
@@ -46,6 +47,7 @@ def run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
         progress=progress,
         num_windows=args.windows,  # None: the card's default
         seed=args.seed,
+        random_weights=args.random_weights,
         options={"guard": False} if args.no_guard else None,
     )
     return {"model": args.model, "engine": engine.describe(), "build_report": engine.build_report}

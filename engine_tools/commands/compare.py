@@ -74,6 +74,7 @@ def compare_from_args(args: argparse.Namespace, progress: Progress, card: Any = 
             repeats=args.repeats,
             rebuild=getattr(args, "rebuild", False),
             input_path=str(input_path),
+            random_weights=args.random_weights,
         )
     paths = write_report(report, args.output_dir)
     report["files"] = {kind: str(path) for kind, path in paths.items()}

@@ -62,6 +62,7 @@ def run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
             target_dice=args.target_dice,
             weights_dir=args.weights_dir,
             rebuild=args.rebuild,
+            random_weights=args.random_weights,
             progress=progress,
         )
     prepared = time.perf_counter()
