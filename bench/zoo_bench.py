@@ -249,13 +249,22 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:  # report and go on with the next model
                 report["models"].append({"model": model_id, "error": f"{type(exc).__name__}: {exc}"})
                 print(f"  {model_id} failed: {exc}", flush=True)
-        tmp_out = args.output.with_suffix(".tmp")
-        tmp_out.write_text(json.dumps(report, indent=1))
-        tmp_out.replace(args.output)
-        md = args.output.with_suffix(".md")
-        md.with_suffix(".tmp").write_text(markdown(report))
-        md.with_suffix(".tmp").replace(md)
+        write_results(report, existing, args.output)
     return 0
+
+
+def write_results(report: dict[str, Any], earlier: dict[str, dict[str, Any]], output: Path) -> None:
+    """Write JSON + markdown atomically, keeping earlier results of models this run did not measure."""
+    measured = {r["model"]: r for r in report["models"]}
+    merged = {**earlier, **measured}
+    order = [*ZOO, *(m for m in merged if m not in ZOO)]
+    report = {**report, "models": [merged[m] for m in order if m in merged]}
+    tmp_out = output.with_suffix(".tmp")
+    tmp_out.write_text(json.dumps(report, indent=1))
+    tmp_out.replace(output)
+    md = output.with_suffix(".md")
+    md.with_suffix(".tmp").write_text(markdown(report))
+    md.with_suffix(".tmp").replace(md)
 
 
 if __name__ == "__main__":
