@@ -30,16 +30,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 SHARED = Path(os.environ.get("MEDQUANT_SHARED", REPO.parent / "shared"))
 RESULTS = REPO / "bench" / "results"
-ZOO = [
-    "unet-btcv",
-    "transunet-btcv",
-    "swinunetr-btcv",
-    "segresnet-wholebody",
-    "unest-wholebrain",
-    "vista3d",
-    "nnunet-totalseg",
-    "stunet-totalseg",
-]
+
+from engine_tools.networks.zoo import SEED_MODELS  # noqa: E402  (after the path setup)
+
+ZOO = list(SEED_MODELS)
 MIB = 1024 * 1024
 
 

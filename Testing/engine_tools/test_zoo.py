@@ -16,20 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-from engine_tools.networks.zoo import CheckpointError, load_checkpoint
+from engine_tools.networks.zoo import SEED_MODELS, CheckpointError, load_checkpoint
 from engine_tools.networks.zoo.build import build_zoo_network, export_module_onnx, reduced_card
 from engine_tools.registry import load_cards
 
-ZOO = [
-    "unet-btcv",
-    "transunet-btcv",
-    "swinunetr-btcv",
-    "segresnet-wholebody",
-    "unest-wholebrain",
-    "vista3d",
-    "nnunet-totalseg",
-    "stunet-totalseg",
-]
+ZOO = list(SEED_MODELS)
 EXPECTED_LABELS = {
     "unet-btcv": 14,
     "transunet-btcv": 14,
