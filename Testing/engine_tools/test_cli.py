@@ -97,3 +97,37 @@ def test_demo_without_the_shared_data_names_what_is_missing(tmp_path, monkeypatc
     assert str(tmp_path / "empty" / "data" / "mri" / "t1_crop.nii.gz") in events[-1]["message"]
     assert "MEDQUANT_SHARED" in events[-1]["message"]
     assert not (tmp_path / "out").exists()
+
+
+def test_build_with_random_weights_runs_a_seed_network_without_its_weights(tmp_path):
+    """The published U-Net weights are unreachable here: ``--random-weights`` still builds the real
+    full-size architecture (and says so), while a plain build names the missing download."""
+    code, events = run_cli(
+        "build",
+        "unet-btcv",
+        "--backend",
+        "openvino",
+        "--precision",
+        "fp32",
+        "--random-weights",
+        cache=tmp_path,
+    )
+    assert code == 0, events[-1]
+    assert any(e["event"] == "log" and "--random-weights" in e["message"] for e in events)
+    engine = events[-1]["data"]["engine"]
+    assert engine["backend"] == "openvino" and engine["precision"] == "fp32"
+    # 5.65M float32 parameters: the published U-Net's size (paper: 23.11 MB FP32 engine)
+    assert 20e6 < engine["bytes_on_disk"] < 25e6, engine["bytes_on_disk"]
+
+    code, events = run_cli(
+        "build",
+        "unet-btcv",
+        "--backend",
+        "openvino",
+        "--precision",
+        "fp32",
+        "--weights-dir",
+        str(tmp_path),
+        cache=tmp_path,
+    )
+    assert code == 1 and events[-1]["event"] == "error" and "--weights-dir" in events[-1]["message"]
