@@ -94,6 +94,7 @@ def bench_model(model_id: str, repeats: int, calibration: int, workdir: Path) ->
     from engine_tools.engines.base import BuildRequest
     from engine_tools.engines.openvino_engine import OpenVINOEngine
     from engine_tools.networks.zoo.build import build_zoo_network, export_module_onnx
+    from engine_tools.pipeline import card_build_options
     from engine_tools.registry import get_card
 
     card = get_card(model_id)
@@ -119,11 +120,9 @@ def bench_model(model_id: str, repeats: int, calibration: int, workdir: Path) ->
         card.num_classes,
         calibration=windows,
         validation=windows[:1],
-        options={
-            "guard": False,  # random weights: an accuracy guard would measure noise
-            "model_type": card.quantization.get("model_type"),
-            "keep_higher_precision_patterns": card.quantization.get("keep_higher_precision", []),
-        },
+        options=card_build_options(
+            card, {"guard": False}
+        ),  # random weights: an accuracy guard would measure noise
     )
     window = windows[:1]
     for precision in ("fp32", "bf16", "int8"):

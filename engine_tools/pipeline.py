@@ -94,6 +94,19 @@ def cached_engines() -> list[dict[str, Any]]:
     return found
 
 
+def card_build_options(card: ModelCard, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Backend build options: the card's ``quantization`` recipe (options, layers kept in higher
+    precision, model type), overridden by ``options``."""
+    build_options = {**dict(card.quantization.get("options", {})), **(options or {})}
+    if card.quantization.get("keep_higher_precision"):
+        build_options.setdefault(
+            "keep_higher_precision_patterns", list(card.quantization["keep_higher_precision"])
+        )
+    if card.quantization.get("model_type"):
+        build_options.setdefault("model_type", card.quantization["model_type"])
+    return build_options
+
+
 def prepare_engine(
     card: ModelCard | str,
     backend: str = "auto",
@@ -160,18 +173,9 @@ def prepare_engine(
             )
             progress.update("calibrate", 1.0, f"{len(cal_windows)} calibration windows")
 
-    build_options = {
-        **dict(card.quantization.get("options", {})),
-        **(options or {}),
-        "calibration_method": calibration_method,
-        "target_dice": float(target_dice),
-    }
-    if card.quantization.get("keep_higher_precision"):
-        build_options.setdefault(
-            "keep_higher_precision_patterns", list(card.quantization["keep_higher_precision"])
-        )
-    if card.quantization.get("model_type"):
-        build_options.setdefault("model_type", card.quantization["model_type"])
+    build_options = card_build_options(
+        card, {**(options or {}), "calibration_method": calibration_method, "target_dice": float(target_dice)}
+    )
 
     key_parts: dict[str, Any] = {
         "pipeline": PIPELINE_VERSION,

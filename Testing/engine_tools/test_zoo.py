@@ -159,6 +159,7 @@ def test_reduced_model_export_int8_segment_compare(
     from engine_tools.accuracy import agreement_dice, sqnr_db
     from engine_tools.engines.base import BuildRequest
     from engine_tools.engines.openvino_engine import OpenVINOEngine
+    from engine_tools.pipeline import card_build_options
     from engine_tools.segment import segment_image
     from engine_tools.volumes import preprocess
 
@@ -176,11 +177,9 @@ def test_reduced_model_export_int8_segment_compare(
         card.num_classes,
         calibration=windows,
         validation=windows[:1],
-        options={
-            "guard": False,  # the accuracy guard is meaningless on random weights
-            "model_type": card.quantization.get("model_type"),
-            "keep_higher_precision_patterns": card.quantization.get("keep_higher_precision", []),
-        },
+        options=card_build_options(
+            card, {"guard": False}
+        ),  # the accuracy guard is meaningless on random weights
     )
     engines = {}
     for precision in ("fp32", "int8"):
