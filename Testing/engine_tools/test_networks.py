@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from shared_data import shared_path
+from shared_data import installed_weights_cache, require_installed, shared_path
 
 from engine_tools.cache import partial_artifacts
 from engine_tools.networks import NetworkError, build_network, export_onnx, torch_factory, validate_onnx
 from engine_tools.networks.tfjs import TfjsFormatError, build_tfjs_module, describe_tfjs, read_weights
 from engine_tools.registry import ModelCard, get_card, load_cards
+from engine_tools.weights import WeightsError, ensure_weights
 
 BRAINCHOP_MODELS = ("model5_gw_ae", "model11_gw_ae", "model18cls", "model21_104class", "mindgrab")
 
@@ -227,24 +227,18 @@ def test_tfjs_errors_name_the_problem(brainchop: Path, tmp_path: Path) -> None:
         build_tfjs_module(folder / "model.json")
 
 
-def _deepbet_wheel() -> Path | None:
-    """The deepbet wheel if a local mirror holds it (see Resources/ModelCards/deepbet-brain.json)."""
-    for folder in [
-        os.environ.get("MEDQUANT_DEEPBET_WHEEL_DIR", ""),
-        *os.environ.get("MEDQUANT_WEIGHTS_DIR", "").split(os.pathsep),
-    ]:
-        if folder and (Path(folder) / "deepbet-1.0.2-py3-none-any.whl").is_file():
-            return Path(folder)
-    return None
+def _installed_deepbet(monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The deepbet weights that the install step fetched (`medquant fetch deepbet-brain`), checksummed."""
+    monkeypatch.setenv("MEDQUANT_CACHE_DIR", str(installed_weights_cache()))
+    try:
+        return ensure_weights(get_card("deepbet-brain"), allow_download=False)["model.pt"]
+    except WeightsError as exc:
+        require_installed("deepbet weights", f"run `bash .ci/install.sh` or `medquant fetch deepbet-brain` ({exc})")
+        raise
 
 
-def test_deepbet_torchscript_from_local_wheel(tmp_path: Path) -> None:
-    mirror = _deepbet_wheel()
-    if mirror is None:
-        pytest.skip(
-            "deepbet wheel not mirrored: `pip download --no-deps deepbet==1.0.2 -d DIR` and set "
-            "MEDQUANT_DEEPBET_WHEEL_DIR=DIR (or MEDQUANT_WEIGHTS_DIR)"
-        )
+def test_deepbet_torchscript_from_installed_wheel(monkeypatch: pytest.MonkeyPatch) -> None:
+    mirror = _installed_deepbet(monkeypatch).parent
     card = _with_window(get_card("deepbet-brain"), 64)
     module = build_network(card, weights_dir=mirror)
     with torch.no_grad():
