@@ -15,7 +15,7 @@ import pytest
 from shared_data import shared_path
 
 from engine_tools.cache import sha256_file
-from engine_tools.modelopt_qdq import (
+from engine_tools.engines.tensorrt.modelopt_qdq import (
     convert_fp16_onnx,
     expand_patterns,
     modelopt_availability,

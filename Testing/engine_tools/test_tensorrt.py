@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine_tools.engine_meta import (
+from engine_tools.engines.tensorrt import TensorRTEngine
+from engine_tools.engines.tensorrt.meta import (
     META_FILE,
     EngineMeta,
     EngineMismatch,
@@ -21,7 +22,6 @@ from engine_tools.engine_meta import (
     summarize_layers,
     version_features,
 )
-from engine_tools.engines.tensorrt_engine import TensorRTEngine
 
 DATA = Path(__file__).parent / "data" / "tensorrt"
 H100_TRT10 = {

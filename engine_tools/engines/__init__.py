@@ -12,7 +12,7 @@ BACKENDS: dict[str, str] = {
     "torch": "engine_tools.engines.torch_engine:TorchEngine",
     "openvino": "engine_tools.engines.openvino_engine:OpenVINOEngine",
     "onnxruntime": "engine_tools.engines.onnxruntime_engine:OnnxRuntimeEngine",
-    "tensorrt": "engine_tools.engines.tensorrt_engine:TensorRTEngine",
+    "tensorrt": "engine_tools.engines.tensorrt:TensorRTEngine",
     "torch-compiled": "engine_tools.engines.torch_compiled_engine:TorchCompiledEngine",
 }
 

@@ -1,19 +1,19 @@
 """TensorRT engine (NVIDIA GPUs): strongly-typed networks from FP32, FP16 or calibrated Q/DQ ONNX.
 
-Targets TensorRT 10.x and 11.x (:func:`engine_tools.engine_meta.version_features`). Precision never comes
+Targets TensorRT 10.x and 11.x (:func:`engine_tools.engines.tensorrt.meta.version_features`). Precision never comes
 from builder flags (TensorRT 10 deprecated, 11 removed ``BuilderFlag.FP16/INT8`` and implicit INT8
 calibrators); it comes from the ONNX types of a strongly-typed network:
 
 * ``fp32``: the FP32 export as is;
-* ``fp16``: an FP16 copy made by ModelOpt AutoCast (:func:`engine_tools.modelopt_qdq.convert_fp16_onnx`);
+* ``fp16``: an FP16 copy made by ModelOpt AutoCast (:func:`engine_tools.engines.tensorrt.modelopt_qdq.convert_fp16_onnx`);
 * ``int8``: a Q/DQ ONNX calibrated by ModelOpt on the calibration windows
-  (:func:`engine_tools.modelopt_qdq.quantize_qdq`, FP16 for everything not quantized).
+  (:func:`engine_tools.engines.tensorrt.modelopt_qdq.quantize_qdq`, FP16 for everything not quantized).
 
 The plan is built with an optimization profile for the window batch (min 1, opt/max = batch), a
 workspace limit, a persisted timing cache (``cache_dir("tensorrt")/timing.cache``, replaced atomically),
 ``ProfilingVerbosity.DETAILED`` (for the per-layer precision report) and written atomically together
 with ``trt_meta.json`` (TensorRT version, GPU, compute capability, hashes, precision). A cached engine
-from another GPU or TensorRT version is refused before deserialization (:mod:`engine_tools.engine_meta`).
+from another GPU or TensorRT version is refused before deserialization (:mod:`engine_tools.engines.tensorrt.meta`).
 Inference binds PyTorch CUDA tensors (``set_tensor_address``) and runs ``execute_async_v3`` on a torch
 CUDA stream, optionally replayed from a captured CUDA graph.
 """
@@ -29,7 +29,8 @@ from typing import Any
 import numpy as np
 
 from engine_tools.cache import atomic_file, cache_dir, sha256_file, write_json_atomic
-from engine_tools.engine_meta import (
+from engine_tools.engines.base import BuildRequest, Engine, _progress
+from engine_tools.engines.tensorrt.meta import (
     META_FILE,
     EngineMeta,
     check_compatibility,
@@ -37,7 +38,6 @@ from engine_tools.engine_meta import (
     summarize_layers,
     version_features,
 )
-from engine_tools.engines.base import BuildRequest, Engine, _progress
 from engine_tools.progress import Progress
 
 PLAN_FILE = "model.plan"
@@ -158,7 +158,7 @@ class TensorRTEngine(Engine):
         self, request: BuildRequest, tmp: Path, report: dict[str, Any], progress: Progress
     ) -> tuple[Path, str, str | None]:
         """The ONNX whose types fix the engine's precision, plus its kind and the calibration hash."""
-        from engine_tools import modelopt_qdq
+        from engine_tools.engines.tensorrt import modelopt_qdq
 
         assert request.onnx_path is not None
         if self.precision == "fp32":
