@@ -200,19 +200,3 @@ def get_card(model: str) -> ModelCard:
             f"unknown model {model!r}; `medquant models` lists: {', '.join(sorted(cards)) or 'none'}"
         )
     return cards[model]
-
-
-def add_user_model(
-    model_file: str | Path,
-    cards_dir: str | Path | None = None,
-    overwrite: bool = False,
-    **card_fields: Any,
-) -> ModelCard:
-    """Register a user's ONNX/TorchScript file: writes a card pinning it by SHA-256 into ``cards_dir``
-    (default :func:`user_cards_dir`). ``card_fields``: ``model_id``, ``labels`` (names, dicts or a
-    count), ``title``, ``task``, ``modality``, ``preprocessing``, ``window``, ``overlap``,
-    ``num_classes``, ``licence`` (see :func:`engine_tools.networks.byo.make_user_card`)."""
-    from engine_tools.networks.byo import make_user_card, write_user_card
-
-    card = make_user_card(model_file, **card_fields)
-    return write_user_card(card, Path(cards_dir) if cards_dir else user_cards_dir(), overwrite=overwrite)

@@ -11,7 +11,8 @@ from shared_data import shared_path
 
 from engine_tools.cli import main
 from engine_tools.networks import NetworkError, build_network, export_onnx, validate_onnx
-from engine_tools.registry import CardError, add_user_model, get_card, load_cards, user_cards_dir
+from engine_tools.networks.byo import add_user_model
+from engine_tools.registry import CardError, get_card, load_cards, user_cards_dir
 from engine_tools.weights import ChecksumMismatch
 
 

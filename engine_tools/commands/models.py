@@ -123,8 +123,8 @@ def _intensity(text: str) -> dict[str, Any]:
 
 
 def run_add(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
-    from engine_tools.networks.byo import write_user_card
-    from engine_tools.registry import CardError, ModelCard, add_user_model, user_cards_dir
+    from engine_tools.networks.byo import add_user_model, write_user_card
+    from engine_tools.registry import ModelCard, user_cards_dir
 
     if bool(args.file) == bool(args.card):
         raise ValueError("give exactly one of --file MODEL_FILE or --card CARD.json")
@@ -139,21 +139,18 @@ def run_add(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
             "intensity": _intensity(args.intensity),
         }
         window = _triple(args.window, int)
-        try:
-            card = add_user_model(
-                args.file,
-                overwrite=args.overwrite,
-                model_id=args.model_id,
-                labels=args.labels,
-                num_classes=args.num_classes,
-                window=window,
-                overlap=args.overlap,
-                title=args.title,
-                modality=args.modality,
-                preprocessing=preprocessing,
-            )
-        except CardError:
-            raise
+        card = add_user_model(
+            args.file,
+            overwrite=args.overwrite,
+            model_id=args.model_id,
+            labels=args.labels,
+            num_classes=args.num_classes,
+            window=window,
+            overlap=args.overlap,
+            title=args.title,
+            modality=args.modality,
+            preprocessing=preprocessing,
+        )
     progress.log(f"added {card.id}: card written to {card.path}")
     return {"id": card.id, "card": str(card.path), "summary": card.summary()}
 

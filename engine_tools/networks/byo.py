@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from engine_tools.cache import sha256_file, write_json_atomic
-from engine_tools.registry import CardError, ModelCard
+from engine_tools.registry import CardError, ModelCard, default_card_dirs, load_cards, user_cards_dir
 
 _FORMATS = {
     ".onnx": "onnx",
@@ -155,8 +155,6 @@ def make_user_card(
 
 def write_user_card(card: dict[str, Any], cards_dir: Path, overwrite: bool = False) -> ModelCard:
     """Validate ``card`` and write it to ``cards_dir/<id>.json`` atomically (refuses to replace one)."""
-    from engine_tools.registry import default_card_dirs, load_cards
-
     destination = Path(cards_dir) / f"{card['id']}.json"
     ModelCard.from_dict(card, destination)  # schema check before anything is written
     if destination.exists() and not overwrite:
@@ -169,3 +167,17 @@ def write_user_card(card: dict[str, Any], cards_dir: Path, overwrite: bool = Fal
         raise CardError(f"model id {card['id']!r} is already used by {clash.path}; choose another --id")
     write_json_atomic(destination, card)
     return ModelCard.from_file(destination)
+
+
+def add_user_model(
+    model_file: str | Path,
+    cards_dir: str | Path | None = None,
+    overwrite: bool = False,
+    **card_fields: Any,
+) -> ModelCard:
+    """Register a user's ONNX/TorchScript file: writes a card pinning it by SHA-256 into ``cards_dir``
+    (default :func:`engine_tools.registry.user_cards_dir`). ``card_fields``: ``model_id``, ``labels``
+    (names, dicts or a count), ``title``, ``task``, ``modality``, ``preprocessing``, ``window``,
+    ``overlap``, ``num_classes``, ``licence`` (see :func:`make_user_card`)."""
+    card = make_user_card(model_file, **card_fields)
+    return write_user_card(card, Path(cards_dir) if cards_dir else user_cards_dir(), overwrite=overwrite)

@@ -1,0 +1,167 @@
+"""FP32 ONNX of a card's network: export (cached, atomic), validation and I/O renaming.
+
+Every engine starts from this file: input ``input`` ``[batch, C, D, H, W]``, output ``logits``.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine_tools.cache import atomic_file, cache_dir, sha256_file, sha256_json
+from engine_tools.networks.loaders import NetworkError, card_file, module_from_files, network_files
+from engine_tools.progress import Progress, SilentProgress
+from engine_tools.registry import ModelCard
+from engine_tools.weights import ensure_weights
+
+ONNX_OPSET = 17
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+
+
+def _weights_fingerprint(files: dict[str, Path] | None) -> dict[str, str]:
+    return {name: sha256_file(path) for name, path in sorted((files or {}).items())}
+
+
+def export_key(card: ModelCard, files: dict[str, Path] | None, random_weights: bool) -> str:
+    """Cache key of an export: network spec, window, weights content, exporter versions."""
+    return sha256_json(
+        {
+            "network": card.network,
+            "window": list(card.window_size),
+            "in_channels": card.in_channels,
+            "weights": _weights_fingerprint(files),
+            "random_weights": random_weights,
+            "torch": torch.__version__,
+            "opset": ONNX_OPSET,
+        }
+    )
+
+
+def validate_onnx(path: str | Path) -> dict[str, Any]:
+    """Check an ONNX file (``onnx.checker``, one rank-5 float input); returns its I/O names and shapes."""
+    import onnx
+
+    path = Path(path)
+    try:
+        onnx.checker.check_model(str(path))
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        raise NetworkError(f"{path}: not a valid ONNX model ({exc})") from exc
+    initializers = {init.name for init in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+
+    def dims(value: Any) -> list[int | str]:
+        return [
+            d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+            for d in value.type.tensor_type.shape.dim
+        ]
+
+    if len(inputs) != 1:
+        raise NetworkError(f"{path}: expected one input (N, C, D, H, W), found {[i.name for i in inputs]}")
+    shape = dims(inputs[0])
+    if len(shape) != 5:
+        raise NetworkError(
+            f"{path}: input {inputs[0].name!r} has rank {len(shape)} {shape}; a 3-D network needs rank 5"
+        )
+    if not model.graph.output:
+        raise NetworkError(f"{path}: the model has no output")
+    return {
+        "input": inputs[0].name,
+        "input_shape": shape,
+        "outputs": [o.name for o in model.graph.output],
+        "output_shape": dims(model.graph.output[0]),
+        "opset": max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=None),
+    }
+
+
+def _renamed_onnx(source: Path, destination: Path, info: dict[str, Any]) -> Path:
+    """Copy of ``source`` whose input/first output are named ``input``/``logits`` (atomic write)."""
+    import onnx
+
+    model = onnx.load(str(source))
+    renames = {info["input"]: INPUT_NAME, info["outputs"][0]: OUTPUT_NAME}
+    for node in model.graph.node:
+        node.input[:] = [renames.get(n, n) for n in node.input]
+        node.output[:] = [renames.get(n, n) for n in node.output]
+    for value in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
+        value.name = renames.get(value.name, value.name)
+    onnx.checker.check_model(model)
+    with atomic_file(destination) as stream:
+        stream.write(model.SerializeToString())
+    return destination
+
+
+def _fix_spatial_dims(data: bytes, window: tuple[int, int, int]) -> bytes:
+    """Set the spatial dims of input/logits to ``window`` (exported with dynamic spatial axes)."""
+    import onnx
+
+    model = onnx.load_from_string(data)
+    for value in [*model.graph.input, *model.graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        if len(dims) == 5:
+            for axis, size in zip((2, 3, 4), window, strict=True):
+                dims[axis].Clear()
+                dims[axis].dim_value = int(size)
+    del model.graph.value_info[:]
+    model = onnx.shape_inference.infer_shapes(model)
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def export_onnx(
+    card: ModelCard,
+    weights_dir: str | Path | None = None,
+    random_weights: bool = False,
+    progress: Progress | None = None,
+) -> Path:
+    """FP32 ONNX of the card's network, cached under ``<cache>/exports`` (atomic).
+
+    Input ``input`` ``[batch, C, *window]``, output ``logits`` ``[batch, K, *window]``, dynamic batch,
+    opset 17 (TorchScript exporter). Keyed by the network spec and the weights' SHA-256. BYO ONNX
+    cards: the validated user file (a renamed copy in the cache if its I/O names differ).
+    """
+    progress = progress or SilentProgress()
+    fmt = card.network.get("format")
+    if fmt == "onnx":
+        files = ensure_weights(card, weights_dir, progress=progress)
+        source = card_file(card, files)
+        info = validate_onnx(source)
+        if info["input"] == INPUT_NAME and info["outputs"][0] == OUTPUT_NAME:
+            return source
+        target = cache_dir("exports") / f"{card.id}-{export_key(card, files, False)[:16]}.onnx"
+        return target if target.is_file() else _renamed_onnx(source, target, info)
+    progress.update("export", 0.0, f"{card.id}: preparing weights")
+    files = network_files(card, weights_dir, random_weights, progress)
+    target = cache_dir("exports") / f"{card.id}-{export_key(card, files, random_weights)[:16]}.onnx"
+    if target.is_file():
+        progress.update("export", 1.0, f"{card.id}: ONNX export found in cache")
+        return target
+    module = module_from_files(card, files, random_weights)
+    window = card.window_size
+    # Pure convolution stacks (TF.js MeshNets) trace identically at any size: export with a small
+    # dummy (tracing runs one forward pass) and set the card's window afterwards.
+    small = fmt == "tfjs"
+    trace_shape = (16, 16, 16) if small else window
+    dummy = torch.zeros(1, card.in_channels, *trace_shape)
+    axes = {0: "batch", **({2: "depth", 3: "height", 4: "width"} if small else {})}
+    progress.update("export", 0.2, f"{card.id}: exporting to ONNX (opset {ONNX_OPSET})")
+    buffer = io.BytesIO()
+    with torch.no_grad():
+        torch.onnx.export(
+            module,
+            (dummy,),
+            buffer,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: axes},
+            opset_version=ONNX_OPSET,
+            dynamo=False,
+        )
+    data = _fix_spatial_dims(buffer.getvalue(), window) if small else buffer.getvalue()
+    with atomic_file(target) as stream:
+        stream.write(data)
+    progress.update("export", 1.0, f"{card.id}: exported {target.name}")
+    return target
