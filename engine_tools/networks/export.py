@@ -15,7 +15,7 @@ from engine_tools.cache import atomic_file, cache_dir, sha256_file, sha256_json
 from engine_tools.networks.loaders import NetworkError, card_file, module_from_files, network_files
 from engine_tools.progress import Progress, SilentProgress
 from engine_tools.registry import ModelCard
-from engine_tools.weights import ensure_weights
+from engine_tools.weights import WeightsUnavailable, ensure_weights
 
 ONNX_OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
@@ -94,6 +94,69 @@ def _renamed_onnx(source: Path, destination: Path, info: dict[str, Any]) -> Path
     return destination
 
 
+def _published_onnx(card: ModelCard, source: Path, destination: Path) -> Path:
+    """The publisher's FP32 ONNX made ready for every engine (atomic write to ``destination``).
+
+    Checked against the card (one rank-5 input with its channels and window; logits with its classes),
+    initializers removed from the graph inputs (the file was exported with
+    ``keep_initializers_as_inputs=True``, which engines would read as extra inputs), I/O renamed to
+    ``input``/``logits``, and a fixed batch size recorded in the metadata (``medquant.batch``).
+    """
+    import onnx
+
+    info = validate_onnx(source)
+    model = onnx.load(str(source))
+    initializers = {init.name for init in model.graph.initializer}
+    graph_inputs = [value for value in model.graph.input if value.name not in initializers]
+    del model.graph.input[:]
+    model.graph.input.extend(graph_inputs)
+    expected = [card.in_channels, *card.window_size]
+    fixed = [d for d in info["input_shape"][1:] if isinstance(d, int)]
+    if len(fixed) == 4 and fixed != expected:
+        raise NetworkError(
+            f"{source}: published ONNX input is {info['input_shape']}, the card expects [N, {expected}]"
+        )
+    classes = info["output_shape"][1] if len(info["output_shape"]) == 5 else None
+    if isinstance(classes, int) and classes > 0 and classes != card.num_classes:
+        raise NetworkError(f"{source}: published ONNX gives {classes} classes, the card {card.num_classes}")
+    batch = info["input_shape"][0]
+    if isinstance(batch, int) and batch > 0:
+        if int(card.window.get("batch", 1)) > batch:
+            raise NetworkError(
+                f"{source}: the ONNX input has a fixed batch of {batch}; set window.batch <= {batch}"
+            )
+        onnx.helper.set_model_props(model, {"medquant.batch": str(batch), "medquant.source": source.name})
+    renames = {info["input"]: INPUT_NAME, info["outputs"][0]: OUTPUT_NAME}
+    for node in model.graph.node:
+        node.input[:] = [renames.get(n, n) for n in node.input]
+        node.output[:] = [renames.get(n, n) for n in node.output]
+    for value in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
+        value.name = renames.get(value.name, value.name)
+    onnx.checker.check_model(model)
+    with atomic_file(destination) as stream:
+        stream.write(model.SerializeToString())
+    return destination
+
+
+def _published_onnx_export(card: ModelCard, weights_dir: str | Path | None, progress: Progress) -> Path:
+    """Export of a card whose published weights are an FP32 ONNX (``network.published_onnx``)."""
+    name = card.network["published_onnx"]["file"]
+    try:
+        files = ensure_weights(card, weights_dir, progress=progress)
+    except WeightsUnavailable as exc:
+        raise WeightsUnavailable(
+            f"{card.id}: the publisher's weights are an FP32 ONNX file ({name}) and it is not here. {exc}"
+        ) from exc
+    if name not in files:
+        raise NetworkError(f"{card.path or card.id}: network.published_onnx.file {name!r} is not among weights.files")
+    target = cache_dir("exports") / f"{card.id}-{export_key(card, files, False)[:16]}.onnx"
+    if not target.is_file():
+        progress.update("export", 0.5, f"{card.id}: preparing the published ONNX {name}")
+        _published_onnx(card, files[name], target)
+    progress.update("export", 1.0, f"{card.id}: published ONNX ready ({target.name})")
+    return target
+
+
 def _fix_spatial_dims(data: bytes, window: tuple[int, int, int]) -> bytes:
     """Set the spatial dims of input/logits to ``window`` (exported with dynamic spatial axes)."""
     import onnx
@@ -121,7 +184,9 @@ def export_onnx(
 
     Input ``input`` ``[batch, C, *window]``, output ``logits`` ``[batch, K, *window]``, dynamic batch,
     opset 17 (TorchScript exporter). Keyed by the network spec and the weights' SHA-256. BYO ONNX
-    cards: the validated user file (a renamed copy in the cache if its I/O names differ).
+    cards: the validated user file (a renamed copy in the cache if its I/O names differ). Cards whose
+    publisher gives an FP32 ONNX (``network.published_onnx``) use it as the export (see
+    :func:`_published_onnx`); their builder serves random-weight runs only.
     """
     progress = progress or SilentProgress()
     fmt = card.network.get("format")
@@ -133,6 +198,8 @@ def export_onnx(
             return source
         target = cache_dir("exports") / f"{card.id}-{export_key(card, files, False)[:16]}.onnx"
         return target if target.is_file() else _renamed_onnx(source, target, info)
+    if card.network.get("published_onnx") and not random_weights:
+        return _published_onnx_export(card, weights_dir, progress)
     progress.update("export", 0.0, f"{card.id}: preparing weights")
     files = network_files(card, weights_dir, random_weights, progress)
     target = cache_dir("exports") / f"{card.id}-{export_key(card, files, random_weights)[:16]}.onnx"

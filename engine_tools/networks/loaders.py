@@ -213,6 +213,23 @@ def module_from_files(card: ModelCard, files: dict[str, Path] | None, random_wei
     return module.float().eval()
 
 
+def _onnx_only(card: ModelCard, random_weights: bool) -> bool:
+    """The publisher's weights are an FP32 ONNX only (no PyTorch checkpoint among the files)."""
+    spec = card.network.get("published_onnx")
+    if not spec or random_weights:
+        return False
+    names = [entry["name"] for entry in weight_entries(card)]
+    return not (card.network.get("checkpoint") or {}).get("file") and names == [spec["file"]]
+
+
+def _onnx_only_error(card: ModelCard) -> NetworkError:
+    return NetworkError(
+        f"{card.id}: the publisher's weights are an FP32 ONNX file "
+        f"({card.network['published_onnx']['file']}), not a PyTorch checkpoint: use an ONNX-based backend "
+        "(openvino, onnxruntime, tensorrt), or random weights for structure-only checks"
+    )
+
+
 def build_network(
     card: ModelCard, weights_dir: str | Path | None = None, random_weights: bool = False
 ) -> nn.Module:
@@ -224,6 +241,8 @@ def build_network(
     """
     if card.network.get("format") == "onnx":
         raise NetworkError(f"{card.id}: an ONNX network has no PyTorch module; use export_onnx(card)")
+    if _onnx_only(card, random_weights):
+        raise _onnx_only_error(card)
     return module_from_files(card, network_files(card, weights_dir, random_weights), random_weights)
 
 
@@ -233,6 +252,8 @@ def torch_factory(
     """A callable that builds the network (weights resolved once, now); ``None`` for ONNX-only cards."""
     if card.network.get("format") == "onnx":
         return None
+    if _onnx_only(card, random_weights):
+        raise _onnx_only_error(card)
     files = network_files(card, weights_dir, random_weights)
 
     def factory() -> nn.Module:
