@@ -43,7 +43,6 @@ from engine_tools.volumes import (
     IMAGE_SUFFIXES,
     VolumeError,
     image_suffix,
-    modality_mismatch,
     preprocess,
     read_image,
 )
@@ -416,6 +415,13 @@ def collect_windows(
             for pool, n in zip(pools, allocation, strict=True)
             if rank < n
         ]
+    needed = min(num_windows, 2)  # one to calibrate on and one held out for the accuracy guard
+    if len(picked) < needed:
+        reasons = "; ".join(f"{s['file']}: {s['reason']}" for s in skipped) or "too few scans"
+        raise CalibrationError(
+            f"{folder}: only {len(picked)} calibration window(s) from usable scans, {needed} needed "
+            f"(skipped: {reasons})"
+        )
     windows = np.stack([pool["windows"][rank][0] for pool, rank in picked]).astype(np.float32, copy=False)
     result = CalibrationSet(
         windows=np.ascontiguousarray(windows),
@@ -455,15 +461,14 @@ def _sample_scan(
         messages.extend(f"{candidate.relative}: {w.message}" for w in caught)
     except (VolumeError, OSError) as exc:
         return str(exc)
-    mismatch = modality_mismatch(image, card.modality)
-    if mismatch:
-        messages.append(
-            f"{candidate.relative}: {mismatch} (model {card.id} expects {card.modality}); used anyway"
-        )
     try:
         prep = preprocess(image, card)
     except (VolumeError, RuntimeError, ValueError) as exc:
         return f"preprocessing failed ({exc})"
+    messages.extend(
+        f"{candidate.relative}: {message} (model {card.id} expects {card.modality}); used anyway"
+        for message in prep.steps.get("warnings", [])
+    )
     del image
     if whole_volume:
         fraction = float(foreground_mask(prep.array[0]).mean())

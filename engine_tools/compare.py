@@ -286,6 +286,8 @@ def compare_precisions(
     progress.log(f"backend: {resolved} ({reason})")
 
     prep = preprocess(image, card)
+    for message in prep.steps.get("warnings", []):
+        progress.warning(f"{card.id}: {message}")
     batch = centre_window(np.asarray(prep.array, dtype=np.float32), card.window_size)[None]
     num_values = _num_label_values(card)
     reference_labels = None

@@ -27,7 +27,6 @@ from engine_tools.progress import Progress
 from engine_tools.volumes import (
     Preprocessed,
     image_suffix,
-    modality_mismatch,
     preprocess,
     read_image,
     to_input_geometry,
@@ -94,14 +93,13 @@ def segment_image(
     else:
         if not isinstance(image, sitk.Image):
             image = read_image(image)
-        mismatch = modality_mismatch(image, card.modality)
-        if mismatch:
-            warnings.append(mismatch)
-            if progress is not None:
-                progress.warning(f"{card.id}: {mismatch}")
         if progress is not None:
             progress.update("segment", 0.0, "preprocessing")
         prep = preprocess(image, card)
+        warnings.extend(prep.steps.get("warnings", []))
+        if progress is not None:
+            for message in warnings:
+                progress.warning(f"{card.id}: {message}")
     preprocessed = time.perf_counter()
 
     roi = tuple(int(s) for s in card.window_size)

@@ -35,8 +35,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +48,13 @@ import numpy as np
 import SimpleITK as sitk
 
 from engine_tools.cache import TMP_PREFIX
+from engine_tools.checks import (
+    InputError,
+    inspect_nifti,
+    non_finite_message,
+    replace_non_finite,
+    volume_warnings,
+)
 
 #: File name endings read as single-file images (lower case). DICOM is read from folders.
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".mgz", ".mgh", ".dcm")
@@ -85,18 +95,55 @@ def read_image(path: str | Path, series_uid: str | None = None) -> sitk.Image:
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder")
     if path.is_dir():
-        image = _read_dicom_folder(path, series_uid)
+        with itk_warnings(path):
+            image = _read_dicom_folder(path, series_uid)
     elif image_suffix(path) in _NIBABEL_SUFFIXES:
         image = _read_with_nibabel(path)
     else:
         try:
-            image = sitk.ReadImage(str(path))
+            non_finite = inspect_nifti(path)
+        except InputError as exc:
+            raise VolumeError(str(exc)) from exc
+        try:
+            if non_finite:  # ITK would read NaN/Inf as 0: keep them, preprocess replaces and counts them
+                raise RuntimeError(f"{non_finite} non-finite voxels")
+            with itk_warnings(path):
+                image = sitk.ReadImage(str(path))
         except RuntimeError as exc:
             if image_suffix(path) in (".nii", ".nii.gz"):
                 image = _read_with_nibabel(path, itk_error=exc)
             else:
                 raise VolumeError(f"{path}: cannot read as an image ({_itk_message(exc)})") from exc
     return _checked_3d_scalar(image, path)
+
+
+@contextmanager
+def itk_warnings(source: str | Path) -> Iterator[None]:
+    """Turn what ITK prints on stderr during the block (e.g. "Non uniform sampling or missing slices
+    detected") into :class:`VolumeWarning` warnings, so that they reach the event stream."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no real stderr descriptor
+        yield
+        return
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            text = capture.read().decode(errors="replace")
+    for block in text.split("WARNING:")[1:]:
+        lines = [line.strip() for line in block.splitlines() if line.strip()]
+        detail = lines[-1] if len(lines) > 1 else (lines[0] if lines else "")
+        detail = detail.split("): ", 1)[-1]
+        warnings.warn(f"{source}: ITK warning: {detail}", VolumeWarning, stacklevel=3)
+    others = text.split("WARNING:")[0].strip()
+    if others:
+        sys.stderr.write(others + "\n")
 
 
 def _itk_message(exc: BaseException) -> str:
@@ -232,6 +279,12 @@ def image_from_ras_array(array: np.ndarray, affine: np.ndarray) -> sitk.Image:
     return image
 
 
+def is_orthonormal(image: sitk.Image, tolerance: float = 1e-6) -> bool:
+    """Whether the image's direction cosines are orthonormal (ITK's NIfTI writer assumes so)."""
+    direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+    return bool(np.allclose(direction.T @ direction, np.eye(3), atol=tolerance))
+
+
 def ijk_array(image: sitk.Image) -> np.ndarray:
     """Voxel values indexed ``[i, j, k]`` (a transposed view of SimpleITK's ``[k, j, i]`` array)."""
     return sitk.GetArrayViewFromImage(image).transpose(2, 1, 0)
@@ -263,11 +316,13 @@ def write_image(image: sitk.Image, path: str | Path, overwrite: bool = False) ->
     tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent))
     try:
         staged = tmp / path.name
-        if suffix in _NIBABEL_SUFFIXES:
+        if suffix in _NIBABEL_SUFFIXES or (suffix in (".nii", ".nii.gz") and not is_orthonormal(image)):
             import nibabel as nib
 
+            # nibabel keeps a sheared affine exactly (ITK's NIfTI writer would orthonormalise it)
+            kind = nib.MGHImage if suffix in _NIBABEL_SUFFIXES else nib.Nifti1Image
             array = np.asarray(ijk_array(image))
-            nib.save(nib.MGHImage(array, ras_affine(image)), str(staged))
+            nib.save(kind(array, ras_affine(image)), str(staged))
         else:
             try:
                 sitk.WriteImage(image, str(staged), useCompression=suffix not in (".nii",))
@@ -337,6 +392,10 @@ def preprocess(image: sitk.Image | str | Path, card: Any) -> Preprocessed:
         "input_spacing": list(image.GetSpacing()),
     }
     data = np.asarray(ijk_array(image), dtype=np.float32)[None]
+    data, non_finite = replace_non_finite(data)
+    steps["warnings"] = [non_finite_message(non_finite, data.size)] if non_finite else []
+    steps["warnings"] += volume_warnings(image, card) if not isinstance(card, dict) else []
+    steps["non_finite_replaced"] = non_finite
     tensor = MetaTensor(torch.from_numpy(np.ascontiguousarray(data)), affine=torch.from_numpy(affine))
 
     code = spec.get("orientation")

@@ -48,12 +48,14 @@ def register(
 
 def compare_from_args(args: argparse.Namespace, progress: Progress, card: Any = None) -> dict[str, Any]:
     """Shared by ``compare`` and ``demo``: read inputs, run the comparison, write the report."""
+    from engine_tools.checks import check_writable_folder
     from engine_tools.compare import compare_precisions, write_report
     from engine_tools.registry import get_card
     from engine_tools.volumes import read_image
 
     input_path = require_input(args.input)
     reference_path = require_input(args.reference, "--reference") if args.reference else None
+    check_writable_folder(args.output_dir)
     card = card or get_card(args.model)
     image = read_image(input_path)
     reference = read_image(reference_path) if reference_path else None

@@ -33,6 +33,7 @@ def register(
 
 
 def run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
+    from engine_tools.checks import check_output_path
     from engine_tools.segment import label_table_paths
 
     output = Path(args.output)
@@ -42,6 +43,7 @@ def run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
             if path.exists():
                 raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
     input_path = require_input(args.input)
+    check_output_path(output, [input_path, *([args.calibration] if args.calibration else [])], args.overwrite)
 
     from engine_tools.pipeline import prepare_engine
     from engine_tools.registry import get_card
