@@ -1,9 +1,13 @@
-"""Cache locations, content hashes and atomic writes.
+"""Cache locations, content hashes, atomic writes, per-key locks and clean-up of interrupted writes.
 
 Everything the tools persist (downloaded weights, exported ONNX, calibration sets, built engines) goes
 through :func:`atomic_file` or :func:`atomic_directory`: the content is written under a temporary name
 beside its destination and renamed into place only when complete, so a killed process never leaves a
-half-written artifact that a later run could mistake for a good one.
+half-written artifact that a later run could mistake for a good one. Temporary names carry the
+writer's process id (``.partial-<name>.<pid>.<random>``): :func:`remove_stale_partials` deletes those
+whose process is gone or that are older than a day. Artifacts record the SHA-256 of their files
+(:func:`file_hashes`) and are checked before reuse (:func:`hash_problem`); :func:`key_lock` serialises
+builds of one cache key across processes (``filelock``).
 """
 
 from __future__ import annotations
@@ -11,8 +15,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,6 +26,9 @@ from typing import Any
 
 CACHE_ENV = "MEDQUANT_CACHE_DIR"
 TMP_PREFIX = ".partial-"
+#: Interrupted writes older than this are removed even if their process id is in use again.
+STALE_AFTER_S = 24 * 3600
+_OWNER = re.compile(r"\.(\d+)\.[^.]+$")
 
 
 def cache_root() -> Path:
@@ -61,7 +70,7 @@ def atomic_file(destination: str | Path, mode: str = "wb") -> Iterator[Any]:
     """Open a temporary file beside ``destination``; rename it into place only on success."""
     destination = Path(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=TMP_PREFIX + destination.name + ".", dir=destination.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=_partial_prefix(destination), dir=destination.parent)
     try:
         with os.fdopen(fd, mode) as stream:
             yield stream
@@ -75,20 +84,30 @@ def atomic_file(destination: str | Path, mode: str = "wb") -> Iterator[Any]:
 
 @contextmanager
 def atomic_directory(destination: str | Path) -> Iterator[Path]:
-    """Yield a temporary directory that replaces ``destination`` only if the block succeeds."""
+    """Yield a temporary directory that replaces ``destination`` only if the block succeeds.
+
+    An existing ``destination`` is first moved aside under a unique temporary name, so two writers of
+    one destination never fail each other's final rename (the last one wins; use :func:`key_lock` to
+    avoid the duplicated work).
+    """
     destination = Path(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + destination.name + ".", dir=destination.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=_partial_prefix(destination), dir=destination.parent))
     try:
         yield tmp
-        if destination.exists():
-            old = destination.with_name(TMP_PREFIX + destination.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(destination, old)
-            os.replace(tmp, destination)
-            shutil.rmtree(old, ignore_errors=True)
+        for _attempt in range(5):
+            try:
+                os.replace(tmp, destination)  # succeeds when destination is absent or an empty folder
+                break
+            except OSError:
+                old = Path(tempfile.mkdtemp(prefix=_partial_prefix(destination), dir=destination.parent))
+                try:
+                    os.replace(destination, old / "old")
+                except FileNotFoundError:
+                    pass
+                shutil.rmtree(old, ignore_errors=True)
         else:
-            os.replace(tmp, destination)
+            raise OSError(f"{destination}: could not move the finished result into place")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -102,3 +121,76 @@ def write_json_atomic(path: str | Path, value: Any) -> None:
 def partial_artifacts(root: str | Path) -> list[Path]:
     """Leftovers of interrupted writes under ``root`` (should be empty after any clean run or cancel)."""
     return sorted(Path(root).rglob(TMP_PREFIX + "*"))
+
+
+def _partial_prefix(destination: Path) -> str:
+    return f"{TMP_PREFIX}{destination.name}.{os.getpid()}."
+
+
+def _owner_alive(name: str) -> bool:
+    match = _OWNER.search(name)
+    if not match:
+        return False
+    try:
+        os.kill(int(match.group(1)), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True
+    return True
+
+
+def remove_stale_partials(root: str | Path, max_age_s: float = STALE_AFTER_S) -> list[Path]:
+    """Remove interrupted writes under ``root`` whose process is gone or that are older than
+    ``max_age_s``; returns what was removed (writes of running processes are left alone)."""
+    removed = []
+    now = time.time()
+    for path in partial_artifacts(root):
+        try:
+            age = now - path.lstat().st_mtime
+        except FileNotFoundError:
+            continue
+        if _owner_alive(path.name) and age < max_age_s:
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def file_hashes(folder: str | Path, exclude: tuple[str, ...] = ()) -> dict[str, str]:
+    """SHA-256 of every file under ``folder`` (relative POSIX path → hex digest), except ``exclude``."""
+    folder = Path(folder)
+    return {
+        path.relative_to(folder).as_posix(): sha256_file(path)
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and path.relative_to(folder).as_posix() not in exclude
+    }
+
+
+def hash_problem(folder: str | Path, recorded: Any, exclude: tuple[str, ...] = ()) -> str | None:
+    """Why the files under ``folder`` differ from ``recorded`` (as made by :func:`file_hashes`), or None."""
+    if not isinstance(recorded, dict) or not recorded:
+        return "no SHA-256 of its files was recorded"
+    current = file_hashes(folder, exclude)
+    missing = sorted(set(recorded) - set(current))
+    if missing:
+        return f"file(s) missing: {', '.join(missing)}"
+    changed = sorted(name for name, digest in recorded.items() if current[name] != digest)
+    if changed:
+        return f"file(s) changed since the build (SHA-256 differs): {', '.join(changed)}"
+    extra = sorted(set(current) - set(recorded))
+    if extra:
+        return f"unexpected file(s): {', '.join(extra)}"
+    return None
+
+
+def key_lock(path: str | Path) -> Any:
+    """An inter-process lock (``filelock.FileLock``) on ``<path>.lock``: one builder per cache key."""
+    from filelock import FileLock
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(path.with_name(path.name + ".lock")))
