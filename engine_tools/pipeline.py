@@ -12,12 +12,25 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from engine_tools.cache import atomic_directory, cache_dir, sha256_file, sha256_json
+from engine_tools.cache import (
+    atomic_directory,
+    cache_dir,
+    cache_root,
+    file_hashes,
+    hash_problem,
+    key_lock,
+    remove_stale_partials,
+    sha256_file,
+    sha256_json,
+)
 from engine_tools.engines import METADATA_FILE, BuildRequest, Engine, engine_class, select_backend
 from engine_tools.progress import Progress, SilentProgress
 from engine_tools.registry import ModelCard, get_card
@@ -158,7 +171,9 @@ def prepare_engine(
             None
             if backend == "torch"
             else Path(
-                networks.export_onnx(card, weights_dir, random_weights=random_weights, progress=progress)
+                networks.export_onnx(
+                    card, weights_dir, random_weights=random_weights, progress=progress, rebuild=rebuild
+                )
             )
         )
         progress.update("export", 1.0, "network ready")
@@ -198,31 +213,102 @@ def prepare_engine(
         )
     key = engine_key(key_parts)
     destination = cache_dir("engines") / key[:32]
-    metadata_path = destination / METADATA_FILE
     if hasattr(engine, "attach_factory") and factory is not None:
         engine.attach_factory(factory)
 
-    if metadata_path.is_file() and not rebuild:
-        metadata = json.loads(metadata_path.read_text())
-        engine.build_report = metadata.get("build_report", {})
-        with progress.span(0.95, 1.0):
-            progress.update("compile", 0.0, f"loading cached engine {destination.name}")
-            engine.load(destination)
-        engine.cache_status = "hit"
-        progress.log(f"engine cache hit: {destination}")
+    was_cached = destination.exists()
+    if not rebuild and _reuse_cached(engine, destination, progress):
         return engine
+    with _one_builder(destination, progress):
+        # another process may have built this key while we waited for the lock
+        if not rebuild and not was_cached and _reuse_cached(engine, destination, progress):
+            return engine
+        for stale in remove_stale_partials(cache_root()):
+            progress.log(f"removed the leftover of an interrupted write: {stale}")
+        _build(
+            engine,
+            key,
+            key_parts,
+            calibration_info,
+            destination,
+            progress,
+            request_fields={
+                "model_id": card.id,
+                "onnx_path": onnx_path,
+                "window_shape": card.window_size,
+                "in_channels": card.in_channels,
+                "num_classes": card.num_classes,
+                "torch_module_factory": factory,
+                "calibration": cal_windows,
+                "validation": val_windows,
+                "options": build_options,
+            },
+        )
+    return engine
 
-    request = BuildRequest(
-        model_id=card.id,
-        onnx_path=onnx_path,
-        window_shape=card.window_size,
-        in_channels=card.in_channels,
-        num_classes=card.num_classes,
-        torch_module_factory=factory,
-        calibration=cal_windows,
-        validation=val_windows,
-        options=build_options,
-    )
+
+@contextmanager
+def _one_builder(destination: Path, progress: Progress) -> Iterator[None]:
+    """Hold the per-key lock; a second build of the same key waits here (and then reuses the result)."""
+    from filelock import Timeout
+
+    lock = key_lock(destination)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        progress.log(f"another process is building engine {destination.name}; waiting for it")
+        lock.acquire(poll_interval=0.2)
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _reuse_cached(
+    engine: Engine, destination: Path, progress: Progress, quiet_if_absent: bool = False
+) -> bool:
+    """Load the engine cached at ``destination`` if its ``engine.json`` is readable and every artifact
+    file still has the SHA-256 recorded at build time; otherwise say why (a log warning) and return
+    False so that it is rebuilt. Never reuses an engine silently when it cannot be verified."""
+    if not destination.exists():
+        return False
+    metadata_path = destination / METADATA_FILE
+    problem = None
+    try:
+        metadata = json.loads(metadata_path.read_text())
+        if not isinstance(metadata, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as exc:
+        metadata, problem = {}, f"{METADATA_FILE} is missing or unreadable ({exc})"
+    problem = problem or hash_problem(destination, metadata.get("artifact_sha256"), (METADATA_FILE,))
+    if problem is None:
+        try:
+            engine.build_report = metadata.get("build_report", {})
+            with progress.span(0.95, 1.0):
+                progress.update("compile", 0.0, f"loading cached engine {destination.name}")
+                engine.load(destination)
+        except Exception as exc:  # a corrupt artifact the backend refuses
+            problem = f"the backend could not load it ({type(exc).__name__}: {str(exc)[:200]})"
+    if problem is not None:
+        progress.warning(f"cached engine {destination.name} is not usable: {problem}; rebuilding it")
+        return False
+    engine.cache_status = "hit"
+    progress.log(f"engine cache hit: {destination}")
+    return True
+
+
+def _build(
+    engine: Engine,
+    key: str,
+    key_parts: dict[str, Any],
+    calibration_info: dict[str, Any],
+    destination: Path,
+    progress: Progress,
+    request_fields: dict[str, Any],
+) -> None:
+    """Build into a temporary folder, record the SHA-256 of every artifact file in ``engine.json``,
+    move it into place atomically and load it."""
+    request = BuildRequest(**request_fields)
     with progress.span(0.3, 0.95), atomic_directory(destination) as tmp:
         report = engine.build(request, tmp, progress)
         metadata = {
@@ -230,12 +316,15 @@ def prepare_engine(
             "key_parts": key_parts,
             "calibration": calibration_info,
             "build_report": report,
+            "artifact_sha256": file_hashes(tmp, (METADATA_FILE,)),
         }
-        (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True, default=str))
+        with open(tmp / METADATA_FILE, "w", encoding="utf-8") as stream:
+            json.dump(metadata, stream, indent=2, sort_keys=True, default=str)
+            stream.flush()
+            os.fsync(stream.fileno())
     engine.build_report = report
     with progress.span(0.95, 1.0):
         progress.update("compile", 0.0, "compiling the engine")
         engine.load(destination)
         progress.update("compile", 1.0, "engine ready")
     engine.cache_status = "built"
-    return engine

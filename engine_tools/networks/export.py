@@ -138,7 +138,9 @@ def _published_onnx(card: ModelCard, source: Path, destination: Path) -> Path:
     return destination
 
 
-def _published_onnx_export(card: ModelCard, weights_dir: str | Path | None, progress: Progress) -> Path:
+def _published_onnx_export(
+    card: ModelCard, weights_dir: str | Path | None, progress: Progress, rebuild: bool = False
+) -> Path:
     """Export of a card whose published weights are an FP32 ONNX (``network.published_onnx``)."""
     name = card.network["published_onnx"]["file"]
     try:
@@ -148,11 +150,13 @@ def _published_onnx_export(card: ModelCard, weights_dir: str | Path | None, prog
             f"{card.id}: the publisher's weights are an FP32 ONNX file ({name}) and it is not here. {exc}"
         ) from exc
     if name not in files:
-        raise NetworkError(f"{card.path or card.id}: network.published_onnx.file {name!r} is not among weights.files")
+        raise NetworkError(
+            f"{card.path or card.id}: network.published_onnx.file {name!r} is not among weights.files"
+        )
     target = cache_dir("exports") / f"{card.id}-{export_key(card, files, False)[:16]}.onnx"
-    if not target.is_file():
+    if not _usable_export(target, progress, rebuild):
         progress.update("export", 0.5, f"{card.id}: preparing the published ONNX {name}")
-        _published_onnx(card, files[name], target)
+        _record_hash(_published_onnx(card, files[name], target))
     progress.update("export", 1.0, f"{card.id}: published ONNX ready ({target.name})")
     return target
 
@@ -174,11 +178,48 @@ def _fix_spatial_dims(data: bytes, window: tuple[int, int, int]) -> bytes:
     return model.SerializeToString()
 
 
+def _hash_file(target: Path) -> Path:
+    return target.with_name(target.name + ".sha256")
+
+
+def _record_hash(target: Path) -> Path:
+    """Record the SHA-256 of a finished export beside it (checked by :func:`_usable_export`)."""
+    with atomic_file(_hash_file(target), "w") as stream:
+        stream.write(sha256_file(target) + "\n")
+    return target
+
+
+def _usable_export(target: Path, progress: Progress, rebuild: bool = False) -> bool:
+    """Whether a cached export exists and still has its recorded SHA-256. A truncated or changed file
+    (or one without a record) is removed with a warning so that it is exported again; ``rebuild``
+    removes it unconditionally."""
+    if not target.is_file():
+        return False
+    problem = "a rebuild was asked for" if rebuild else None
+    if problem is None:
+        try:
+            recorded = _hash_file(target).read_text().strip()
+        except OSError:
+            recorded = ""
+        if not recorded:
+            problem = "no SHA-256 was recorded for it (interrupted export?)"
+        elif recorded != sha256_file(target):
+            problem = "its SHA-256 differs from the one recorded at export (truncated or changed)"
+    if problem is None:
+        return True
+    if not rebuild:
+        progress.warning(f"cached ONNX export {target.name} is not usable: {problem}; exporting it again")
+    target.unlink(missing_ok=True)
+    _hash_file(target).unlink(missing_ok=True)
+    return False
+
+
 def export_onnx(
     card: ModelCard,
     weights_dir: str | Path | None = None,
     random_weights: bool = False,
     progress: Progress | None = None,
+    rebuild: bool = False,
 ) -> Path:
     """FP32 ONNX of the card's network, cached under ``<cache>/exports`` (atomic).
 
@@ -186,7 +227,8 @@ def export_onnx(
     opset 17 (TorchScript exporter). Keyed by the network spec and the weights' SHA-256. BYO ONNX
     cards: the validated user file (a renamed copy in the cache if its I/O names differ). Cards whose
     publisher gives an FP32 ONNX (``network.published_onnx``) use it as the export (see
-    :func:`_published_onnx`); their builder serves random-weight runs only.
+    :func:`_published_onnx`); their builder serves random-weight runs only. A cached export is used
+    only if its recorded SHA-256 still matches (:func:`_usable_export`); ``rebuild`` exports again.
     """
     progress = progress or SilentProgress()
     fmt = card.network.get("format")
@@ -197,13 +239,15 @@ def export_onnx(
         if info["input"] == INPUT_NAME and info["outputs"][0] == OUTPUT_NAME:
             return source
         target = cache_dir("exports") / f"{card.id}-{export_key(card, files, False)[:16]}.onnx"
-        return target if target.is_file() else _renamed_onnx(source, target, info)
+        if _usable_export(target, progress, rebuild):
+            return target
+        return _record_hash(_renamed_onnx(source, target, info))
     if card.network.get("published_onnx") and not random_weights:
-        return _published_onnx_export(card, weights_dir, progress)
+        return _published_onnx_export(card, weights_dir, progress, rebuild)
     progress.update("export", 0.0, f"{card.id}: preparing weights")
     files = network_files(card, weights_dir, random_weights, progress)
     target = cache_dir("exports") / f"{card.id}-{export_key(card, files, random_weights)[:16]}.onnx"
-    if target.is_file():
+    if _usable_export(target, progress, rebuild):
         progress.update("export", 1.0, f"{card.id}: ONNX export found in cache")
         return target
     module = module_from_files(card, files, random_weights)
@@ -230,5 +274,6 @@ def export_onnx(
     data = _fix_spatial_dims(buffer.getvalue(), window) if small else buffer.getvalue()
     with atomic_file(target) as stream:
         stream.write(data)
+    _record_hash(target)
     progress.update("export", 1.0, f"{card.id}: exported {target.name}")
     return target
