@@ -187,10 +187,10 @@ def hash_problem(folder: str | Path, recorded: Any, exclude: tuple[str, ...] = (
     return None
 
 
-def key_lock(path: str | Path) -> Any:
-    """An inter-process lock (``filelock.FileLock``) on ``<path>.lock``: one builder per cache key."""
+def key_lock(destination: str | Path) -> Any:
+    """An inter-process lock (``filelock.FileLock``) for one cache entry: one builder per key. The lock
+    file lives in ``<cache>/locks`` so that artifact folders hold only artifacts."""
     from filelock import FileLock
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return FileLock(str(path.with_name(path.name + ".lock")))
+    destination = Path(destination)
+    return FileLock(str(cache_dir("locks") / f"{destination.parent.name}-{destination.name}.lock"))
