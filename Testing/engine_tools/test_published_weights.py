@@ -103,3 +103,50 @@ def test_published_onnx_missing_says_what_to_do(tmp_path: Path) -> None:
         export_onnx(card, weights_dir=tmp_path)
     message = str(info.value)
     assert "FP32 ONNX file (unet_fp32.onnx)" in message and "--weights-dir" in message
+
+
+# ------------------------------------------------------------- SwinUNETR (MONAI bundle, MONAI 1.4)
+def _swinunetr_reference():
+    import importlib.util
+
+    path = Path(__file__).parent / "data" / "swinunetr_monai14_reference.py"
+    spec = importlib.util.spec_from_file_location("swinunetr_monai14_reference", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module, np.load(module.OUTPUT)
+
+
+def unpinned(card: ModelCard) -> ModelCard:
+    """``card`` with its checksums removed (the test writes its own random file under the same name)."""
+    data = copy.deepcopy(card.raw)
+    for entry in data["weights"]["files"]:
+        for key in ("sha256", "md5", "size", "member_sha256", "member_size"):
+            entry.pop(key, None)
+    return ModelCard.from_dict(data, card.path)
+
+
+def test_swinunetr_card_reproduces_monai_14(tmp_path: Path) -> None:
+    """The card's module with the bundle's ``model.pt`` equals MONAI 1.4's SwinUNETR on the same weights."""
+    from monai.networks.nets import SwinUNETR
+
+    reference, expected = _swinunetr_reference()
+    card = unpinned(
+        small_card("swinunetr-btcv", kwargs=dict(reference.KWARGS), reduced_window=list(reference.WINDOW))
+    )
+    weights = reference.publisher_weights(SwinUNETR(**reference.KWARGS))
+    (tmp_path / card.id).mkdir()
+    torch.save(weights, tmp_path / card.id / "model.pt")  # a MONAI bundle's model.pt: the bare state dict
+
+    x = reference.reference_input()
+    with torch.no_grad():
+        logits = build_network(card, weights_dir=tmp_path)(x).numpy()
+        current_monai = SwinUNETR(**reference.KWARGS).eval()
+        current_monai.load_state_dict(weights)
+        newer_order = current_monai(x).numpy()
+    stride = reference.STRIDE
+    np.testing.assert_allclose(
+        logits[:, :, ::stride, ::stride, ::stride], expected["logits_strided"], atol=1e-4
+    )
+    np.testing.assert_allclose(logits.mean(axis=(0, 2, 3, 4)), expected["class_means"], atol=1e-5)
+    # the reference tells the two slice orders apart (MONAI >= 1.5's default differs on these weights)
+    assert np.abs(newer_order[:, :, ::stride, ::stride, ::stride] - expected["logits_strided"]).max() > 1e-2
