@@ -150,3 +150,139 @@ def test_swinunetr_card_reproduces_monai_14(tmp_path: Path) -> None:
     np.testing.assert_allclose(logits.mean(axis=(0, 2, 3, 4)), expected["class_means"], atol=1e-5)
     # the reference tells the two slice orders apart (MONAI >= 1.5's default differs on these weights)
     assert np.abs(newer_order[:, :, ::stride, ::stride, ::stride] - expected["logits_strided"]).max() > 1e-2
+
+
+# ---------------------------------------------------------- nnU-Net v2 (TotalSegmentator archive)
+NNUNET_ARCHIVE = "Dataset297_TotalSegmentator_total_3mm_1559subj"
+NNUNET_PLANS = {
+    "dataset_name": NNUNET_ARCHIVE,
+    "plans_name": "nnUNetPlans",
+    "configurations": {
+        "3d_fullres": {
+            "patch_size": [32, 32, 32],
+            "spacing": [3.0, 3.0, 3.0],
+            "normalization_schemes": ["CTNormalization"],
+            "architecture": {
+                "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+                "arch_kwargs": {
+                    "n_stages": 4,
+                    "features_per_stage": [4, 8, 16, 32],
+                    "conv_op": "torch.nn.modules.conv.Conv3d",
+                    "kernel_sizes": [[3, 3, 3], [3, 3, 3], [3, 3, 3], [1, 3, 3]],
+                    "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2], [1, 2, 2]],
+                    "n_conv_per_stage": [2, 2, 2, 2],
+                    "n_conv_per_stage_decoder": [2, 2, 2],
+                    "conv_bias": True,
+                    "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
+                    "norm_op_kwargs": {"eps": 1e-05, "affine": True},
+                    "dropout_op": None,
+                    "dropout_op_kwargs": None,
+                    "nonlin": "torch.nn.LeakyReLU",
+                    "nonlin_kwargs": {"inplace": True},
+                },
+                "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
+            },
+        }
+    },
+    "foreground_intensity_properties_per_channel": {
+        "0": {
+            "max": 3071.0,
+            "mean": 58.5,
+            "median": 41.0,
+            "min": -1024.0,
+            "percentile_00_5": -963.0,
+            "percentile_99_5": 1472.0,
+            "std": 351.2,
+        }
+    },
+}
+
+
+def nnunet_reference(plans: dict, num_classes: int) -> torch.nn.Module:
+    """The network as nnU-Net v2 builds it from ``plans.json`` (``get_network_from_plans``)."""
+    import pydoc
+
+    architecture = plans["configurations"]["3d_fullres"]["architecture"]
+    kwargs = dict(architecture["arch_kwargs"])
+    for key in architecture["_kw_requires_import"]:
+        kwargs[key] = pydoc.locate(kwargs[key]) if kwargs[key] else None
+    network_class = pydoc.locate(architecture["network_class_name"])
+    return network_class(input_channels=1, num_classes=num_classes, deep_supervision=False, **kwargs).eval()
+
+
+def nnunet_ct_normalization(image: np.ndarray, plans: dict) -> np.ndarray:
+    """nnU-Net v2 ``CTNormalization.run`` on one channel."""
+    props = plans["foreground_intensity_properties_per_channel"]["0"]
+    image = np.clip(image.astype(np.float32), props["percentile_00_5"], props["percentile_99_5"])
+    return (image - props["mean"]) / max(props["std"], 1e-8)
+
+
+def nnunet_card(**kwargs: object) -> ModelCard:
+    card = get_card("nnunet-totalseg")
+    full = {
+        **card.network["reduced_kwargs"],
+        "plans_file": {"weights_file": "plans.json"},
+        "patch_size": [32, 32, 32],
+        "spacing": [3.0, 3.0, 3.0],
+        **kwargs,
+    }
+    return unpinned(small_card("nnunet-totalseg", kwargs=full))
+
+
+def write_nnunet_archive(folder: Path, plans: dict, weights: dict) -> Path:
+    """The TotalSegmentator release archive: plans.json and fold_0/checkpoint_final.pth as nnU-Net saves it."""
+    import json
+    import zipfile
+
+    checkpoint = {
+        "network_weights": weights,
+        "optimizer_state": {"state": {}, "param_groups": [{"lr": np.float64(1e-5), "momentum": 0.99}]},
+        "grad_scaler_state": None,
+        "logging": {"ema_fg_dice": [np.float64(0.81), np.float64(0.83)], "lrs": [np.float64(0.01)]},
+        "_best_ema": np.float64(0.8312),
+        "current_epoch": 4000,
+        "init_args": {
+            "plans": plans,
+            "configuration": "3d_fullres",
+            "fold": 0,
+            "device": torch.device("cpu"),
+        },
+        "trainer_name": "nnUNetTrainer_4000epochs_NoMirroring",
+        "inference_allowed_mirroring_axes": None,
+    }
+    trainer = f"{NNUNET_ARCHIVE}/nnUNetTrainer_4000epochs_NoMirroring__nnUNetPlans__3d_fullres"
+    buffer = folder / "checkpoint_final.pth"
+    torch.save(checkpoint, buffer)
+    archive = folder / "nnunet-totalseg" / f"{NNUNET_ARCHIVE}.zip"
+    archive.parent.mkdir(parents=True)
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr(f"{trainer}/plans.json", json.dumps(plans))
+        zf.write(buffer, f"{trainer}/fold_0/checkpoint_final.pth")
+        zf.writestr(f"{trainer}/dataset.json", json.dumps({"labels": {"background": 0}}))
+    buffer.unlink()
+    return archive
+
+
+def test_nnunet_archive_plans_and_numpy_scalars(tmp_path: Path) -> None:
+    """checkpoint_final.pth (numpy scalars, read with weights_only=True) and plans.json from the zip."""
+    card = nnunet_card()
+    torch.manual_seed(5)
+    reference = nnunet_reference(NNUNET_PLANS, card.num_classes)
+    write_nnunet_archive(tmp_path, NNUNET_PLANS, reference.state_dict())
+
+    module = build_network(card, weights_dir=tmp_path)
+    hounsfield = np.random.default_rng(1).uniform(-1100, 1600, (1, 1, 32, 32, 32)).astype(np.float32)
+    with torch.no_grad():
+        logits = module(torch.from_numpy(hounsfield)).numpy()
+        expected = reference(torch.from_numpy(nnunet_ct_normalization(hounsfield, NNUNET_PLANS))).numpy()
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_nnunet_refuses_plans_that_contradict_the_card(tmp_path: Path) -> None:
+    card = nnunet_card(patch_size=[128, 128, 128])
+    torch.manual_seed(5)
+    write_nnunet_archive(
+        tmp_path, NNUNET_PLANS, nnunet_reference(NNUNET_PLANS, card.num_classes).state_dict()
+    )
+    with pytest.raises(NetworkError, match=r"patch_size is \[32, 32, 32\], the card says \[128, 128, 128\]"):
+        build_network(card, weights_dir=tmp_path)

@@ -13,7 +13,9 @@
     ``builder`` (dotted path of a callable) called with ``kwargs``; the state dict comes from the
     weights file (``checkpoint.file`` or the first weights entry) read with
     ``torch.load(weights_only=True)``, optionally under ``checkpoint.key`` (or ``state_dict_key``)
-    with ``checkpoint.strip_prefix`` (or ``strip_prefix``) removed.
+    with ``checkpoint.strip_prefix`` (or ``strip_prefix``) removed, into ``checkpoint.submodule`` when
+    the builder wraps the published network (e.g. with its input normalisation). A kwargs value
+    ``{"weights_file": NAME}`` is replaced by the path of that weights file (e.g. nnU-Net's plans).
 ``onnx``
     Bring-your-own ONNX: no PyTorch module; :func:`engine_tools.networks.export.export_onnx`
     validates it (``onnx.checker``, one rank-5 input) and returns it, with its input/output renamed
@@ -29,6 +31,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -78,9 +81,9 @@ def _where(card: ModelCard) -> str:
     return str(card.path or card.id)
 
 
-def card_file(card: ModelCard, files: dict[str, Path], key: str = "file") -> Path:
-    """The weights file that ``network.<key>`` names."""
-    name = card.network.get(key)
+def card_file(card: ModelCard, files: dict[str, Path], key: str = "file", name: str | None = None) -> Path:
+    """The weights file that ``network.<key>`` names (``name``: the value already read from there)."""
+    name = name or card.network.get(key)
     if not name:
         raise NetworkError(f"{_where(card)}: network.{key} must name one of the weights files")
     if name not in files:
@@ -148,6 +151,18 @@ def _checkpoint_file(card: ModelCard, files: dict[str, Path]) -> Path:
     return files[candidates[0]]
 
 
+def builder_kwargs(card: ModelCard, files: dict[str, Path] | None) -> dict[str, Any]:
+    """``network.kwargs`` with each ``{"weights_file": NAME}`` value replaced by that file's path
+    (``None`` without weight files: random-weight runs, where the builder uses its explicit arguments)."""
+    kwargs = dict(card.network.get("kwargs", {}))
+    for key, value in kwargs.items():
+        if isinstance(value, dict) and set(value) == {"weights_file"}:
+            kwargs[key] = (
+                None if files is None else card_file(card, files, f"kwargs.{key}", value["weights_file"])
+            )
+    return kwargs
+
+
 def _load_builder(card: ModelCard, files: dict[str, Path] | None, random_weights: bool) -> nn.Module:
     from engine_tools.networks.zoo.checkpoints import load_checkpoint
 
@@ -156,16 +171,20 @@ def _load_builder(card: ModelCard, files: dict[str, Path] | None, random_weights
         raise NetworkError(f"{_where(card)}: format {card.network['format']!r} needs network.builder")
     torch.manual_seed(0)
     try:
-        module = _resolve(builder, _where(card))(**card.network.get("kwargs", {}))
+        module = _resolve(builder, _where(card))(**builder_kwargs(card, files))
     except TypeError as exc:
         raise NetworkError(f"{_where(card)}: network.kwargs do not fit {builder} ({exc})") from exc
+    except (ValueError, OSError) as exc:  # the builder refused its configuration or files
+        raise NetworkError(f"{_where(card)}: {builder}: {exc}") from exc
     if random_weights:
         return module
     assert files is not None
     spec = card.network.get("checkpoint") or {}
     key = spec.get("key", card.network.get("state_dict_key"))
     prefix = spec.get("strip_prefix", card.network.get("strip_prefix", "module."))
-    return load_checkpoint(module, _checkpoint_file(card, files), key, prefix)
+    target = module.get_submodule(spec["submodule"]) if spec.get("submodule") else module
+    load_checkpoint(target, _checkpoint_file(card, files), key, prefix)
+    return module.eval()
 
 
 register_format("tfjs", _load_tfjs)

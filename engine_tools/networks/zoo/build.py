@@ -44,10 +44,13 @@ def reduced_card(card: ModelCard) -> ModelCard:
 def build_zoo_network(card: ModelCard, checkpoint: str | Path | None = None, seed: int = 0) -> nn.Module:
     """The card's network in eval mode; random weights (seeded) unless ``checkpoint`` is given."""
     torch.manual_seed(seed)
-    module = resolve_builder(card.network["builder"])(**card.network.get("kwargs", {}))
+    from engine_tools.networks.loaders import builder_kwargs
+
+    module = resolve_builder(card.network["builder"])(**builder_kwargs(card, None))
     if checkpoint is not None:
         spec = card.network.get("checkpoint", {})
-        load_checkpoint(module, checkpoint, spec.get("key"), spec.get("strip_prefix", "module."))
+        target = module.get_submodule(spec["submodule"]) if spec.get("submodule") else module
+        load_checkpoint(target, checkpoint, spec.get("key"), spec.get("strip_prefix", "module."))
     return module.eval()
 
 

@@ -16,17 +16,38 @@ class CheckpointError(ValueError):
     """A checkpoint cannot be used; the message names the file and what to do."""
 
 
+def _numpy_scalar_globals() -> list[Any]:
+    """What ``torch.load(weights_only=True)`` must accept to read numpy scalars and their dtypes.
+
+    nnU-Net checkpoints log losses and Dice as numpy scalars (``np.float64``), which the restricted
+    unpickler refuses by default (MIC-DKFZ/nnUNet#2681). Allowing these reconstructors only rebuilds
+    numbers; nothing else becomes loadable. Files written under numpy 1 name ``numpy.core``.
+    """
+    import numpy as np
+
+    scalar = np._core.multiarray.scalar if hasattr(np, "_core") else np.core.multiarray.scalar
+    dtype_classes = {type(np.dtype(code)) for code in ("b1", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8")}
+    dtype_classes |= {type(np.dtype(code)) for code in ("f2", "f4", "f8")}
+    return [scalar, (scalar, "numpy.core.multiarray.scalar"), np.dtype, *sorted(dtype_classes, key=str)]
+
+
+def safe_load(path: str | Path) -> Any:
+    """``torch.load(weights_only=True)`` that also accepts numpy scalars: never a plain unpickle."""
+    with torch.serialization.safe_globals(_numpy_scalar_globals()):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def read_state_dict(
     path: str | Path, key: str | None = None, strip_prefix: str | None = "module."
 ) -> dict[str, Any]:
-    """Tensors of a checkpoint read with ``torch.load(weights_only=True)``.
+    """Tensors of a checkpoint read with ``torch.load(weights_only=True)`` (numpy scalars allowed).
 
     ``key`` selects a nested state dict (e.g. ``"model_state_dict"``, nnU-Net's ``"network_weights"``);
     without it the usual keys are tried. ``strip_prefix`` removes a DataParallel/DDP ``module.`` prefix.
     """
     path = Path(path)
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        loaded = safe_load(path)
     except Exception as exc:  # pickle refusing a non-tensor object, truncated file, ...
         raise CheckpointError(
             f"{path}: cannot be read safely with torch.load(weights_only=True) ({exc}). "
