@@ -4,4 +4,5 @@ import sys
 
 from engine_tools.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # worker processes (Dask, multiprocessing spawn) import this module too
+    sys.exit(main())

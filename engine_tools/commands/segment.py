@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from engine_tools.commands._options import add_engine_arguments, load_calibration, require_input
+from engine_tools.commands.segment_batch import add_batch_arguments, is_batch, render_batch, run_batch_command
 from engine_tools.progress import Progress
 
 
@@ -18,21 +19,28 @@ def register(
         "segment",
         parents=[common],
         help="segment a volume; writes a labelmap in the input geometry and its label table",
-        description="Segment one volume (NIfTI, NRRD, MHA, MGZ or a DICOM folder) with MODEL.",
+        description="Segment one volume (NIfTI, NRRD, MHA, MGZ or a DICOM folder) with MODEL, or with "
+        "--output-dir every scan of a folder or list (resumable; Dask with --scheduler/--cluster).",
     )
     parser.add_argument("model", metavar="MODEL", help="model id (see `medquant models`) or a card .json")
-    parser.add_argument("--input", "-i", required=True, help="volume file or DICOM series folder")
     parser.add_argument(
-        "--output", "-o", required=True, help="labelmap to write (.nii.gz, .nii, .nrrd, .mha)"
+        "--input",
+        "-i",
+        required=True,
+        help="volume file or DICOM series folder (with --output-dir: a folder of scans or a .txt/.csv list)",
     )
+    parser.add_argument("--output", "-o", help="labelmap to write (.nii.gz, .nii, .nrrd, .mha)")
     add_engine_arguments(parser)
     parser.add_argument("--overlap", type=float, default=None, help="sliding-window overlap (card default)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    add_batch_arguments(parser)
     parser.set_defaults(func=run, render=render)
     return parser
 
 
 def run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
+    if is_batch(args):
+        return run_batch_command(args, progress)
     from engine_tools.checks import check_output_path
     from engine_tools.segment import label_table_paths
 
@@ -91,6 +99,8 @@ def run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
 
 
 def render(result: dict[str, Any]) -> str:
+    if "manifest" in result:
+        return render_batch(result)
     engine = result["engine"]
     kept = engine.get("kept_in_higher_precision")
     lines = [
