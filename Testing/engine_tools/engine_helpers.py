@@ -39,3 +39,42 @@ def foreground_windows(scan: Path, card: ModelCard, count: int, seed: int) -> np
             ]
         )
     return np.ascontiguousarray(np.stack(out), dtype=np.float32)
+
+
+def head_crops(array: np.ndarray, window: tuple[int, int, int], count: int, seed: int) -> np.ndarray:
+    """``count`` crops of ``window`` inside the head (centre region of a conformed ``C, D, H, W`` volume)."""
+    rng = np.random.default_rng(seed)
+    _, *shape = array.shape
+    crops = []
+    for _ in range(count):
+        z, y, x = (int(rng.integers(s // 4, 3 * s // 4 - w)) for s, w in zip(shape, window, strict=True))
+        crops.append(array[:, z : z + window[0], y : y + window[1], x : x + window[2]])
+    return np.ascontiguousarray(np.stack(crops), dtype=np.float32)
+
+
+def meshnet_case(folder: Path, window: tuple[int, int, int]) -> dict:
+    """The pretrained brainchop MeshNet ``model18cls`` (21-channel dilated convolutions, 18 labels) as an
+    ONNX narrowed to ``window``, with 12 calibration and 4 held-out crops of the real T1 after the
+    card's preprocessing (skips when ``../shared`` is absent)."""
+    import pytest
+    from shared_data import shared_path
+
+    from engine_tools.engines.tensorrt.modelopt_qdq import set_static_window
+    from engine_tools.networks import export_onnx
+    from engine_tools.volumes import preprocess, read_image
+
+    brainchop = shared_path("models", "brainchop")
+    t1 = shared_path("data", "mri", "t1_crop.nii.gz")
+    card = get_card("brainchop-model18cls")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MEDQUANT_CACHE_DIR", str(folder / "cache"))
+        full = export_onnx(card, weights_dir=brainchop / "model18cls")
+    size = "x".join(map(str, window))
+    onnx_path = set_static_window(full, folder / f"model18cls_{size}.onnx", window)
+    array = preprocess(read_image(t1), card).array
+    return {
+        "onnx": onnx_path,
+        "folder": folder,
+        "calibration": head_crops(array, window, 12, seed=0),
+        "holdout": head_crops(array, window, 4, seed=1),
+    }

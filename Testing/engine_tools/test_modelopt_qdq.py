@@ -12,15 +12,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from shared_data import shared_path
+from engine_helpers import meshnet_case
 
 from engine_tools.cache import sha256_file
 from engine_tools.engines.tensorrt.modelopt_qdq import (
+    RECIPES,
     convert_fp16_onnx,
+    exact_name_patterns,
     expand_patterns,
     modelopt_availability,
     quantize_qdq,
-    set_static_window,
+    recipe_dtype,
 )
 
 WINDOW = (48, 48, 48)
@@ -28,39 +30,9 @@ ok, reason = modelopt_availability()
 pytestmark = pytest.mark.skipif(not ok, reason=f"ModelOpt unavailable: {reason}")
 
 
-def _windows(array: np.ndarray, count: int, seed: int) -> np.ndarray:
-    """``count`` crops of ``WINDOW`` inside the head (centre region of the conformed volume)."""
-    rng = np.random.default_rng(seed)
-    _, *shape = array.shape
-    crops = []
-    for _ in range(count):
-        start = [int(rng.integers(s // 4, 3 * s // 4 - w)) for s, w in zip(shape, WINDOW, strict=True)]
-        z, y, x = start
-        crops.append(array[:, z : z + WINDOW[0], y : y + WINDOW[1], x : x + WINDOW[2]])
-    return np.ascontiguousarray(np.stack(crops), dtype=np.float32)
-
-
 @pytest.fixture(scope="module")
 def meshnet(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    from engine_tools.networks import export_onnx
-    from engine_tools.registry import get_card
-    from engine_tools.volumes import preprocess, read_image
-
-    brainchop = shared_path("models", "brainchop")
-    t1 = shared_path("data", "mri", "t1_crop.nii.gz")
-    card = get_card("brainchop-model18cls")
-    folder = tmp_path_factory.mktemp("qdq")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MEDQUANT_CACHE_DIR", str(folder / "cache"))
-        full = export_onnx(card, weights_dir=brainchop / "model18cls")
-    onnx_path = set_static_window(full, folder / "model18cls_48.onnx", WINDOW)
-    array = preprocess(read_image(t1), card).array
-    return {
-        "onnx": onnx_path,
-        "folder": folder,
-        "calibration": _windows(array, 12, seed=0),
-        "holdout": _windows(array, 4, seed=1),
-    }
+    return meshnet_case(tmp_path_factory.mktemp("qdq"), WINDOW)
 
 
 def _run(path: Path, windows: np.ndarray) -> np.ndarray:
@@ -160,3 +132,108 @@ def test_bad_inputs_are_named(tmp_path: Path, meshnet: dict) -> None:
         quantize_qdq(
             meshnet["onnx"], meshnet["calibration"], tmp_path / "x.onnx", keep_higher_precision=["("]
         )
+
+
+def _dequantized_inputs(model: object) -> dict[str, int]:
+    """Node name → how many of its inputs come from a DequantizeLinear (0 = left unquantized)."""
+    producers = {out: node.op_type for node in model.graph.node for out in node.output}
+    return {
+        node.name: sum(producers.get(i) == "DequantizeLinear" for i in node.input)
+        for node in model.graph.node
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear")
+    }
+
+
+@pytest.fixture(scope="module")
+def decoder_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small encoder/decoder with ConvTranspose, InstanceNorm and Softmax; three convolutions renamed
+    to names that are prefixes of each other or hold regex characters."""
+    import onnx
+    import torch
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv3d(16, 16, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv3d(16, 16, 3, padding=1),
+        torch.nn.InstanceNorm3d(16, affine=True),
+        torch.nn.ConvTranspose3d(16, 16, 2, stride=2),
+        torch.nn.Conv3d(16, 16, 3, padding=1),
+        torch.nn.Conv3d(16, 4, 1),
+        torch.nn.Softmax(dim=1),
+    ).eval()
+    path = tmp_path_factory.mktemp("decoder") / "decoder.onnx"
+    torch.onnx.export(
+        net,
+        torch.rand(1, 16, 8, 8, 8),
+        str(path),
+        input_names=["input"],
+        output_names=["probs"],
+        dynamic_axes={"input": {0: "batch"}, "probs": {0: "batch"}},
+        opset_version=17,
+        dynamo=False,
+    )
+    model = onnx.load(str(path))
+    convs = [node for node in model.graph.node if node.op_type == "Conv"]
+    for node, name in zip(convs, ["/x/Conv", "/x/Conv_1", "/x/Conv_2", "/head/a+b(c)[0]/Conv"], strict=True):
+        node.name = name
+    onnx.save(model, str(path))
+    return path
+
+
+def test_exclusions_are_exact_names_and_conv_transpose_stays_unquantized(
+    decoder_onnx: Path, tmp_path: Path
+) -> None:
+    import onnx
+
+    windows = np.random.default_rng(0).random((4, 16, 8, 8, 8), dtype=np.float32)
+    excluded = ["/x/Conv", "/head/a+b(c)[0]/Conv"]
+    result = quantize_qdq(
+        decoder_onnx, windows, tmp_path / "qdq.onnx", nodes_to_exclude=excluded, high_precision_dtype="fp32"
+    )
+    dq = _dequantized_inputs(onnx.load(str(result.path)))
+    assert dq["/x/Conv"] == 0 and dq["/head/a+b(c)[0]/Conv"] == 0
+    # a regex "/x/Conv" would also have matched /x/Conv_1 and /x/Conv_2
+    assert dq["/x/Conv_1"] > 0 and dq["/x/Conv_2"] > 0
+    transposed = [name for name in dq if "ConvTranspose" in name]
+    assert transposed and all(dq[name] == 0 for name in transposed)
+    assert result.excluded_nodes == excluded and result.excluded_op_types == ["ConvTranspose"]
+    assert any("TensorRT#4668" in note for note in result.notes)
+    assert set(result.quantized_nodes) == {"/x/Conv_1", "/x/Conv_2"}
+
+    # the card may ask for ConvTranspose to be quantized: then it is (so the check above can fail)
+    kept = quantize_qdq(decoder_onnx, windows, tmp_path / "qdq_all.onnx", quantize_conv_transpose=True)
+    dq_all = _dequantized_inputs(onnx.load(str(kept.path)))
+    assert any(dq_all[name] > 0 for name in transposed) and kept.excluded_op_types == []
+
+
+def test_exact_name_patterns_escape_regex_characters() -> None:
+    import re
+
+    patterns = exact_name_patterns(["/x/Conv", "/head/a+b(c)[0]/Conv", "/x/Conv"])
+    assert patterns == [r"/x/Conv$", r"/head/a\+b\(c\)\[0\]/Conv$"]
+    assert re.match(patterns[0], "/x/Conv") and not re.match(patterns[0], "/x/Conv_1")
+    assert re.match(patterns[1], "/head/a+b(c)[0]/Conv")
+
+
+def test_named_recipes() -> None:
+    assert recipe_dtype("medptq") == "fp32" and recipe_dtype("medquant") == "fp16"
+    assert "hrlblab/PTQ" in RECIPES["medptq"]["description"]
+    with pytest.raises(ValueError, match="medquant, medptq"):
+        recipe_dtype("paper")
+
+
+def test_fp16_autocast_keeps_norm_and_softmax_fp32(decoder_onnx: Path, tmp_path: Path) -> None:
+    import onnx
+
+    windows = np.random.default_rng(1).random((2, 16, 8, 8, 8), dtype=np.float32)
+    model = onnx.load(str(convert_fp16_onnx(decoder_onnx, tmp_path / "fp16.onnx", calibration=windows)))
+    types = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.value_info, *model.graph.output]}
+    for init in model.graph.initializer:
+        types[init.name] = init.data_type
+    by_op = {node.op_type: node for node in model.graph.node}
+    assert types[by_op["InstanceNormalization"].output[0]] == onnx.TensorProto.FLOAT
+    assert types[by_op["Conv"].input[1]] == onnx.TensorProto.FLOAT16
+    assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    reference, converted = _run(decoder_onnx, windows), _run(tmp_path / "fp16.onnx", windows)
+    assert np.abs(reference - converted).max() < 1e-2

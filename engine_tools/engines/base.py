@@ -20,7 +20,7 @@ import numpy as np
 
 from engine_tools.progress import Progress, SilentProgress
 
-PRECISIONS = ("fp32", "bf16", "fp16", "int8")
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16", "int8")
 
 #: File every engine artifact directory holds: what :meth:`Engine.build` returned plus cache keys.
 METADATA_FILE = "engine.json"

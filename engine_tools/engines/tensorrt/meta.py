@@ -44,6 +44,7 @@ class EngineMeta:
     onnx_kind: str = "fp32"  # fp32 | fp16 (AutoCast) | qdq (ModelOpt)
     strongly_typed: bool = True
     batch: int = 1
+    static_batch: bool = False  # the ONNX fixes the batch: the runner pads the last call to ``batch``
     window: tuple[int, int, int] | None = None
     schema: int = META_SCHEMA
 
@@ -153,7 +154,15 @@ TRANSPOSED_CONV_ISSUE = (
 )
 
 
+#: What ``IEngineInspector`` writes for a tensor format when the input shape is not set on an attached
+#: execution context and the network input is dynamic.
+DYNAMIC_SHAPES_FORMAT = "N/A due to dynamic shapes"
+UNRESOLVED = "unresolved"
+
+
 def _precision_of(description: str) -> str:
+    if DYNAMIC_SHAPES_FORMAT.lower() in description.lower():
+        return UNRESOLVED
     text = description.lower()
     for word, precision in _PRECISION_WORDS:
         if word in text:
@@ -168,7 +177,8 @@ def layer_precisions(inspector_info: dict[str, Any] | str) -> list[dict[str, Any
     whose ``Format/Datatype`` strings name the type ("Channel major FP16 format ...", "Int8 ...").
     The layer's compute precision is taken from its first input (weights of Q/DQ-fused convolutions are
     INT8 when the input is). Layers given only as strings (``ProfilingVerbosity.LAYER_NAMES_ONLY``) are
-    reported as ``unknown``.
+    reported as ``unknown``; formats reading :data:`DYNAMIC_SHAPES_FORMAT` (inspector without an
+    execution context) as ``unresolved``.
     """
     if isinstance(inspector_info, str):
         inspector_info = json.loads(inspector_info)
@@ -194,7 +204,8 @@ def layer_precisions(inspector_info: dict[str, Any] | str) -> list[dict[str, Any
 
 
 def summarize_layers(layers: list[dict[str, Any]]) -> dict[str, Any]:
-    """Counts by precision, and the transposed convolutions left in higher precision (TensorRT#4668)."""
+    """Counts by precision, and the transposed convolutions known to be left in higher precision
+    (TensorRT#4668); layers of unknown precision are never reported as such."""
     counts: dict[str, int] = {}
     for layer in layers:
         counts[layer["precision"]] = counts.get(layer["precision"], 0) + 1
@@ -202,9 +213,14 @@ def summarize_layers(layers: list[dict[str, Any]]) -> dict[str, Any]:
         layer["name"]
         for layer in layers
         if ("deconv" in layer["type"].lower() or "convtranspose" in layer["name"].lower().replace("_", ""))
-        and layer["precision"] != "int8"
+        and layer["precision"] not in ("int8", UNRESOLVED, "unknown")
     ]
     summary: dict[str, Any] = {"layers": len(layers), "by_precision": counts}
+    if counts.get(UNRESOLVED):
+        summary["unresolved_warning"] = (
+            f"{counts[UNRESOLVED]} layers read '{DYNAMIC_SHAPES_FORMAT}': the engine inspector had no "
+            "execution context with the input shape set, so their precision is not known"
+        )
     if transposed:
         summary["transposed_conv_not_int8"] = transposed
         summary["warning"] = TRANSPOSED_CONV_ISSUE

@@ -35,9 +35,40 @@ from engine_tools.progress import Progress, SilentProgress
 
 CALIBRATION_METHODS = ("max", "entropy")
 HIGH_PRECISION_DTYPES = ("fp16", "fp32")
+#: Named INT8 recipes: the type of everything ModelOpt leaves unquantized.
+RECIPES: dict[str, dict[str, str]] = {
+    "medquant": {
+        "high_precision_dtype": "fp16",
+        "description": "INT8 convolutions, everything else FP16 (ModelOpt's default; faster)",
+    },
+    "medptq": {
+        "high_precision_dtype": "fp32",
+        "description": "the MedPTQ paper's recipe (hrlblab/PTQ, --high_precision_dtype fp32): INT8 "
+        "convolutions, everything else FP32 (slower, no FP16 rounding outside the INT8 layers)",
+    },
+}
+DEFAULT_RECIPE = "medquant"
+#: Op types AutoCast keeps in FP32 in an FP16 engine: reductions that overflow or lose precision in FP16.
+FP32_OP_TYPES = (
+    "InstanceNormalization",
+    "LayerNormalization",
+    "GroupNormalization",
+    "BatchNormalization",
+    "Softmax",
+    "LogSoftmax",
+)
+#: AutoCast limits (TensorRT's strongly-typed AutoCast sample uses the same): a node whose input or
+#: output magnitude exceeds ``AUTOCAST_DATA_MAX`` on the reference run, or whose initializers exceed
+#: the FP16 range, stays FP32.
+AUTOCAST_DATA_MAX = 512.0
+AUTOCAST_INIT_MAX = 65504.0
+#: Transposed convolutions stay FP16 in TensorRT even with Q/DQ (NVIDIA/TensorRT#4668,
+#: NVIDIA/Model-Optimizer#688); quantizing them only adds Q/DQ pairs, so they are excluded by default.
+CONV_TRANSPOSE = "ConvTranspose"
 #: pip line that installs ModelOpt's ONNX quantizer next to the CPU onnxruntime (no ``[onnx]`` extra).
 MODELOPT_PIP = (
-    "nvidia-modelopt==0.47.0 onnx-graphsurgeon==0.6.1 onnxslim==0.1.98 lief==1.0.0 nvidia-ml-py==13.615.71"
+    "nvidia-modelopt==0.47.0 onnx-graphsurgeon==0.6.1 onnxslim==0.1.98 lief==1.0.0 nvidia-ml-py==13.615.71 "
+    "polygraphy==0.53.6"
 )
 _EXTRA_MODULES = ("onnx_graphsurgeon", "onnxslim", "lief", "pynvml")
 
@@ -57,6 +88,7 @@ class QdqResult:
     calibration_windows: int
     quantized_nodes: list[str]
     excluded_nodes: list[str]
+    excluded_op_types: list[str]
     op_counts: dict[str, int]
     modelopt_version: str
     notes: list[str] = field(default_factory=list)
@@ -120,6 +152,25 @@ def expand_patterns(onnx_path: Path, patterns: Iterable[str]) -> list[str]:
     return [n.name for n in graph.node if n.name and any(p.search(n.name) for p in compiled)]
 
 
+def exact_name_patterns(names: Iterable[str]) -> list[str]:
+    """ModelOpt reads ``nodes_to_exclude`` as regexes (``re.match``): ``/x/Conv`` would also exclude
+    ``/x/Conv_1`` and ``+ ( [`` in names would mis-match. Each name becomes ``re.escape(name) + "$"``."""
+    return [re.escape(name) + "$" for name in dict.fromkeys(names)]
+
+
+def op_types_in(onnx_path: Path) -> set[str]:
+    import onnx
+
+    return {node.op_type for node in onnx.load(str(onnx_path), load_external_data=False).graph.node}
+
+
+def recipe_dtype(recipe: str) -> str:
+    """``high_precision_dtype`` of a named recipe (:data:`RECIPES`); unknown names are refused."""
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown INT8 recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+    return RECIPES[recipe]["high_precision_dtype"]
+
+
 def _check_windows(windows: np.ndarray) -> np.ndarray:
     if windows is None or windows.ndim != 5 or windows.shape[0] < 1:
         shape = None if windows is None else windows.shape
@@ -153,7 +204,9 @@ def quantize_qdq(
     calibration_method: str = "max",
     high_precision_dtype: str = "fp16",
     keep_higher_precision: Iterable[str] = (),
+    nodes_to_exclude: Iterable[str] = (),
     op_types_to_exclude: Iterable[str] = (),
+    quantize_conv_transpose: bool = False,
     calibration_eps: Iterable[str] = ("cpu",),
     progress: Progress | None = None,
 ) -> QdqResult:
@@ -162,9 +215,13 @@ def quantize_qdq(
     ``calibration`` are preprocessed windows ``N, C, D, H, W`` (the same the other engines calibrate
     on); ``calibration_method`` is ``max`` or ``entropy``; weights are quantized per output channel
     (ModelOpt's INT8 default); ``high_precision_dtype`` is the type of everything left unquantized
-    (``fp16`` for TensorRT, ``fp32`` to keep the rest exact). ``keep_higher_precision`` are regexes of
-    node names left unquantized (the card's ``quantization.keep_higher_precision``). ModelOpt rewrites
-    its input in place, so it works on a private copy; ``output_path`` is written atomically.
+    (``fp16``, recipe ``medquant``; ``fp32``, the paper's recipe ``medptq``). Left unquantized:
+    ``keep_higher_precision``, regexes searched in node names (the card's
+    ``quantization.keep_higher_precision``); ``nodes_to_exclude``, exact node names (the accuracy
+    guard's choice); ``op_types_to_exclude``; and ``ConvTranspose`` unless ``quantize_conv_transpose``
+    (TensorRT keeps it FP16 anyway). Names reach ModelOpt as exact-match regexes
+    (:func:`exact_name_patterns`); the result reports the nodes and op types excluded. ModelOpt
+    rewrites its input in place, so it works on a private copy; ``output_path`` is written atomically.
     """
     progress = progress or SilentProgress()
     if calibration_method not in CALIBRATION_METHODS:
@@ -183,7 +240,10 @@ def quantize_qdq(
     import modelopt
     import onnx
 
-    excluded = expand_patterns(onnx_path, keep_higher_precision)
+    excluded = list(dict.fromkeys([*expand_patterns(onnx_path, keep_higher_precision), *nodes_to_exclude]))
+    excluded_types = list(dict.fromkeys(op_types_to_exclude))
+    if not quantize_conv_transpose and CONV_TRANSPOSE in op_types_in(onnx_path):
+        excluded_types.append(CONV_TRANSPOSE)
     input_name = onnx_input_name(onnx_path)
     progress.update("calibrate", 0.0, f"ModelOpt {calibration_method} calibration on {len(windows)} windows")
     with tempfile.TemporaryDirectory(prefix="medquant-modelopt-") as tmp:
@@ -197,8 +257,8 @@ def quantize_qdq(
             "quantize_mode": "int8",
             "calibration_method": calibration_method,
             "calibration_eps": list(calibration_eps),
-            "nodes_to_exclude": excluded or None,
-            "op_types_to_exclude": list(op_types_to_exclude) or None,
+            "nodes_to_exclude": exact_name_patterns(excluded) or None,
+            "op_types_to_exclude": excluded_types or None,
             "high_precision_dtype": high_precision_dtype,
             "output_path": str(result),
             "log_level": logging.getLevelName(logging.WARNING),
@@ -216,6 +276,11 @@ def quantize_qdq(
             stream.write(model.SerializeToString())
     quantized = quantized_node_names(model)
     notes = []
+    if CONV_TRANSPOSE in excluded_types and not quantize_conv_transpose:
+        notes.append(
+            "ConvTranspose layers left unquantized: TensorRT keeps them FP16 under Q/DQ "
+            "(NVIDIA/TensorRT#4668, NVIDIA/Model-Optimizer#688)"
+        )
     if not quantized:
         notes.append(
             "ModelOpt quantized no node: TensorRT INT8 needs convolutions with >= 16 (or a multiple of 8) "
@@ -230,6 +295,7 @@ def quantize_qdq(
         calibration_windows=int(len(windows)),
         quantized_nodes=quantized,
         excluded_nodes=excluded,
+        excluded_op_types=excluded_types,
         op_counts=dict(Counter(n.op_type for n in model.graph.node)),
         modelopt_version=str(modelopt.__version__),
         notes=notes,
@@ -244,21 +310,53 @@ def _modelopt_quantize(arguments: dict[str, Any], input_name: str, windows_file:
     quantize(onnx_path, calibration_data={input_name: np.load(windows_file)}, **arguments)
 
 
-def convert_fp16_onnx(onnx_path: str | Path, output_path: str | Path, keep_io_types: bool = True) -> Path:
-    """FP16 copy of an FP32 ONNX (ModelOpt AutoCast), the input of a strongly-typed TensorRT FP16 engine.
+def convert_fp16_onnx(
+    onnx_path: str | Path,
+    output_path: str | Path,
+    *,
+    calibration: np.ndarray | None = None,
+    keep_io_types: bool = True,
+    fp32_op_types: Iterable[str] = FP32_OP_TYPES,
+) -> Path:
+    """Mixed FP16/FP32 copy of an FP32 ONNX (ModelOpt AutoCast), the input of a strongly-typed FP16 engine.
 
-    Strongly-typed networks take each tensor's precision from the ONNX types, so an FP16 engine needs
-    an FP16 ONNX. ``keep_io_types`` keeps the ``float32`` input and logits (casts are inserted).
+    Strongly-typed networks take each tensor's precision from the ONNX types. AutoCast converts to FP16
+    every node except ``fp32_op_types`` (normalizations, softmax) and the nodes whose activations on a
+    reference run exceed :data:`AUTOCAST_DATA_MAX` or whose initializers exceed the FP16 range; the
+    reference run uses ``calibration`` windows when given (else random inputs). ``keep_io_types`` keeps
+    the ``float32`` input and logits. Runs in a spawned child, like calibration.
     """
     require_modelopt()
-    import onnx
-    from modelopt.onnx.autocast.convert import convert_to_f16
-
-    model = convert_to_f16(onnx.load(str(onnx_path)), low_precision_type="fp16", keep_io_types=keep_io_types)
-    output_path = Path(output_path)
-    with atomic_file(output_path) as stream:
-        stream.write(model.SerializeToString())
+    onnx_path = Path(onnx_path)
+    with tempfile.TemporaryDirectory(prefix="medquant-autocast-") as tmp:
+        arguments: dict[str, Any] = {
+            "onnx_path": str(onnx_path),
+            "low_precision_type": "fp16",
+            "op_types_to_exclude": list(fp32_op_types) or None,
+            "data_max": AUTOCAST_DATA_MAX,
+            "init_max": AUTOCAST_INIT_MAX,
+            "keep_io_types": keep_io_types,
+        }
+        if calibration is not None:
+            data = Path(tmp) / "reference.npz"
+            np.savez(data, **{onnx_input_name(onnx_path): _check_windows(calibration)})
+            arguments["calibration_data"] = str(data)
+        result = Path(tmp) / "model_fp16.onnx"
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+            pool.submit(_modelopt_autocast, arguments, str(result)).result()
+        output_path = Path(output_path)
+        with atomic_file(output_path) as stream:
+            stream.write(result.read_bytes())
     return output_path
+
+
+def _modelopt_autocast(arguments: dict[str, Any], result: str) -> None:
+    """Child-process body of :func:`convert_fp16_onnx`."""
+    import onnx
+    from modelopt.onnx.autocast import convert_to_mixed_precision
+
+    onnx.save(convert_to_mixed_precision(**arguments), result)
 
 
 def set_static_window(onnx_path: str | Path, output_path: str | Path, window: tuple[int, int, int]) -> Path:

@@ -4,18 +4,20 @@ Targets TensorRT 10.x and 11.x (:func:`engine_tools.engines.tensorrt.meta.versio
 from builder flags (TensorRT 10 deprecated, 11 removed ``BuilderFlag.FP16/INT8`` and implicit INT8
 calibrators); it comes from the ONNX types of a strongly-typed network:
 
-* ``fp32``: the FP32 export as is;
-* ``fp16``: an FP16 copy made by ModelOpt AutoCast (:func:`engine_tools.engines.tensorrt.modelopt_qdq.convert_fp16_onnx`);
-* ``int8``: a Q/DQ ONNX calibrated by ModelOpt on the calibration windows
-  (:func:`engine_tools.engines.tensorrt.modelopt_qdq.quantize_qdq`, FP16 for everything not quantized).
+* ``fp32``: the FP32 export as is, TF32 cleared (IEEE FP32, the baseline INT8 is compared with);
+* ``tf32``: the same ONNX with TF32 allowed (TensorRT's default), its own row;
+* ``fp16``: mixed FP16/FP32 made by ModelOpt AutoCast, norms and softmax kept FP32
+  (:func:`.modelopt_qdq.convert_fp16_onnx`);
+* ``int8``: a Q/DQ ONNX calibrated by ModelOpt on the calibration windows (:func:`.modelopt_qdq.quantize_qdq`),
+  the rest FP16 (recipe ``medquant``) or FP32 (recipe ``medptq``, the paper's).
 
-The plan is built with an optimization profile for the window batch (min 1, opt/max = batch), a
-workspace limit, a persisted timing cache (``cache_dir("tensorrt")/timing.cache``, replaced atomically),
-``ProfilingVerbosity.DETAILED`` (for the per-layer precision report) and written atomically together
-with ``trt_meta.json`` (TensorRT version, GPU, compute capability, hashes, precision). A cached engine
-from another GPU or TensorRT version is refused before deserialization (:mod:`engine_tools.engines.tensorrt.meta`).
-Inference binds PyTorch CUDA tensors (``set_tensor_address``) and runs ``execute_async_v3`` on a torch
-CUDA stream, optionally replayed from a captured CUDA graph.
+The plan is built (:func:`.builder.build_plan`) with an optimization profile read against the
+network's static dimensions, a workspace of the device memory minus a margin, a timing cache per
+TensorRT version and compute capability (locked, merged), ``ProfilingVerbosity.DETAILED`` (for the
+per-layer precision report) and written atomically together with ``trt_meta.json``. A cached engine
+from another GPU or TensorRT version is refused before deserialization (:mod:`.meta`). Inference binds
+PyTorch CUDA tensors (``set_tensor_address``) and runs ``execute_async_v3`` on a dedicated CUDA stream
+with NVTX markers lowered to layer names, optionally replayed from a captured CUDA graph.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from engine_tools.cache import atomic_file, cache_dir, sha256_file, write_json_atomic
+from engine_tools.cache import atomic_file, sha256_file, write_json_atomic
 from engine_tools.engines.base import BuildRequest, Engine, _progress
+from engine_tools.engines.tensorrt.builder import build_plan
 from engine_tools.engines.tensorrt.meta import (
     META_FILE,
     EngineMeta,
@@ -41,7 +44,6 @@ from engine_tools.engines.tensorrt.meta import (
 from engine_tools.progress import Progress
 
 PLAN_FILE = "model.plan"
-DEFAULT_WORKSPACE_GIB = 4.0
 _METHODS = {"minmax": "max", "max": "max", "entropy": "entropy"}
 
 
@@ -64,13 +66,15 @@ def current_platform() -> dict[str, str]:
     }
 
 
-def timing_cache_path() -> Path:
-    return cache_dir("tensorrt") / "timing.cache"
+def device_memory() -> int:
+    import torch
+
+    return int(torch.cuda.get_device_properties(0).total_memory)
 
 
 class TensorRTEngine(Engine):
     backend = "tensorrt"
-    supported_precisions = ("fp32", "fp16", "int8")
+    supported_precisions = ("fp32", "tf32", "fp16", "int8")
     default_device = "cuda"
 
     def __init__(self, precision: str = "int8", device: str | None = None) -> None:
@@ -81,6 +85,7 @@ class TensorRTEngine(Engine):
         self._context: Any = None
         self._graph: Any = None
         self._graph_io: tuple[Any, Any] | None = None
+        self._stream: Any = None
         self.use_cuda_graph = False
 
     # -- availability -------------------------------------------------------------------------------
@@ -127,10 +132,22 @@ class TensorRTEngine(Engine):
         with tempfile.TemporaryDirectory(prefix="medquant-trt-") as tmp:
             onnx_file, onnx_kind, calibration_hash = self._typed_onnx(request, Path(tmp), report, progress)
             progress.update("tensorrt", 0.3, f"building {self.precision} engine (strongly typed)")
-            plan, build_log = self._build_plan(onnx_file, request, batch, options)
+            platform = current_platform()
+            plan, build_log = build_plan(
+                _trt(),
+                onnx_file,
+                precision=self.precision,
+                channels=request.in_channels,
+                window=request.window_shape,
+                batch=batch,
+                options=options,
+                total_memory=device_memory(),
+                compute_capability=platform["compute_capability"],
+            )
+        if build_log["profile"]["note"]:
+            progress.warning(build_log["profile"]["note"])
         with atomic_file(artifact_dir / PLAN_FILE) as stream:
             stream.write(plan)
-        platform = current_platform()
         meta = EngineMeta(
             tensorrt_version=platform["tensorrt_version"],
             gpu_name=platform["gpu_name"],
@@ -140,7 +157,8 @@ class TensorRTEngine(Engine):
             engine_sha256=sha256_file(artifact_dir / PLAN_FILE),
             calibration_sha256=calibration_hash,
             onnx_kind=onnx_kind,
-            batch=batch,
+            batch=int(build_log["profile"]["batch"]),
+            static_batch=bool(build_log["profile"]["static_batch"]),
             window=tuple(request.window_shape),
         )
         write_json_atomic(artifact_dir / META_FILE, meta.to_json())
@@ -149,8 +167,9 @@ class TensorRTEngine(Engine):
         self.load(artifact_dir)
         layers = self.layer_report()
         report["layers"] = summarize_layers(layers)
-        if "warning" in report["layers"]:
-            progress.warning(report["layers"]["warning"])
+        for key in ("warning", "unresolved_warning"):
+            if key in report["layers"]:
+                progress.warning(report["layers"][key])
         self.build_report = report
         return report
 
@@ -161,82 +180,38 @@ class TensorRTEngine(Engine):
         from engine_tools.engines.tensorrt import modelopt_qdq
 
         assert request.onnx_path is not None
-        if self.precision == "fp32":
+        if self.precision in ("fp32", "tf32"):
             return Path(request.onnx_path), "fp32", None
         if self.precision == "fp16":
-            progress.update("tensorrt", 0.05, "FP16 ONNX (ModelOpt AutoCast)")
-            return modelopt_qdq.convert_fp16_onnx(request.onnx_path, tmp / "model_fp16.onnx"), "fp16", None
+            progress.update("tensorrt", 0.05, "mixed FP16/FP32 ONNX (ModelOpt AutoCast)")
+            fp16 = modelopt_qdq.convert_fp16_onnx(
+                request.onnx_path, tmp / "model_fp16.onnx", calibration=request.calibration
+            )
+            return fp16, "fp16", None
         if request.calibration is None or len(request.calibration) == 0:
             raise ValueError(f"{request.model_id}: INT8 needs calibration windows (BuildRequest.calibration)")
-        method = str(request.options.get("calibration_method", "max"))
+        options = request.options
+        method = str(options.get("calibration_method", "max"))
         if method not in _METHODS:
             raise ValueError(f"calibration_method {method!r} unknown for TensorRT; use max or entropy")
-        keep = list(request.options.get("keep_higher_precision", [])) + list(
-            request.options.get("ignored_layers", [])
-        )
+        recipe = str(options.get("tensorrt_recipe", modelopt_qdq.DEFAULT_RECIPE))
+        high_precision = str(options.get("high_precision_dtype", modelopt_qdq.recipe_dtype(recipe)))
         with progress.span(0.0, 0.3):
             result = modelopt_qdq.quantize_qdq(
                 request.onnx_path,
                 request.calibration,
                 tmp / "model_qdq.onnx",
                 calibration_method=_METHODS[method],
-                high_precision_dtype=str(request.options.get("high_precision_dtype", "fp16")),
-                keep_higher_precision=keep,
+                high_precision_dtype=high_precision,
+                keep_higher_precision=options.get("keep_higher_precision_patterns", []),
+                nodes_to_exclude=options.get("ignored_layers", []),
+                quantize_conv_transpose=bool(options.get("quantize_conv_transpose", False)),
                 progress=progress,
             )
-        report["qdq"] = result.to_json()
-        calibration_hash = _array_hash(request.calibration)
-        return result.path, "qdq", calibration_hash
-
-    def _build_plan(
-        self, onnx_file: Path, request: BuildRequest, batch: int, options: dict[str, Any]
-    ) -> tuple[bytes, dict[str, Any]]:
-        trt = _trt()
-        features = version_features(trt.__version__)
-        logger = trt.Logger(trt.Logger.WARNING)
-        builder = trt.Builder(logger)
-        flags = 0
-        strongly_typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
-        if strongly_typed is not None:  # 10.x: opt in; 11.x: strongly typed is the only mode
-            flags |= 1 << int(strongly_typed)
-        elif features["needs_strongly_typed_flag"]:
-            raise RuntimeError(
-                f"TensorRT {trt.__version__} lacks NetworkDefinitionCreationFlag.STRONGLY_TYPED"
-            )
-        network = builder.create_network(flags)
-        parser = trt.OnnxParser(network, logger)
-        if not parser.parse_from_file(str(onnx_file)):
-            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-            raise RuntimeError(f"TensorRT could not parse {onnx_file.name}: {errors}")
-        config = builder.create_builder_config()
-        workspace = float(options.get("workspace_gib", DEFAULT_WORKSPACE_GIB))
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace * 2**30))
-        config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
-        if "optimization_level" in options:
-            config.builder_optimization_level = int(options["optimization_level"])
-        input_tensor = network.get_input(0)
-        shape = (request.in_channels, *request.window_shape)
-        profile = builder.create_optimization_profile()
-        profile.set_shape(input_tensor.name, (1, *shape), (batch, *shape), (batch, *shape))
-        config.add_optimization_profile(profile)
-        cache_file = timing_cache_path()
-        cache_bytes = cache_file.read_bytes() if cache_file.is_file() else b""
-        timing_cache = config.create_timing_cache(cache_bytes)
-        config.set_timing_cache(timing_cache, ignore_mismatch=False)
-        plan = builder.build_serialized_network(network, config)
-        if plan is None:
-            raise RuntimeError(
-                f"TensorRT failed to build an engine from {onnx_file.name} (see the log above)"
-            )
-        with atomic_file(cache_file) as stream:
-            stream.write(bytes(config.get_timing_cache().serialize()))
-        return bytes(plan), {
-            "strongly_typed": True,
-            "workspace_gib": workspace,
-            "timing_cache": str(cache_file),
-            "timing_cache_reused": bool(cache_bytes),
-            "profile": {"min": [1, *shape], "opt": [batch, *shape], "max": [batch, *shape]},
-        }
+        report["qdq"] = {**result.to_json(), "recipe": recipe}
+        for note in result.notes:
+            progress.warning(note)
+        return result.path, "qdq", _array_hash(request.calibration)
 
     # -- load / run -------------------------------------------------------------------------------------
     def expect(self, **fields: Any) -> None:
@@ -256,8 +231,13 @@ class TensorRTEngine(Engine):
         engine = runtime.deserialize_cuda_engine(plan_path.read_bytes())
         if engine is None:
             raise RuntimeError(f"{plan_path}: TensorRT could not deserialize the engine; rebuild it")
+        import torch
+
         self._engine = engine
         self._context = engine.create_execution_context()
+        # built with DETAILED for the inspector; at run time NVTX ranges carry layer names only
+        self._context.nvtx_verbosity = trt.ProfilingVerbosity.LAYER_NAMES_ONLY
+        self._stream = torch.cuda.Stream()  # enqueueV3 on the legacy default stream adds syncs
         self._graph = None
         self.artifact_dir = artifact_dir
 
@@ -286,7 +266,10 @@ class TensorRTEngine(Engine):
         outputs = []
         for start in range(0, int(batch.shape[0]), limit):
             chunk = batch[start : start + limit].to("cuda", self._torch_dtype(input_name)).contiguous()
-            outputs.append(self._execute(chunk, input_name, output_name).float())
+            count = int(chunk.shape[0])
+            if self.meta.get("static_batch") and count < limit:  # the plan only runs its fixed batch
+                chunk = torch.cat([chunk, chunk.new_zeros((limit - count, *chunk.shape[1:]))])
+            outputs.append(self._execute(chunk, input_name, output_name)[:count].float())
         return torch.cat(outputs)
 
     def _execute(self, chunk: Any, input_name: str, output_name: str) -> Any:
@@ -294,7 +277,8 @@ class TensorRTEngine(Engine):
 
         self._context.set_input_shape(input_name, tuple(chunk.shape))
         out_shape = tuple(self._context.get_tensor_shape(output_name))
-        stream = torch.cuda.current_stream()
+        stream = self._stream
+        stream.wait_stream(torch.cuda.current_stream())  # the input was written on the caller's stream
         if self.use_cuda_graph and chunk.shape[0] == int(self.meta.get("batch", 1)):
             return self._graph_replay(chunk, input_name, output_name, out_shape).clone()
         output = torch.empty(out_shape, dtype=self._torch_dtype(output_name), device="cuda")
@@ -314,7 +298,7 @@ class TensorRTEngine(Engine):
             static_out = torch.empty(out_shape, dtype=self._torch_dtype(output_name), device="cuda")
             self._context.set_tensor_address(input_name, static_in.data_ptr())
             self._context.set_tensor_address(output_name, static_out.data_ptr())
-            stream = torch.cuda.Stream()
+            stream = self._stream
             with torch.cuda.stream(stream):
                 self._context.execute_async_v3(stream.cuda_stream)  # warm-up outside capture
                 stream.synchronize()
@@ -324,9 +308,10 @@ class TensorRTEngine(Engine):
             self._graph, self._graph_io = graph, (static_in, static_out)
         assert self._graph_io is not None
         static_in, static_out = self._graph_io
-        static_in.copy_(chunk)
-        self._graph.replay()
-        torch.cuda.current_stream().synchronize()
+        with torch.cuda.stream(self._stream):
+            static_in.copy_(chunk)
+            self._graph.replay()
+        self._stream.synchronize()
         return static_out
 
     def run(self, windows: np.ndarray) -> np.ndarray:
@@ -343,9 +328,8 @@ class TensorRTEngine(Engine):
         """Per-layer precision from the engine inspector (needs ``ProfilingVerbosity.DETAILED``)."""
         if self._engine is None:
             return []
-        trt = _trt()
-        inspector = self._engine.create_engine_inspector()
-        info = json.loads(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
+        input_name, _ = self._io_names()
+        info = engine_information(self._engine, self._context, input_name, _trt().LayerInformationFormat.JSON)
         return layer_precisions(info)
 
     def describe(self) -> dict[str, Any]:
@@ -356,6 +340,23 @@ class TensorRTEngine(Engine):
             "layers": summarize_layers(layers),
             "cuda_graph": self.use_cuda_graph,
         }
+
+
+def engine_information(engine: Any, context: Any, input_name: str, json_format: Any) -> dict[str, Any]:
+    """``IEngineInspector.get_engine_information`` with the shapes resolved.
+
+    With a dynamic input every tensor format reads "N/A due to dynamic shapes" unless the inspector has
+    an execution context whose input shape is set: the context gets the profile's opt shape
+    (``ICudaEngine.get_tensor_profile_shape``) and is attached as ``inspector.execution_context``.
+    """
+    shape = tuple(engine.get_tensor_shape(input_name))
+    if any(d == -1 for d in shape):
+        shape = tuple(engine.get_tensor_profile_shape(input_name, 0)[1])
+    if not context.set_input_shape(input_name, shape):
+        raise RuntimeError(f"TensorRT refused input shape {shape} for the inspector")
+    inspector = engine.create_engine_inspector()
+    inspector.execution_context = context
+    return json.loads(inspector.get_engine_information(json_format))
 
 
 def _array_hash(array: np.ndarray) -> str:
