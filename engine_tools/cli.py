@@ -20,8 +20,15 @@ from typing import Any, TextIO
 
 from engine_tools import __version__
 from engine_tools.progress import Cancelled, JsonLinesProgress, Progress, make_progress
+from engine_tools.weights import OFFLINE_ENV
 
 COMMANDS = ("models", "fetch", "build", "segment", "compare", "demo")
+NETWORK_NOTE = (
+    "Network: nothing is downloaded except by `fetch`, and by `build`/`segment`/`compare`/`demo` when a "
+    "model's weights (or the demo's scans) are neither in --weights-dir / $MEDQUANT_WEIGHTS_DIR nor in the "
+    f"cache; then from the URLs pinned in the cards, SHA-256 checked. --offline or {OFFLINE_ENV}=1 "
+    "forbids every download."
+)
 #: Exit status of a command-line usage error (argparse's convention).
 USAGE_EXIT = 2
 #: Exit status of a cancelled run (SIGINT, SIGTERM or a cancel request).
@@ -44,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="medquant",
         description="Real INT8 post-training quantization of 3D medical segmentation networks.",
+        epilog=NETWORK_NOTE,
     )
     parser.add_argument("--version", action="version", version=f"medquant {__version__}")
     common = argparse.ArgumentParser(add_help=False)
@@ -54,7 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="human: progress bar on stderr; jsonl: one JSON event per line on stdout (worker protocol)",
     )
     common.add_argument(
-        "--weights-dir", help="offline mirror of model weight files (checked before downloading)"
+        "--weights-dir",
+        help="offline mirror of weight (and demo data) files, checked before the cache and any download",
+    )
+    common.add_argument(
+        "--offline",
+        action="store_true",
+        help=f"never touch the network (same as {OFFLINE_ENV}=1): a missing file is an error naming its URL",
     )
     common.add_argument(
         "--cache-dir",
@@ -63,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         module = importlib.import_module(f"engine_tools.commands.{name}")
-        module.register(subparsers, common)
+        command = module.register(subparsers, common)
+        if name != "models":
+            command.epilog = NETWORK_NOTE
     return parser
 
 
@@ -118,10 +134,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         return USAGE_EXIT
     if args.cache_dir:
         os.environ["MEDQUANT_CACHE_DIR"] = args.cache_dir
-    if args.progress == "jsonl":
-        with _stdout_reserved_for_protocol() as protocol:
-            return _run(args, JsonLinesProgress(protocol), as_program)
-    return _run(args, make_progress(args.progress), as_program)
+    with _offline_while_running(args.offline):
+        if args.progress == "jsonl":
+            with _stdout_reserved_for_protocol() as protocol:
+                return _run(args, JsonLinesProgress(protocol), as_program)
+        return _run(args, make_progress(args.progress), as_program)
+
+
+@contextmanager
+def _offline_while_running(offline: bool) -> Iterator[None]:
+    """``--offline`` sets ``$MEDQUANT_OFFLINE`` (read by the downloader, inherited by worker processes)
+    for this command only, so that an in-process caller's later commands are not affected."""
+    previous = os.environ.get(OFFLINE_ENV)
+    if offline:
+        os.environ[OFFLINE_ENV] = "1"
+    try:
+        yield
+    finally:
+        if offline and previous is None:
+            os.environ.pop(OFFLINE_ENV, None)
+        elif offline:
+            os.environ[OFFLINE_ENV] = previous
 
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)

@@ -1,7 +1,8 @@
 """No traffic but what the user asked for.
 
 Scans are patient data and clinical workstations are often offline, so the only network access the
-tools make is an explicit model download (:mod:`engine_tools.weights`). NNCF and OpenVINO's model
+tools make is a download of a card's pinned files (:mod:`engine_tools.weights`: model weights, the
+demo's published scans), which ``--offline`` / ``MEDQUANT_OFFLINE=1`` forbids. NNCF and OpenVINO's model
 converter report usage through ``openvino-telemetry`` unless told not to; :func:`disable_telemetry`
 opts out before either library is imported.
 

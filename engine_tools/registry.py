@@ -26,7 +26,8 @@ the extension; ``$MEDQUANT_MODEL_CARDS`` adds more folders, ``os.pathsep``-separ
       "quantization": {"keep_higher_precision": ["regex of layer names"], "notes": "..."}
     }
 
-Everything that reads a card goes through :class:`ModelCard`.
+Everything that reads a card goes through :class:`ModelCard`. Published files that are not weights (the
+demo's scans) are listed in data cards, ``Resources/DataCards/<id>.json`` (:class:`DataCard`).
 """
 
 from __future__ import annotations
@@ -200,3 +201,58 @@ def get_card(model: str) -> ModelCard:
             f"unknown model {model!r}; `medquant models` lists: {', '.join(sorted(cards)) or 'none'}"
         )
     return cards[model]
+
+
+DATA_CARDS_ENV = "MEDQUANT_DATA_CARDS"
+
+
+@dataclass
+class DataCard:
+    """Published files that are not weights (e.g. the demo's scans): ``Resources/DataCards/<id>.json``::
+
+        {"id": "demo", "title": "...", "files": [{"name": "...", "role": "scan", "url": "...",
+                                                 "sha256": "...", "size": int, "licence": "..."}]}
+
+    ``files`` entries follow ``weights.files`` of a model card, so :mod:`engine_tools.weights` finds,
+    downloads and verifies them the same way, into ``<cache>/data/<id>/``.
+    """
+
+    id: str
+    title: str
+    files: list[dict[str, Any]]
+    path: Path | None = None
+    cache_kind = "data"
+
+    @property
+    def weights(self) -> dict[str, Any]:
+        """The file entries where the downloader reads them (the schema model cards use)."""
+        return {"files": self.files}
+
+    def with_roles(self, roles: set[str]) -> DataCard:
+        """The same card restricted to the files whose ``role`` is in ``roles``."""
+        return DataCard(self.id, self.title, [f for f in self.files if f.get("role") in roles], self.path)
+
+
+def data_card_dirs() -> list[Path]:
+    """``$MEDQUANT_DATA_CARDS`` folders first (they replace a shipped card of the same id), then ours."""
+    extra = os.environ.get(DATA_CARDS_ENV, "")
+    return [*(Path(p).expanduser() for p in extra.split(os.pathsep) if p), resources_dir() / "DataCards"]
+
+
+def get_data_card(card_id: str) -> DataCard:
+    """The first ``<card_id>.json`` in :func:`data_card_dirs`."""
+    for folder in data_card_dirs():
+        path = folder / f"{card_id}.json"
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise CardError(f"{path}: not valid JSON ({exc})") from exc
+        files = data.get("files")
+        if data.get("id") != card_id or not isinstance(files, list) or not files:
+            raise CardError(
+                f"{path}: a data card needs 'id' equal to {card_id!r} and a non-empty 'files' list"
+            )
+        return DataCard(card_id, str(data.get("title", card_id)), files, path)
+    raise KeyError(f"no data card {card_id!r} in {', '.join(str(d) for d in data_card_dirs())}")

@@ -8,13 +8,19 @@
    as ``DIR/<name>``, ``DIR/<card id>/<name>`` or ``DIR/<folder of the URL>/<name>`` (so a copy of a
    publisher's folder tree works as is, e.g. ``shared/models/brainchop/model18cls/model.bin``);
 3. the cache ``<cache>/weights/<card id>/<name>``;
-4. a download from the card's URL (only when ``allow_download``): streamed with progress into a
-   temporary file beside its destination, checked against the card's size and SHA-256, and renamed
-   into the cache only when both match. A mismatch or an interrupted download leaves nothing behind.
+4. a download from the card's URL (only when ``allow_download`` and ``$MEDQUANT_OFFLINE`` is not
+   set): streamed with progress into a temporary file beside its destination, checked against the
+   card's size and SHA-256, and renamed into the cache only when both match. A mismatch or an
+   interrupted download leaves nothing behind.
+
+A mirror copy that fails its check is an error (the user put it there on purpose), never a silent
+fallback to a download; a cached copy that fails its check is downloaded again.
 
 A file entry may name a ``member`` inside a zip archive (a wheel): ``url``/``sha256``/``size`` then
 describe the archive, ``member_sha256`` (optional) the extracted file. The mirror may hold either the
 extracted file (as ``<name>``) or the archive (under its URL file name).
+Data cards (:class:`engine_tools.registry.DataCard`, e.g. the demo's scans) list their files in the
+same schema and are fetched by the same code into ``<cache>/data/<card id>/``.
 This module is the only place the tools open network connections (see :mod:`engine_tools.privacy`).
 """
 
@@ -34,6 +40,7 @@ from engine_tools.progress import Progress, SilentProgress
 from engine_tools.registry import ModelCard
 
 WEIGHTS_ENV = "MEDQUANT_WEIGHTS_DIR"
+OFFLINE_ENV = "MEDQUANT_OFFLINE"
 DOWNLOAD_TIMEOUT_S = 60.0
 _CHUNK = 1 << 20
 _USER_AGENT = "medquant-engine-tools (model weights download)"
@@ -63,6 +70,11 @@ def _sha256(path: Path) -> str:
     return _SHA_MEMO[key]
 
 
+def offline() -> bool:
+    """True when ``$MEDQUANT_OFFLINE`` is set (``1``/``true``/``yes``/``on``): nothing is downloaded."""
+    return os.environ.get(OFFLINE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def mirror_dirs(weights_dir: str | Path | list[str | Path] | None = None) -> list[Path]:
     """Mirror folders to search: ``weights_dir`` if given, else ``$MEDQUANT_WEIGHTS_DIR``."""
     if weights_dir is None:
@@ -74,8 +86,8 @@ def mirror_dirs(weights_dir: str | Path | list[str | Path] | None = None) -> lis
 
 
 def weights_cache_dir(card: ModelCard) -> Path:
-    """Where downloaded (or extracted) files of ``card`` are kept."""
-    return cache_dir("weights") / card.id
+    """Where downloaded (or extracted) files of ``card`` are kept (``data/<id>`` for a data card)."""
+    return cache_dir(getattr(card, "cache_kind", "weights")) / card.id
 
 
 def weight_entries(card: ModelCard) -> list[dict[str, Any]]:
@@ -235,6 +247,7 @@ def _local_file(card: ModelCard, entry: dict[str, Any], dirs: list[Path], progre
     file_sha = entry.get("member_sha256") if member else sha
     file_size = entry.get("member_size") if member else size
     rejected: list[str] = []
+    mirror_rejected: list[str] = []
     if entry.get("path"):
         path = Path(entry["path"]).expanduser()
         if not path.is_file():
@@ -247,7 +260,8 @@ def _local_file(card: ModelCard, entry: dict[str, Any], dirs: list[Path], progre
             )
         return path
     cached = weights_cache_dir(card) / name
-    for path in [*_candidates(card, entry, name, dirs), *([cached] if cached.is_file() else [])]:
+    mirrored = _candidates(card, entry, name, dirs)
+    for path in [*mirrored, *([cached] if cached.is_file() else [])]:
         ok, why = _matches(path, file_sha, file_size)
         if ok:
             if not file_sha:
@@ -256,6 +270,8 @@ def _local_file(card: ModelCard, entry: dict[str, Any], dirs: list[Path], progre
                 )
             return path
         rejected.append(f"{path} ({why})")
+        if path in mirrored:
+            mirror_rejected.append(f"{path} ({why})")
     if member:
         archive_name = _url_filename(entry.get("url"))
         archives = _candidates(card, entry, archive_name, dirs) if archive_name else []
@@ -266,6 +282,8 @@ def _local_file(card: ModelCard, entry: dict[str, Any], dirs: list[Path], progre
             ok, why = _matches(archive, sha, size)
             if not ok:
                 rejected.append(f"{archive} ({why})")
+                if archive != cached_archive:
+                    mirror_rejected.append(f"{archive} ({why})")
                 continue
             progress.update("weights", None, f"{card.id}: extracting {member} from {archive.name}")
             extracted = _extract_member(archive, member, cached, card)
@@ -274,6 +292,12 @@ def _local_file(card: ModelCard, entry: dict[str, Any], dirs: list[Path], progre
                 extracted.unlink(missing_ok=True)
                 raise ChecksumMismatch(f"{card.id}: {member} extracted from {archive}: {why}")
             return extracted
+    if mirror_rejected:
+        raise ChecksumMismatch(
+            f"{card.id}: the mirror copy of {name} does not match the card: {'; '.join(mirror_rejected)}. "
+            f"Replace it with the published file ({entry.get('url') or 'see the card'}) or remove it "
+            "from the --weights-dir / $MEDQUANT_WEIGHTS_DIR folder; it is not replaced by a download."
+        )
     for line in rejected:
         progress.warning(f"{card.id}: ignoring {line}")
     return None
@@ -302,9 +326,10 @@ def ensure_weights(
             if local is None:
                 if not entry.get("url"):
                     raise WeightsUnavailable(f"{card.id}: {name} has no URL and no local copy")
-                if not allow_download:
+                if not allow_download or offline():
+                    why = f" ({OFFLINE_ENV}=1 or --offline)" if offline() else ""
                     raise WeightsUnavailable(
-                        f"{card.id}: weights file {name} is not available locally and downloads are off. "
+                        f"{card.id}: file {name} is not available locally and downloads are off{why}. "
                         + _offline_hint(card, entry, name)
                     )
                 cache = weights_cache_dir(card)

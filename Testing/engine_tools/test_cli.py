@@ -89,16 +89,6 @@ def test_compare_rejects_unknown_precision(tmp_path):
     assert proc.returncode == 2 and "int4" in proc.stderr and "int8" in proc.stderr
 
 
-def test_demo_without_the_shared_data_names_what_is_missing(tmp_path, monkeypatch):
-    monkeypatch.setenv("MEDQUANT_SHARED", str(tmp_path / "empty"))
-    code, events = run_cli("demo", "--output-dir", str(tmp_path / "out"))
-    assert code == 1
-    assert events[-1]["error_type"] == "DemoDataMissing"
-    assert str(tmp_path / "empty" / "data" / "mri" / "t1_crop.nii.gz") in events[-1]["message"]
-    assert "MEDQUANT_SHARED" in events[-1]["message"]
-    assert not (tmp_path / "out").exists()
-
-
 def test_build_with_random_weights_runs_a_seed_network_without_its_weights(tmp_path):
     """The published U-Net weights are unreachable here: ``--random-weights`` still builds the real
     full-size architecture (and says so), while a plain build names the missing download."""

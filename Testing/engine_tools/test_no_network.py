@@ -114,3 +114,136 @@ def test_socket_guard_catches_telemetry_when_not_opted_out(tmp_path: Path) -> No
     onnx = shared_path("models", "niivue", "gwm_meshnet.onnx")
     result = _run(CONTROL, tmp_path, shared_path("models", "brainchop"), onnx)
     assert any("google-analytics" in attempt[1] for attempt in result["attempts"]), result["attempts"]
+
+
+CLI = "from engine_tools.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+
+
+def _cli_without_network(
+    tmp_path: Path, *args: str, env: dict[str, str] | None = None
+) -> tuple[int, dict, list]:
+    """``medquant ARGS --progress jsonl`` with every socket blocked: exit code, last event, attempts."""
+    attempts = tmp_path / "attempts.jsonl"
+    full_env = {
+        **os.environ,
+        "MEDQUANT_CACHE_DIR": str(tmp_path / "cache"),
+        "MEDQUANT_SHARED": str(tmp_path / "no-shared"),
+        "MEDQUANT_TEST_ATTEMPTS": str(attempts),
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        **(env or {}),
+    }
+    for key in ("MEDQUANT_OFFLINE", "MEDQUANT_WEIGHTS_DIR"):
+        if key not in (env or {}):
+            full_env.pop(key, None)
+    proc = subprocess.run(
+        [sys.executable, "-c", GUARD + CLI, *args, "--progress", "jsonl"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=full_env,
+        cwd=tmp_path,
+    )
+    events = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert events, proc.stderr[-3000:]
+    logged = [json.loads(line) for line in attempts.read_text().splitlines()] if attempts.exists() else []
+    return proc.returncode, events[-1], logged
+
+
+OFFLINE_RUNS = {
+    "build --offline": (
+        ["build", "brainchop-model5_gw_ae", "--backend", "openvino", "--precision", "fp32", "--offline"],
+        {},
+    ),
+    "segment, MEDQUANT_OFFLINE=1": (
+        [
+            "segment",
+            "brainchop-model5_gw_ae",
+            "--backend",
+            "openvino",
+            "--precision",
+            "fp32",
+            "-i",
+            "SCAN",
+            "-o",
+            "out.nii.gz",
+        ],
+        {"MEDQUANT_OFFLINE": "1"},
+    ),
+    "compare, MEDQUANT_OFFLINE=1": (
+        [
+            "compare",
+            "brainchop-model5_gw_ae",
+            "--backend",
+            "openvino",
+            "--precisions",
+            "fp32",
+            "-i",
+            "SCAN",
+            "-o",
+            "report",
+        ],
+        {"MEDQUANT_OFFLINE": "1"},
+    ),
+    "demo --offline, no shared folder": (["demo", "--offline", "-o", "report"], {}),
+}
+
+
+@pytest.mark.parametrize("run", OFFLINE_RUNS, ids=list(OFFLINE_RUNS))
+def test_offline_commands_never_touch_the_network(tmp_path: Path, run: str) -> None:
+    """With nothing local, an offline command ends in one error naming the file, its URL and how to
+    provide it, and makes no connection attempt (the socket guard would log it)."""
+    args, env = OFFLINE_RUNS[run]
+    scan = str(shared_path("data", "mri", "t1_crop.nii.gz"))
+    code, final, attempts = _cli_without_network(
+        tmp_path, *[scan if a == "SCAN" else a for a in args], env=env
+    )
+    assert code == 1 and final["event"] == "error", final
+    message = final["message"]
+    assert "downloads are off (MEDQUANT_OFFLINE=1 or --offline)" in message, message
+    assert "https://raw.githubusercontent.com/neuroneural/brainchop/" in message
+    assert "--weights-dir" in message and "MEDQUANT_WEIGHTS_DIR" in message
+    if run.startswith("demo"):
+        assert final["error_type"] == "DemoDataMissing" and "t1_crop.nii.gz" in message
+        assert "MEDQUANT_SHARED" in message and str(tmp_path / "no-shared" / "data" / "mri") in message
+    else:
+        assert final["error_type"] == "WeightsUnavailable" and "model.json" in message
+    assert attempts == []
+    assert not (tmp_path / "out.nii.gz").exists() and not (tmp_path / "report").exists()
+
+
+def test_mismatching_mirror_copy_is_an_error_not_a_download(tmp_path: Path) -> None:
+    """issue: a mirror file failing its SHA-256 was rejected, then ``build`` went to the network."""
+    mirror = tmp_path / "mirror" / "model5_gw_ae"
+    mirror.mkdir(parents=True)
+    published = shared_path("models", "brainchop", "model5_gw_ae")
+    (mirror / "model.json").write_bytes((published / "model.json").read_bytes().replace(b"relu", b"RELU"))
+    code, final, attempts = _cli_without_network(
+        tmp_path,
+        "build",
+        "brainchop-model5_gw_ae",
+        "--backend",
+        "openvino",
+        "--precision",
+        "fp32",
+        "--weights-dir",
+        str(tmp_path / "mirror"),
+    )
+    assert code == 1 and final["error_type"] == "ChecksumMismatch", final
+    assert str(mirror / "model.json") in final["message"] and "SHA-256" in final["message"]
+    assert "not replaced by a download" in final["message"]
+    assert attempts == []
+
+
+def test_help_says_when_the_network_is_used(capsys: pytest.CaptureFixture[str], monkeypatch) -> None:
+    from engine_tools.cli import main
+
+    for command in ("fetch", "build", "segment", "compare", "demo"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "Network: nothing is downloaded except by `fetch`" in text, command
+        assert "--offline" in text and "MEDQUANT_OFFLINE=1 forbids every download" in text, command
+    # --offline holds for its own command only (in-process callers run more commands afterwards)
+    monkeypatch.delenv("MEDQUANT_OFFLINE", raising=False)
+    assert main(["fetch", "brainchop-model5_gw_ae", "--offline", "--progress", "none"]) == 1
+    assert "MEDQUANT_OFFLINE" not in os.environ

@@ -16,6 +16,7 @@ from engine_tools.cache import partial_artifacts
 from engine_tools.progress import SilentProgress
 from engine_tools.registry import ModelCard
 from engine_tools.weights import (
+    OFFLINE_ENV,
     WEIGHTS_ENV,
     ChecksumMismatch,
     WeightsUnavailable,
@@ -168,14 +169,44 @@ def test_mirror_layouts_and_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         assert ensure_weights(card, weights_dir=mirror, allow_download=False)["m.bin"] == mirror / layout
     monkeypatch.setenv(WEIGHTS_ENV, str(tmp_path / "m.bin"))
     assert locate_weights(card)["m.bin"] == tmp_path / "m.bin" / "m.bin"
-    # a mirror copy with the wrong content is ignored (with a warning), never used
+    # a mirror copy with the wrong content is never used, and never silently replaced by a download
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "m.bin").write_bytes(b"WEIGHTS!")
+    with pytest.raises(ChecksumMismatch) as info:
+        ensure_weights(card, weights_dir=bad, timeout=5)
+    message = str(info.value)
+    assert str(bad / "m.bin") in message and "SHA-256" in message and entry["url"] in message
+    assert "--weights-dir" in message and "not replaced by a download" in message
+    # a good copy in another mirror folder still wins over the bad one
+    assert (
+        ensure_weights(card, weights_dir=[bad, tmp_path / "m.bin"])["m.bin"] == tmp_path / "m.bin" / "m.bin"
+    )
+
+
+def test_corrupt_cache_copy_is_downloaded_again(server, isolated_cache: Path) -> None:
+    base, root, handler = server
+    data = b"published weights"
+    card = _card([_entry(root, base, "a.bin", data)])
+    cached = ensure_weights(card)["a.bin"]
+    cached.write_bytes(b"PUBLISHED WEIGHTS")  # same size, flipped bits
     progress = SilentProgress()
-    with pytest.raises(WeightsUnavailable):
-        ensure_weights(card, weights_dir=bad, progress=progress, allow_download=False)
-    assert any("ignoring" in e.get("message", "") for e in progress.events)
+    assert ensure_weights(card, progress=progress)["a.bin"].read_bytes() == data
+    assert handler.hits == ["/a.bin", "/a.bin"]
+    assert any("ignoring" in e.get("message", "") and str(cached) in e["message"] for e in progress.events)
+
+
+def test_offline_env_forbids_downloads(server, isolated_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    base, root, handler = server
+    card = _card([_entry(root, base, "a.bin", b"published weights")])
+    monkeypatch.setenv(OFFLINE_ENV, "1")
+    with pytest.raises(WeightsUnavailable) as info:
+        ensure_weights(card)  # downloads allowed by the caller, forbidden by the user
+    message = str(info.value)
+    assert f"{OFFLINE_ENV}=1" in message and f"{base}/a.bin" in message and "--weights-dir" in message
+    assert handler.hits == [] and not weights_present(card)
+    monkeypatch.setenv(OFFLINE_ENV, "0")
+    assert ensure_weights(card)["a.bin"].read_bytes() == b"published weights"
 
 
 def test_archive_member_download_and_mirror(server, tmp_path: Path, isolated_cache: Path) -> None:

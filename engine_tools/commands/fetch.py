@@ -14,17 +14,15 @@ def register(
     parser = subparsers.add_parser(
         "fetch",
         parents=[common],
-        help="download and verify model weights into the cache (the only command that uses the network)",
+        help="download and verify model weights into the cache ahead of time",
         description=(
             "Makes the weights of MODEL available: --weights-dir / $MEDQUANT_WEIGHTS_DIR mirror first, then "
-            "the cache, then a download from the card's URL with SHA-256 and size checks."
+            "the cache, then a download from the card's URL with SHA-256 and size checks. With --offline "
+            "it only checks the mirror and the cache."
         ),
     )
     parser.add_argument("models", nargs="*", metavar="MODEL", help="model ids (see `medquant models`)")
     parser.add_argument("--all", action="store_true", help="every model with published weights")
-    parser.add_argument(
-        "--offline", action="store_true", help="never download; only check the mirror and cache"
-    )
     parser.add_argument("--timeout", type=float, default=60.0, help="network timeout in seconds (default 60)")
     parser.set_defaults(func=run, render=render)
     return parser
