@@ -39,7 +39,6 @@ import torch  # noqa: E402
 
 from engine_tools.engines.torch_compiled_engine import compile_module  # noqa: E402
 
-BRAINCHOP_DIRS = (REPO / ".gpu_carry" / "brainchop", REPO.parent / "shared" / "models" / "brainchop")
 MESHNETS = ("model5_gw_ae", "model11_gw_ae", "model18cls", "model21_104class", "mindgrab")
 # Compile order: the issue's reference networks first, so a time limit cuts the least important.
 PRIORITY = (
@@ -87,15 +86,29 @@ def monai_networks() -> dict[str, tuple[Callable[[], Any], str]]:
     }
 
 
-def meshnets(brainchop_dir: Path | None) -> dict[str, tuple[Callable[[], Any], str]]:
+def brainchop_topologies(weights_dir: str | None) -> dict[str, Path]:
+    """``model.json`` of each brainchop MeshNet found in the weights mirror (``--weights-dir``, else
+    ``$MEDQUANT_WEIGHTS_DIR``, else the demo's mirror), laid out ``<mirror>/<model>/model.json``."""
+    from engine_tools import demo
+    from engine_tools.weights import mirror_dirs
+
+    dirs = mirror_dirs(weights_dir)
+    if not dirs and demo.default_weights_dir() is not None:
+        dirs = [demo.default_weights_dir()]
+    found = {}
+    for name in MESHNETS:
+        model_json = next((d / name / "model.json" for d in dirs if (d / name / "model.json").is_file()), None)
+        if model_json is not None:
+            found[name] = model_json
+    return found
+
+
+def meshnets(weights_dir: str | None) -> dict[str, tuple[Callable[[], Any], str]]:
     """brainchop MeshNets from their TF.js ``model.json`` (random weights: latency only)."""
-    if brainchop_dir is None:
-        return {}
     from engine_tools.networks.tfjs import build_tfjs_module
 
     found = {}
-    for name in MESHNETS:
-        model_json = brainchop_dir / name / "model.json"
+    for name, model_json in brainchop_topologies(weights_dir).items():
         if model_json.is_file():
             found[name] = (
                 lambda p=model_json: build_tfjs_module(p, random_weights=True),
@@ -178,7 +191,9 @@ def environment(device: str) -> dict[str, Any]:
         env["tensorrt"] = tensorrt.__version__
     except ImportError as exc:
         env["tensorrt"] = None
-        env["tensorrt_reason"] = f"tensorrt does not import here ({exc})"
+        env["tensorrt_reason"] = (
+            f"TensorRT is not installed ({exc}); install it with pip install -r requirements-tensorrt.txt"
+        )
     return env
 
 
@@ -419,7 +434,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile-reserve-s", type=float, default=150.0, help="time one compile may take")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--engine-smoke", default="unet", help="model for the engine end-to-end run, or ''")
-    parser.add_argument("--brainchop-dir", type=Path, default=None)
+    parser.add_argument(
+        "--weights-dir",
+        default=None,
+        help="offline weights mirror holding the brainchop MeshNets (default $MEDQUANT_WEIGHTS_DIR)",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     parser.add_argument("--tag", default="", help="suffix of the result file names")
     parser.add_argument("--merge", type=Path, nargs="+", help="combine result JSONs of several runs")
@@ -435,13 +454,12 @@ def main(argv: list[str] | None = None) -> int:
     args.compile_mode = args.compile_mode or ("max-autotune" if cuda else "default")
     args.compiled_precision = "fp16" if cuda else "fp32"
     low = torch.float16 if cuda else torch.bfloat16
-    brainchop = args.brainchop_dir or next((d for d in BRAINCHOP_DIRS if d.is_dir()), None)
 
     env = environment(args.device)
     errors: list[str] = []
     catalogue: dict[str, tuple[Callable[[], Any], str]] = {}
     try:
-        catalogue.update(meshnets(brainchop))
+        catalogue.update(meshnets(args.weights_dir))
     except ImportError as exc:
         errors.append(f"brainchop MeshNets not benchmarked: {exc}")
     catalogue.update(monai_networks())
