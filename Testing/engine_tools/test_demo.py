@@ -139,3 +139,22 @@ def test_demo_refuses_a_scan_that_fails_its_pin(tmp_path, publisher, isolated_ca
     assert handler.hits == ["/t1_crop.nii.gz"]
     assert not any((isolated_cache / "data").rglob("*.nii.gz"))
     assert not (tmp_path / "report").exists()
+
+
+def test_fetch_demo_data_prepares_an_offline_demo(tmp_path, publisher, isolated_cache, monkeypatch, capsys):
+    from engine_tools.cli import main
+
+    base, handler = publisher
+    _cards(tmp_path, base)
+    monkeypatch.setenv("MEDQUANT_SHARED", str(tmp_path / "empty"))
+    monkeypatch.setenv(DATA_CARDS_ENV, str(tmp_path / "datacards"))
+    monkeypatch.delenv("MEDQUANT_WEIGHTS_DIR", raising=False)
+    monkeypatch.delenv("MEDQUANT_OFFLINE", raising=False)
+    assert main(["fetch", "--demo-data", "--progress", "jsonl"]) == 0
+    fetched = json.loads(capsys.readouterr().out.splitlines()[-1])["data"]["fetched"]["demo"]
+    folder = isolated_cache / "data" / "demo"
+    assert fetched == {entry["name"]: str(folder / entry["name"]) for entry in get_data_card("demo").files}
+    assert len(handler.hits) == 2
+    # afterwards offline: served from the cache, the server is not asked again
+    assert main(["fetch", "--demo-data", "--offline", "--progress", "none"]) == 0
+    assert len(handler.hits) == 2

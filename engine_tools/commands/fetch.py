@@ -23,6 +23,11 @@ def register(
     )
     parser.add_argument("models", nargs="*", metavar="MODEL", help="model ids (see `medquant models`)")
     parser.add_argument("--all", action="store_true", help="every model with published weights")
+    parser.add_argument(
+        "--demo-data",
+        action="store_true",
+        help="also the scans of `medquant demo` (Resources/DataCards/demo.json), so it later runs offline",
+    )
     parser.add_argument("--timeout", type=float, default=60.0, help="network timeout in seconds (default 60)")
     parser.set_defaults(func=run, render=render)
     return parser
@@ -32,13 +37,14 @@ def run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
     from engine_tools.registry import get_card, load_cards
     from engine_tools.weights import WeightsError, ensure_weights
 
-    if args.all == bool(args.models):
-        raise ValueError("name one or more models, or --all")
+    if (args.all and args.models) or not (args.all or args.models or args.demo_data):
+        raise ValueError("name one or more models, or --all (and/or --demo-data)")
     cards = list(load_cards().values()) if args.all else [get_card(m) for m in args.models]
     results: dict[str, Any] = {}
     failures: dict[str, str] = {}
+    steps = len(cards) + int(args.demo_data)
     for index, card in enumerate(cards):
-        with progress.span(index / len(cards), (index + 1) / len(cards)):
+        with progress.span(index / steps, (index + 1) / steps):
             try:
                 paths = ensure_weights(
                     card,
@@ -53,6 +59,12 @@ def run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
                     raise
                 failures[card.id] = str(exc)
                 progress.warning(f"{card.id}: {exc}")
+    if args.demo_data:
+        from engine_tools import demo
+
+        with progress.span(len(cards) / steps, 1.0):
+            files = demo.demo_files({"scan", "calibration"}, args.weights_dir, progress)
+        results[demo.DATA_CARD] = {path.name: str(path) for paths in files.values() for path in paths}
     return {"fetched": results, "failed": failures}
 
 
