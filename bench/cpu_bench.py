@@ -30,11 +30,10 @@ if str(REPO) not in sys.path:
 
 from engine_tools import demo  # noqa: E402
 from engine_tools.cache import atomic_file, cache_dir, write_json_atomic  # noqa: E402
-from engine_tools.compare import (  # noqa: E402
-    centre_window,
+from engine_tools.compare import centre_window, time_engine  # noqa: E402
+from engine_tools.machine import (  # noqa: E402
     machine_description,
     openvino_cpu_capabilities,
-    time_engine,
     unsupported_reason,
 )
 from engine_tools.progress import HumanProgress, Progress, SilentProgress  # noqa: E402

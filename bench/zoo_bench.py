@@ -92,7 +92,7 @@ def bench_model(model_id: str, repeats: int, calibration: int, workdir: Path) ->
     import torch
 
     from engine_tools.engines.base import BuildRequest
-    from engine_tools.engines.openvino_engine import OpenVINOEngine
+    from engine_tools.engines.openvino import OpenVINOEngine
     from engine_tools.networks.zoo.build import build_zoo_network, export_module_onnx
     from engine_tools.pipeline import card_build_options
     from engine_tools.registry import get_card

@@ -12,8 +12,6 @@ from __future__ import annotations
 import gc
 import json
 import math
-import os
-import platform
 import statistics
 import time
 from collections.abc import Sequence
@@ -23,101 +21,10 @@ from typing import Any
 import numpy as np
 
 from engine_tools.cache import atomic_file, write_json_atomic
+from engine_tools.machine import machine_description, unsupported_reason
 from engine_tools.progress import Progress, SilentProgress
 
-#: CPU flags that decide which INT8/BF16 kernels a CPU engine can use.
-CPU_FLAGS_OF_INTEREST = (
-    "avx2",
-    "avx512f",
-    "avx512_vnni",
-    "avx_vnni",
-    "avx512_bf16",
-    "amx_bf16",
-    "amx_int8",
-    "amx_tile",
-)
 MAX_KEPT_LOGITS_BYTES = 512 * 2**20
-LIBRARIES = ("numpy", "torch", "monai", "openvino", "nncf", "onnxruntime", "onnx", "SimpleITK", "tensorrt")
-
-
-# --------------------------------------------------------------------------------------------- machine
-def _cpu_model_and_flags() -> tuple[str, set[str]]:
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and model in ("", platform.machine(), platform.processor()):
-                model = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = set(value.split())
-    except OSError:
-        pass
-    return model, flags
-
-
-def _library_versions() -> dict[str, str]:
-    from importlib import metadata
-
-    names = {"SimpleITK": "SimpleITK", "onnxruntime": "onnxruntime", "tensorrt": "tensorrt"}
-    versions: dict[str, str] = {"python": platform.python_version()}
-    for lib in LIBRARIES:
-        try:
-            versions[lib] = metadata.version(names.get(lib, lib))
-        except metadata.PackageNotFoundError:
-            continue
-    return versions
-
-
-def openvino_cpu_capabilities() -> list[str]:
-    """OpenVINO's ``OPTIMIZATION_CAPABILITIES`` of the CPU (``BF16`` absent → BF16 runs as FP32)."""
-    try:
-        import openvino as ov
-
-        return [str(c) for c in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")]
-    except Exception:  # OpenVINO missing or no CPU plugin: nothing to report
-        return []
-
-
-def unsupported_reason(backend: str, precision: str) -> str | None:
-    """Why ``precision`` cannot run natively on this CPU with ``backend`` (``None`` when it can).
-
-    OpenVINO silently runs a BF16/FP16 request in FP32 on a CPU without those kernels, which would
-    only repeat the FP32 row under another name.
-    """
-    if backend != "openvino" or precision not in ("bf16", "fp16"):
-        return None
-    caps = openvino_cpu_capabilities()
-    if caps and precision.upper() not in caps:
-        return (
-            f"this CPU has no native {precision.upper()} (OpenVINO CPU capabilities: {', '.join(caps)}); "
-            "OpenVINO would run it as FP32"
-        )
-    return None
-
-
-def machine_description() -> dict[str, Any]:
-    """CPU model, core count, memory, the INT8/BF16-relevant CPU flags and library versions."""
-    model, flags = _cpu_model_and_flags()
-    try:
-        mem_kib = next(
-            int(line.split()[1])
-            for line in Path("/proc/meminfo").read_text().splitlines()
-            if line.startswith("MemTotal:")
-        )
-        memory_gib: float | None = round(mem_kib / 2**20, 1)
-    except (OSError, StopIteration, ValueError):
-        memory_gib = None
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {
-        "cpu": model,
-        "cores": usable,
-        "logical_cpus": os.cpu_count(),
-        "memory_gib": memory_gib,
-        "os": f"{platform.system()} {platform.release()}",
-        "cpu_flags": {flag: flag in flags for flag in CPU_FLAGS_OF_INTEREST},
-        "openvino_cpu_capabilities": openvino_cpu_capabilities(),
-        "libraries": _library_versions(),
-    }
 
 
 # ---------------------------------------------------------------------------------------------- memory

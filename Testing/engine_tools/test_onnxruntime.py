@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from shared_data import shared_path
 pytest.importorskip("onnxruntime", reason="ONNX Runtime not installed (pip install onnxruntime)")
 
 from engine_tools.accuracy import logits_agreement  # noqa: E402
+from engine_tools.guard import GuardReport  # noqa: E402
 from engine_tools.pipeline import prepare_engine  # noqa: E402
 
 WINDOW = 48
@@ -23,8 +25,13 @@ def test_int8_qdq_runs_quantized_convolutions() -> None:
     calibration = foreground_windows(shared_path("data", "mri", "t1_crop.nii.gz"), card, 5, seed=0)
     unseen = foreground_windows(shared_path("data", "mri", "mni152_2009_t1.nii.gz"), card, 1, seed=1)
     fp32 = prepare_engine(card, backend="onnxruntime", precision="fp32", weights_dir=brainchop)
-    int8 = prepare_engine(
-        card, backend="onnxruntime", precision="int8", calibration=calibration, weights_dir=brainchop
+    int8 = prepare_engine(  # a target plain INT8 reaches, so that the engine keeps its INT8 kernels
+        card,
+        backend="onnxruntime",
+        precision="int8",
+        calibration=calibration,
+        weights_dir=brainchop,
+        target_dice=0.9,
     )
     described = int8.describe()
     ops = described["kernels"]["by_op_type"]
@@ -35,7 +42,9 @@ def test_int8_qdq_runs_quantized_convolutions() -> None:
     assert described["bytes_on_disk"] < fp32.describe()["bytes_on_disk"]
     assert Path(described["artifact_dir"], "model.onnx").is_file()
     guard = described["accuracy_guard"]
-    assert 0.0 <= guard["final_mean_dice"] <= 1.0 and guard["per_label"]
+    assert set(guard) == {f.name for f in fields(GuardReport)}  # the report every backend shares
+    assert guard["met_target"] and 0.9 <= guard["final_mean_dice"] <= 1.0 and guard["per_label"]
+    assert guard["int8_layers"] == guard["quantizable_layers"] and guard["int8_compute_fraction"] == 1.0
 
     reference = fp32.run(unseen)
     logits = int8.run(unseen)

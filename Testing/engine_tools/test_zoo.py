@@ -158,7 +158,7 @@ def test_reduced_model_export_int8_segment_compare(
         )
     from engine_tools.accuracy import agreement_dice, sqnr_db
     from engine_tools.engines.base import BuildRequest
-    from engine_tools.engines.openvino_engine import OpenVINOEngine
+    from engine_tools.engines.openvino import OpenVINOEngine
     from engine_tools.pipeline import card_build_options
     from engine_tools.segment import segment_image
     from engine_tools.volumes import preprocess

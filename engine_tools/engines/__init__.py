@@ -10,8 +10,8 @@ from engine_tools.engines.base import METADATA_FILE, PRECISIONS, BuildRequest, E
 #: backend name → "module:Class". Every class implements :class:`engine_tools.engines.base.Engine`.
 BACKENDS: dict[str, str] = {
     "torch": "engine_tools.engines.torch_engine:TorchEngine",
-    "openvino": "engine_tools.engines.openvino_engine:OpenVINOEngine",
-    "onnxruntime": "engine_tools.engines.onnxruntime_engine:OnnxRuntimeEngine",
+    "openvino": "engine_tools.engines.openvino:OpenVINOEngine",
+    "onnxruntime": "engine_tools.engines.onnxruntime:OnnxRuntimeEngine",
     "tensorrt": "engine_tools.engines.tensorrt:TensorRTEngine",
     "torch-compiled": "engine_tools.engines.torch_compiled_engine:TorchCompiledEngine",
 }

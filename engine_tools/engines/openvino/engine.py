@@ -1,0 +1,147 @@
+"""OpenVINO engine on the CPU: strict FP32, BF16/FP16 inference hints, and INT8 via NNCF PTQ.
+
+The FP32 ONNX export is read with :meth:`openvino.Core.read_model` (not ``convert_model``, whose
+converter reports usage; see :mod:`engine_tools.privacy`), fixed to batch 1 at the card's window and
+saved as OpenVINO IR (``model.xml`` + ``model.bin``). INT8 builds quantize that model with
+:func:`nncf.quantize` through the accuracy guard (:mod:`engine_tools.guard`, with the NNCF adapter of
+:mod:`engine_tools.engines.openvino.quantize`): INT8 argmax labels are compared with strict FP32 on the
+held-out validation windows and, below the target mean agreement Dice, calibration is improved and
+then the layers that hurt most are kept in higher precision.
+
+:meth:`OpenVINOEngine.describe` proves which kernels ran: it reads every executed op's
+``primitiveType`` from the compiled runtime model (``brgconv_avx512_amx_i8`` is an INT8 kernel,
+``..._f32``/``..._bf16`` are not).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engine_tools.engines.base import BuildRequest, Engine, _progress
+from engine_tools.engines.openvino.runtime import _ov, executed_kernels, read_static_model, run_compiled
+from engine_tools.progress import Progress
+
+MODEL_XML = "model.xml"
+MODEL_BIN = "model.bin"
+
+#: INFERENCE_PRECISION_HINT per engine precision. INT8 models run their kept (unquantized) layers
+#: in ``int8_fallback``: bf16 where the CPU computes it natively (AMX / AVX512-BF16), else f32; the
+#: accuracy guard measures INT8 with that fallback, so whatever it costs in agreement is accounted for.
+PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
+
+
+class OpenVINOEngine(Engine):
+    backend = "openvino"
+    supported_precisions = ("fp32", "bf16", "fp16", "int8")
+
+    def __init__(self, precision: str = "fp32", device: str | None = None) -> None:
+        super().__init__(precision, device)
+        if self.device.lower() != "cpu":
+            raise ValueError(f"the OpenVINO engine runs on the CPU here, not on {self.device!r}")
+        self.device = "cpu"
+        self._compiled: Any = None
+        self._request: Any = None
+        self._input_shape: tuple[int, ...] | None = None
+
+    # ------------------------------------------------------------------ availability / versions
+    @classmethod
+    def availability(cls) -> tuple[bool, str]:
+        try:
+            ov = _ov()
+        except ImportError as exc:
+            return False, f"OpenVINO is not installed ({exc}); pip install openvino nncf"
+        return True, f"openvino {ov.get_version()}"
+
+    def versions(self) -> dict[str, str]:
+        ov = _ov()
+        found = {**super().versions(), "openvino": ov.get_version()}
+        if self.precision == "int8":
+            import nncf
+
+            found["nncf"] = nncf.__version__
+        return found
+
+    # ------------------------------------------------------------------ build
+    def build(
+        self, request: BuildRequest, artifact_dir: Path, progress: Progress | None = None
+    ) -> dict[str, Any]:
+        progress = _progress(progress)
+        ov = _ov()
+        if request.onnx_path is None or not Path(request.onnx_path).is_file():
+            raise FileNotFoundError(f"{request.model_id}: FP32 ONNX export not found: {request.onnx_path}")
+        progress.update("compile", 0.0, "reading the FP32 ONNX model")
+        model = read_static_model(request.onnx_path, request.in_channels, request.window_shape)
+        report: dict[str, Any] = {"window": list(request.window_shape), "precision": self.precision}
+        artifact_dir = Path(artifact_dir)
+        if self.precision == "int8":
+            model, guard_report = self._quantize(model, request, progress)
+            report.update(guard_report)
+        progress.update("compile", 0.9, "saving OpenVINO IR")
+        ov.save_model(model, artifact_dir / MODEL_XML, compress_to_fp16=self.precision == "fp16")
+        progress.update("compile", 1.0, f"OpenVINO IR saved ({MODEL_XML})")
+        self.build_report = report
+        return report
+
+    def _quantize(self, model: Any, request: BuildRequest, progress: Progress) -> tuple[Any, dict[str, Any]]:
+        from engine_tools.engines.openvino.quantize import NNCFAdapter
+        from engine_tools.guard import AccuracyGuard
+
+        if request.calibration is None or len(request.calibration) == 0:
+            raise ValueError(
+                f"{request.model_id}: INT8 needs calibration windows (a folder of unlabeled scans)"
+            )
+        adapter = NNCFAdapter(model, request.calibration, dict(request.options))
+        guard = AccuracyGuard(
+            adapter, request.validation, request.calibration, dict(request.options), progress
+        )
+        progress.update("quantize", 0.05, f"NNCF PTQ on {len(request.calibration)} windows")
+        quantized, guard_report = guard.run()
+        report = {
+            **guard_report.recipe,
+            "calibration_windows": len(request.calibration),
+            "validation_windows": len(guard.validation),
+            "accuracy_guard": guard_report.to_json(),
+            "kept_in_higher_precision": guard_report.kept_in_higher_precision,
+            "int8_fallback": adapter.fallback,
+        }
+        return quantized, report
+
+    # ------------------------------------------------------------------ load / run
+    def compile_config(self) -> dict[str, str]:
+        if self.precision == "int8":
+            hint = self.build_report.get("int8_fallback", "f32")
+        else:
+            hint = PRECISION_HINTS[self.precision]
+        return {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
+
+    def load(self, artifact_dir: Path) -> None:
+        ov = _ov()
+        artifact_dir = Path(artifact_dir)
+        xml = artifact_dir / MODEL_XML
+        if not xml.is_file():
+            raise FileNotFoundError(f"OpenVINO engine artifact missing: {xml}")
+        core = ov.Core()
+        model = core.read_model(xml)
+        self._compiled = core.compile_model(model, "CPU", self.compile_config())
+        self._request = self._compiled.create_infer_request()
+        self._input_shape = tuple(int(d) for d in self._compiled.input(0).get_shape())
+        self.artifact_dir = artifact_dir
+
+    def run(self, windows: np.ndarray) -> np.ndarray:
+        if self._compiled is None:
+            raise RuntimeError("engine not loaded")
+        return run_compiled(self._request, windows, self._input_shape)
+
+    # ------------------------------------------------------------------ describe
+    def describe(self) -> dict[str, Any]:
+        info = super().describe()
+        info["compile_config"] = self.compile_config()
+        if self._compiled is not None:
+            info["kernels"] = executed_kernels(self._compiled)
+        for key in ("calibration_method", "calibration_windows", "preset"):
+            if key in self.build_report:
+                info[key] = self.build_report[key]
+        return info

@@ -1,0 +1,88 @@
+"""Reading, compiling and running OpenVINO models on the CPU, and proving which kernels ran."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _ov() -> Any:
+    import openvino as ov
+
+    return ov
+
+
+def read_static_model(onnx_path: str | Path, in_channels: int, window: tuple[int, int, int]) -> Any:
+    """The ONNX model as an OpenVINO model fixed to ``1, C, D, H, W`` (batch loops in :func:`run_compiled`)."""
+    ov = _ov()
+    model = ov.Core().read_model(str(onnx_path))
+    if len(model.inputs) != 1:
+        raise ValueError(f"{onnx_path}: expected one input, found {len(model.inputs)}")
+    model.reshape({model.input(0): ov.PartialShape([1, in_channels, *window])})
+    return model
+
+
+def compile_model(model: Any, hint: str) -> Any:
+    ov = _ov()
+    return ov.Core().compile_model(
+        model, "CPU", {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
+    )
+
+
+def run_compiled(
+    request: Any,
+    windows: np.ndarray,
+    input_shape: tuple[int, ...] | None = None,
+    timings: list[float] | None = None,
+) -> np.ndarray:
+    """Run ``N, C, D, H, W`` windows one at a time through an infer request (static batch 1); seconds
+    per window are appended to ``timings`` when given."""
+    windows = np.ascontiguousarray(windows, dtype=np.float32)
+    if windows.ndim != 5:
+        raise ValueError(f"expected windows N, C, D, H, W; got shape {windows.shape}")
+    if input_shape is not None and tuple(windows.shape[1:]) != tuple(input_shape[1:]):
+        raise ValueError(
+            f"window shape {windows.shape[1:]} differs from the engine's {tuple(input_shape[1:])}"
+        )
+    outputs = []
+    for window in windows:
+        start = time.perf_counter()
+        result = request.infer({0: window[None]})
+        if timings is not None:
+            timings.append(time.perf_counter() - start)
+        outputs.append(np.array(result[request.model_outputs[0]], dtype=np.float32, copy=True))
+    return np.concatenate(outputs, axis=0)
+
+
+def executed_kernels(compiled: Any) -> dict[str, Any]:
+    """Count the kernels the CPU plugin chose for each executed op type, split INT8 versus float.
+
+    Returns ``{"int8": n, "float": n, "by_primitive": {primitiveType: n},
+    "convolutions": {"int8": n, "float": n}}``.
+    """
+    by_primitive: dict[str, int] = {}
+    totals = {"int8": 0, "float": 0}
+    convs = {"int8": 0, "float": 0}
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        layer = _rt_value(info, "layerType")
+        primitive = _rt_value(info, "primitiveType")
+        if not primitive or primitive in ("undef", "unknown") or layer in ("Parameter", "Result", "Const"):
+            continue
+        by_primitive[primitive] = by_primitive.get(primitive, 0) + 1
+        kind = "int8" if re.search(r"(^|_)(i8|u8)($|_)", primitive, re.IGNORECASE) else "float"
+        totals[kind] += 1
+        if layer.lower().startswith("convolution") or "conv" in primitive:
+            convs[kind] += 1
+    return {**totals, "convolutions": convs, "by_primitive": by_primitive}
+
+
+def _rt_value(info: Any, key: str) -> str:
+    if key not in info:
+        return ""
+    value = info[key]
+    return str(value.astype(str)) if hasattr(value, "astype") else str(value)

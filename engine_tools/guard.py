@@ -1,0 +1,363 @@
+"""The INT8 accuracy guard: one procedure, the same for every backend.
+
+An INT8 build promises agreement with strict FP32 (mean agreement Dice over labels, ``--target-dice``)
+on held-out windows. :class:`AccuracyGuard` keeps that promise in five steps, each a method and each
+recorded in the report's ``attempts``:
+
+1. **calibrate** — quantize with the requested recipe; below target, try the backend's better recipes.
+2. **rank** — put each quantized layer alone back into higher precision and rank the layers by the
+   logits SQNR (then Dice) this gives back.
+3. **keep** — keep the top-ranked layers in higher precision, fewest first, up to ``max_kept_layers``.
+4. **escalate** — still below target: keep more (doubling) up to every layer, i.e. a fully
+   higher-precision engine, and finally strict FP32 for the kept layers, until the target is met.
+   With ``allow_below_target`` this step is skipped and the report says ``below_target``.
+5. **report** — one :class:`GuardReport` (agreement, kept layers, the share of compute that stays
+   INT8, latency against strict FP32, every attempt).
+
+A backend takes part through a small :class:`QuantizationAdapter`: ``quantize(excluded layers)`` gives
+a candidate, ``run(candidate)`` its logits (``run(None)`` strict FP32), ``keep_layers`` un-quantizes
+layers of a candidate. OpenVINO (NNCF) and ONNX Runtime (``quantize_static``) implement it; a
+TensorRT/ModelOpt adapter keeps layers unquantized through ``nodes_to_exclude`` in its Q/DQ ONNX.
+
+Why not ``nncf.quantize_with_accuracy_control``: it serves NNCF's own backends only, ranks and
+reverts layers by its own metric until a maximum *drop* is reached, and reports little of what it
+did. The product needs the same guard for ONNX Runtime and TensorRT/ModelOpt, an agreement target on
+held-out windows (not a drop), escalation to a fully higher-precision engine, and a report a user
+can read; so the guard is written once here on top of each backend's plain PTQ call.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from engine_tools import accuracy
+from engine_tools.progress import Progress
+
+
+class BelowTargetError(RuntimeError):
+    """The guard could not reach its target and the user did not allow a build below it."""
+
+
+class QuantizationAdapter(Protocol):
+    """What the guard needs from a backend. Candidates are the backend's own model objects."""
+
+    #: precision of layers kept out of INT8 ("f32", or "bf16" where the CPU computes it natively)
+    fallback: str
+
+    def layers(self) -> list[str]:
+        """Names of the quantizable layers (convolutions, matrix products) in execution order."""
+
+    def layer_costs(self) -> dict[str, float]:
+        """Multiply-accumulates (or, without static shapes, weights) of each quantizable layer."""
+
+    def recipe(self, options: dict[str, Any]) -> dict[str, Any]:
+        """The calibration recipe the user asked for (method, preset, ...), JSON-ready."""
+
+    def better_recipes(self, recipe: dict[str, Any]) -> list[dict[str, Any]]:
+        """Other recipes worth trying when ``recipe`` misses the target (may be empty)."""
+
+    def quantize(self, excluded: Sequence[str], recipe: dict[str, Any]) -> Any:
+        """Calibrate and quantize, leaving the ``excluded`` layers in higher precision."""
+
+    def keep_layers(self, candidate: Any, layers: Sequence[str]) -> Any:
+        """``candidate`` with ``layers`` back in higher precision, without re-calibrating."""
+
+    def quantized_layers(self, candidate: Any) -> list[str]:
+        """Layers of ``candidate`` that really take INT8 inputs."""
+
+    def run(
+        self, candidate: Any | None, windows: np.ndarray, timings: list[float] | None = None
+    ) -> np.ndarray:
+        """Logits of ``candidate`` (``None``: strict FP32) on ``windows``; seconds per window into ``timings``."""
+
+
+@dataclass
+class GuardReport:
+    """What the guard did and reached; the ``accuracy_guard`` entry of every INT8 build report."""
+
+    target: float
+    validated_on: str
+    initial_mean_dice: float
+    final_mean_dice: float
+    met_target: bool
+    below_target: bool
+    allow_below_target: bool
+    per_label: dict[str, Any]
+    worst: Any
+    sqnr_db: float | None
+    kept_in_higher_precision: list[str]
+    higher_precision: str
+    quantizable_layers: int
+    int8_layers: int
+    int8_compute_fraction: float | None
+    compute_measure: str
+    labels_too_small_to_score: list[int] = field(default_factory=list)
+    min_label_voxels: int = 0
+    sensitivity: list[dict[str, Any]] = field(default_factory=list)
+    latency: dict[str, Any] = field(default_factory=dict)
+    attempts: list[dict[str, Any]] = field(default_factory=list)
+    recipe: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Candidate:
+    """One quantized model under test and its agreement with strict FP32."""
+
+    model: Any
+    agreement: dict[str, Any]
+    recipe: dict[str, Any]
+    kept: list[str]
+
+    @property
+    def mean(self) -> float:
+        return float(self.agreement["mean"])
+
+
+def _finite(value: float, cap: float = 200.0) -> float:
+    return cap if not np.isfinite(value) else float(value)
+
+
+class AccuracyGuard:
+    """Quantize through ``adapter`` and keep INT8 within ``target_dice`` of strict FP32.
+
+    ``validation`` are held-out windows (``None``: the ``calibration`` windows, reported as such).
+    Options: ``target_dice``, ``guard`` (False: quantize once and only measure), ``ignored_layers``,
+    ``keep_higher_precision_patterns``, ``max_kept_layers``, ``sensitivity_windows``,
+    ``calibration_budget_s``, ``allow_below_target``, ``min_label_voxels``.
+    """
+
+    def __init__(
+        self,
+        adapter: QuantizationAdapter,
+        validation: np.ndarray | None,
+        calibration: np.ndarray,
+        options: dict[str, Any],
+        progress: Progress,
+    ) -> None:
+        self.adapter = adapter
+        self.options = options
+        self.progress = progress
+        self.target = float(options.get("target_dice", 0.97))
+        self.enabled = bool(options.get("guard", True))
+        self.allow_below_target = bool(options.get("allow_below_target", False))
+        self.min_voxels = int(options.get("min_label_voxels", 1000))
+        self.calibration_windows = len(calibration)
+        self.validation_source = "held-out windows"
+        if validation is None or len(validation) == 0:
+            validation = calibration
+            self.validation_source = "calibration windows (no held-out windows given)"
+        self.validation = np.ascontiguousarray(validation, dtype=np.float32)
+        self.forced = list(options.get("ignored_layers", []))
+        patterns = list(options.get("keep_higher_precision_patterns", []))
+        self.by_pattern = [n for n in adapter.layers() if any(re.search(p, n) for p in patterns)]
+        self.layers = [n for n in adapter.layers() if n not in self.forced and n not in self.by_pattern]
+        self.attempts: list[dict[str, Any]] = []
+        self.sensitivity: list[dict[str, Any]] = []
+        self.fp32_times: list[float] = []
+        self._reference: np.ndarray | None = None
+
+    # ------------------------------------------------------------------ measuring
+    def reference(self) -> np.ndarray:
+        if self._reference is None:
+            self.adapter.run(None, self.validation[:1])  # warm-up
+            self._reference = self.adapter.run(None, self.validation, timings=self.fp32_times)
+        return self._reference
+
+    def evaluate(self, model: Any, windows: int | None = None) -> dict[str, Any]:
+        """Agreement of ``model`` with strict FP32 on the (first ``windows``) validation windows."""
+        count = len(self.validation) if windows is None else max(1, min(windows, len(self.validation)))
+        logits = self.adapter.run(model, self.validation[:count])
+        return accuracy.logits_agreement(self.reference()[:count], logits, min_voxels=self.min_voxels)
+
+    def _record(self, step: str, candidate: Candidate, start: float) -> None:
+        self.attempts.append(
+            {
+                "step": step,
+                "calibration": dict(candidate.recipe),
+                "kept_in_higher_precision": list(candidate.kept),
+                "mean_dice": round(candidate.mean, 5),
+                "worst": accuracy.json_ready(candidate.agreement)["worst"],
+                "sqnr_db": round(_finite(candidate.agreement["sqnr_db"]), 3),
+                "seconds": round(time.perf_counter() - start, 2),
+            }
+        )
+        kept = f" keeping {len(candidate.kept)} layer(s) in higher precision" if candidate.kept else ""
+        self.progress.log(f"INT8 guard [{step}]: mean agreement Dice {candidate.mean:.4f}{kept}")
+
+    def _quantized(self, step: str, recipe: dict[str, Any], kept: list[str]) -> Candidate:
+        start = time.perf_counter()
+        model = self.adapter.quantize(kept + self.by_pattern, recipe)
+        candidate = Candidate(model, self.evaluate(model), recipe, kept)
+        self._record(step, candidate, start)
+        return candidate
+
+    def _kept(self, step: str, base: Candidate, layers: list[str]) -> Candidate:
+        start = time.perf_counter()
+        model = self.adapter.keep_layers(base.model, layers)
+        candidate = Candidate(model, self.evaluate(model), base.recipe, self.forced + layers)
+        self._record(step, candidate, start)
+        return candidate
+
+    def met(self, candidate: Candidate) -> bool:
+        return candidate.mean >= self.target
+
+    # ------------------------------------------------------------------ the steps
+    def calibrate(self) -> Candidate:
+        """Step 1: the requested recipe, then the backend's better recipes while below target."""
+        recipe = self.adapter.recipe(self.options)
+        self.progress.update("calibrate", 0.1, f"quantizing on {self.calibration_windows} windows")
+        best = self._quantized("initial", recipe, list(self.forced))
+        budget = float(self.options.get("calibration_budget_s", 120.0))
+        if not self.enabled or self.met(best) or self.attempts[0]["seconds"] > budget:
+            return best
+        self.progress.update("guard", 0.3, "trying better calibration")
+        for number, other in enumerate(self.adapter.better_recipes(recipe)):
+            candidate = self._quantized(f"calibration-{number + 1}", other, list(self.forced))
+            if candidate.mean > best.mean:
+                best = candidate
+            if self.met(best):
+                break
+        return best
+
+    def rank(self, base: Candidate) -> list[str]:
+        """Step 2: each layer alone back in higher precision on ``base``; most helpful first."""
+        windows = int(self.options.get("sensitivity_windows", 2))
+        reference = self.evaluate(base.model, windows=windows)
+        start = time.perf_counter()
+        for index, name in enumerate(self.layers):
+            self.progress.update("guard", 0.4 + 0.3 * index / len(self.layers), f"sensitivity of {name}")
+            agreement = self.evaluate(self.adapter.keep_layers(base.model, [name]), windows=windows)
+            self.sensitivity.append(
+                {
+                    "layer": name,
+                    "dice_gain": round(agreement["mean"] - reference["mean"], 5),
+                    "sqnr_gain_db": round(_finite(agreement["sqnr_db"]) - _finite(reference["sqnr_db"]), 3),
+                }
+            )
+        self.attempts.append(
+            {
+                "step": "sensitivity",
+                "method": "each layer alone back to higher precision on the quantized model",
+                "windows": min(windows, len(self.validation)),
+                "layers": len(self.layers),
+                "seconds": round(time.perf_counter() - start, 2),
+            }
+        )
+        order = sorted(self.sensitivity, key=lambda s: (-s["sqnr_gain_db"], -s["dice_gain"]))
+        return [entry["layer"] for entry in order]
+
+    def keep(self, base: Candidate, ranked: list[str]) -> Candidate:
+        """Step 3: keep the top-ranked layers, fewest first, up to ``max_kept_layers``; the chosen set
+        is confirmed by quantizing again without those layers (re-calibrated), the better one wins."""
+        limit = min(len(ranked), int(self.options.get("max_kept_layers", max(1, len(self.layers) // 2))))
+        chosen = base
+        for count in range(1, limit + 1):
+            self.progress.update("guard", 0.7 + 0.1 * count / limit, f"keeping {count} layer(s)")
+            candidate = self._kept(f"keep-{count}", base, ranked[:count])
+            if candidate.mean > chosen.mean:
+                chosen = candidate
+            if self.met(candidate):
+                break
+        if chosen is base:
+            return base
+        confirmed = self._quantized(f"ignored-scope-{len(chosen.kept)}", base.recipe, chosen.kept)
+        return confirmed if confirmed.mean >= chosen.mean else chosen
+
+    def escalate(self, base: Candidate, best: Candidate, ranked: list[str]) -> Candidate:
+        """Step 4: keep more layers (doubling) up to all of them, then strict FP32 for the kept ones."""
+        count = max(1, len(best.kept) - len(self.forced))
+        while not self.met(best) and count < len(ranked):
+            count = min(len(ranked), count * 2)
+            self.progress.update("guard", 0.85, f"escalating: keeping {count} of {len(ranked)} layers")
+            candidate = self._kept(f"escalate-{count}", base, ranked[:count])
+            if candidate.mean >= best.mean or self.met(candidate):
+                best = candidate
+        if not self.met(best) and self.adapter.fallback != "f32":
+            self.adapter.fallback = "f32"
+            best = self._kept("escalate-strict-fp32", base, ranked)
+        return best
+
+    # ------------------------------------------------------------------ the guard
+    def run(self) -> tuple[Any, GuardReport]:
+        """The guarded INT8 model and its report; raises :class:`BelowTargetError` when the target is
+        missed and ``allow_below_target`` is not set."""
+        best = self.calibrate()
+        initial = self.attempts[0]["mean_dice"]
+        if self.enabled and not self.met(best) and self.layers:
+            base = best
+            ranked = self.rank(base)
+            best = self.keep(base, ranked)
+            if not self.met(best) and not self.allow_below_target:
+                best = self.escalate(base, best, ranked)
+        report = self.report(best, initial)
+        if report.below_target:
+            message = (
+                f"INT8 agreement {best.mean:.4f} stays below the target {self.target} after the accuracy "
+                f"guard (kept {len(best.kept)} layer(s) in higher precision)"
+            )
+            if self.enabled and not self.allow_below_target:
+                raise BelowTargetError(
+                    f"{message}; choose a lower --target-dice, another precision, or --allow-below-target"
+                )
+            self.progress.warning(message)
+        return best.model, report
+
+    def latency(self, best: Candidate) -> dict[str, Any]:
+        """Median seconds per window of the guarded model against strict FP32, on the same windows."""
+        self.reference()
+        int8_times: list[float] = []
+        self.adapter.run(best.model, self.validation[:1])  # warm-up
+        self.adapter.run(best.model, self.validation, timings=int8_times)
+        fp32, int8 = float(np.median(self.fp32_times)), float(np.median(int8_times))
+        if int8 >= fp32:
+            self.progress.warning(
+                f"INT8 ({int8:.3f} s/window) is not faster than strict FP32 ({fp32:.3f} s/window) "
+                f"with {len(best.kept)} layer(s) kept in higher precision"
+            )
+        return {
+            "fp32_strict_median_s": round(fp32, 4),
+            "int8_median_s": round(int8, 4),
+            "speedup_vs_fp32": round(fp32 / int8, 3) if int8 > 0 else None,
+            "windows": len(self.validation),
+        }
+
+    def report(self, best: Candidate, initial: float) -> GuardReport:
+        """Step 5: the report, including the share of compute (MACs) that stays INT8."""
+        costs = self.adapter.layer_costs()
+        int8_layers = self.adapter.quantized_layers(best.model)
+        total = sum(costs.values())
+        fraction = sum(costs.get(n, 0.0) for n in int8_layers) / total if total > 0 else None
+        ready = accuracy.json_ready(best.agreement)
+        return GuardReport(
+            target=self.target,
+            validated_on=f"{len(self.validation)} {self.validation_source}",
+            initial_mean_dice=round(float(initial), 5),
+            final_mean_dice=ready["mean"],
+            met_target=self.met(best),
+            below_target=not self.met(best),
+            allow_below_target=self.allow_below_target,
+            per_label=ready["per_label"],
+            worst=ready["worst"],
+            sqnr_db=ready.get("sqnr_db"),
+            kept_in_higher_precision=list(best.kept),
+            higher_precision=self.adapter.fallback,
+            quantizable_layers=len(costs),
+            int8_layers=len(int8_layers),
+            int8_compute_fraction=None if fraction is None else round(fraction, 4),
+            compute_measure=str(getattr(self.adapter, "compute_measure", "multiply-accumulates")),
+            labels_too_small_to_score=ready.get("excluded_small", []),
+            min_label_voxels=self.min_voxels,
+            sensitivity=self.sensitivity,
+            latency=self.latency(best),
+            attempts=self.attempts,
+            recipe=dict(best.recipe),
+        )
