@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from MedQuantSlicerLib import mrml_io, paths
-from MedQuantSlicerLib.process import ThreadWorkerProcess, WorkerOutcome
+from MedQuantSlicerLib.events import WorkerOutcome
+from MedQuantSlicerLib.process import ThreadWorkerProcess
 from MedQuantSlicerLib.results import ResultRow, row_from_segment, rows_from_compare
 
 BACKENDS = {"Auto": "auto", "TensorRT": "tensorrt", "OpenVINO": "openvino", "ONNX Runtime": "onnxruntime"}
@@ -111,10 +112,8 @@ class MedQuantLogic:
 
     def cache_root(self) -> Path:
         env = self.environment()
-        paths.ensure_engine_tools_importable()
-        from engine_tools.cache import CACHE_ENV, cache_root
-
-        return Path(env[CACHE_ENV]).expanduser() if env.get(CACHE_ENV) else cache_root()
+        cache = paths.light_module("cache")
+        return Path(env[cache.CACHE_ENV]).expanduser() if env.get(cache.CACHE_ENV) else cache.cache_root()
 
     # -- MRML side ------------------------------------------------------------------------------------
     @staticmethod

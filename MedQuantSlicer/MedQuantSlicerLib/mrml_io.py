@@ -27,6 +27,26 @@ def _slicer() -> Any:
     return slicer
 
 
+def input_problem(volume_node: Any) -> str | None:
+    """Why ``volume_node`` cannot be segmented, in one sentence; ``None`` when it can."""
+    if volume_node is None:
+        return "Choose an input volume."
+    name = volume_node.GetName()
+    if volume_node.IsA("vtkMRMLLabelMapVolumeNode"):
+        return f"{name} is a label map; choose the scalar (intensity) volume to segment."
+    if volume_node.IsA("vtkMRMLVectorVolumeNode") or volume_node.IsA("vtkMRMLDiffusionWeightedVolumeNode"):
+        return f"{name} is a vector or multi-channel volume; these networks segment single-channel scans."
+    image = volume_node.GetImageData()
+    if image is None:
+        return f"{name} has no image data; load a scalar volume first."
+    if image.GetNumberOfScalarComponents() != 1:
+        return (
+            f"{name} has {image.GetNumberOfScalarComponents()} components per voxel; these networks "
+            "segment single-channel scans."
+        )
+    return None
+
+
 def export_volume(volume_node: Any, path: str | Path) -> Path:
     """Write ``volume_node`` to ``path`` (``.nrrd``) without touching the node or the scene.
 
@@ -35,10 +55,9 @@ def export_volume(volume_node: Any, path: str | Path) -> Path:
     """
     slicer = _slicer()
     path = Path(path)
-    if volume_node is None or volume_node.GetImageData() is None:
-        raise ValueError("the input volume node has no image data; load a scalar volume first")
-    if volume_node.GetImageData().GetNumberOfScalarComponents() != 1:
-        raise ValueError(f"{volume_node.GetName()}: only single-component (scalar) volumes can be segmented")
+    problem = input_problem(volume_node)
+    if problem is not None:
+        raise ValueError(problem)
     path.parent.mkdir(parents=True, exist_ok=True)
     storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
     storage.SetFileName(str(path))
@@ -108,21 +127,29 @@ def _subject_hierarchy(scene: Any) -> Any:
 
 
 def content_fingerprint(segmentation_node: Any) -> str:
-    """Hash of the segments' names, label values and binary labelmap voxels (detects user edits)."""
+    """Hash of the segments' names, label values and binary labelmap voxels (detects user edits).
+
+    Segments imported from one labelmap share one ``vtkOrientedImageData`` (Slicer's shared
+    labelmaps); each distinct image is hashed once, not once per segment (104 times for the
+    104-class model).
+    """
     import hashlib
 
     from vtk.util.numpy_support import vtk_to_numpy
 
     digest = hashlib.sha256()
     segmentation = segmentation_node.GetSegmentation()
+    images: dict[str, tuple[int, Any]] = {}  # address -> (ordinal, image)
     for index in range(segmentation.GetNumberOfSegments()):
         segment = segmentation.GetNthSegment(index)
-        digest.update(
-            f"{segmentation.GetNthSegmentID(index)}|{segment.GetName()}|{segment.GetLabelValue()}".encode()
-        )
         image = segment.GetRepresentation("Binary labelmap")
-        if image is None:
-            continue
+        ordinal = -1
+        if image is not None:
+            address = image.GetAddressAsString("vtkOrientedImageData")
+            ordinal = images.setdefault(address, (len(images), image))[0]
+        segment_id = segmentation.GetNthSegmentID(index)
+        digest.update(f"{segment_id}|{segment.GetName()}|{segment.GetLabelValue()}|{ordinal}".encode())
+    for _, image in images.values():
         digest.update(str(image.GetExtent()).encode())
         scalars = image.GetPointData().GetScalars()
         if scalars is not None:
@@ -186,12 +213,18 @@ def import_segmentation(
         node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", scene.GenerateUniqueName(base))
         node.CreateDefaultDisplayNodes()
     node.SetReferenceImageGeometryParameterFromVolumeNode(input_node)
-    if input_node.GetParentTransformNode() is not None:
-        node.SetAndObserveTransformNodeID(input_node.GetParentTransformNode().GetID())
-
+    # The labelmap file holds the input's *local* voxel grid. ImportLabelmapToSegmentationNode maps
+    # the labelmap from its own (untransformed) space into the segmentation node's space through
+    # GetTransformBetweenNodes (Modules/Loadable/Segmentations/Logic/
+    # vtkSlicerSegmentationsModuleLogic.cxx), so with the transform already set the segments would be
+    # moved by its inverse. Import into an untransformed node, then place it under the input's
+    # parent transform.
+    node.SetAndObserveTransformNodeID(None)
     logic = slicer.vtkSlicerSegmentationsModuleLogic
     if not logic.ImportLabelmapToSegmentationNode(labelmap, node, ""):
         raise RuntimeError(f"could not import {labels_path} into {node.GetName()}")
+    parent_transform = input_node.GetParentTransformNode()
+    node.SetAndObserveTransformNodeID(parent_transform.GetID() if parent_transform is not None else None)
     segmentation = node.GetSegmentation()
     by_value = {}
     for index in range(segmentation.GetNumberOfSegments()):
@@ -271,8 +304,13 @@ def results_table(
 ) -> tuple[Any, Any]:
     """A ``vtkMRMLTableNode`` (one row per precision) and a bar chart of latency and size per precision.
 
-    Returns ``(table_node, chart_node)``; existing nodes are refilled in place.
+    Returns ``(table_node, chart_node)``; existing nodes still in ``scene`` are refilled in place, nodes
+    that a scene close removed are replaced by new ones.
     """
+    if table_node is not None and table_node.GetScene() is not scene:
+        table_node = None
+    if chart_node is not None and (chart_node.GetScene() is not scene or table_node is None):
+        chart_node = None
     if table_node is None:
         table_node = scene.AddNewNodeByClass("vtkMRMLTableNode", scene.GenerateUniqueName(name))
     table = table_node.GetTable()

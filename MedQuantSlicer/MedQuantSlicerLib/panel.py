@@ -21,8 +21,9 @@ from typing import Any
 
 from MedQuantSlicerLib import dependencies, parameters
 from MedQuantSlicerLib.controller import TaskController
+from MedQuantSlicerLib.events import CANCELLED, SUCCEEDED, WorkerOutcome
 from MedQuantSlicerLib.logic import BACKENDS, PRECISIONS, EngineOptions, MedQuantLogic
-from MedQuantSlicerLib.process import CANCELLED, SUCCEEDED, QtWorkerProcess, WorkerOutcome
+from MedQuantSlicerLib.process import QtWorkerProcess
 from MedQuantSlicerLib.results import COLUMNS, ResultRow, row_from_segment, rows_from_compare
 
 ACTIONS = {"download": "Download weights", "build": "Build engine", "run": "Run"}
@@ -79,12 +80,7 @@ class Panel:
         ui.referenceSegmentationSelector.currentNodeChanged.connect(lambda *a: self.save_parameters())
         self.controller.add_listener(lambda c: self.update_buttons())
         self.restore_parameters()
-        report = dependencies.check()
-        ui.dependenciesLabel.setText(
-            "Python packages: all present"
-            if report.ok
-            else "Python packages missing: " + ", ".join(report.missing)
-        )
+        ui.dependenciesLabel.setText(dependencies.check("build").message())
         self.update_buttons()
         self.refresh_models()
 
@@ -220,20 +216,14 @@ class Panel:
         self.refresh_models()
 
     def on_dependencies(self) -> None:
-        report = dependencies.check()
-        if report.ok:
-            self.ui.dependenciesLabel.setText("Python packages: all present")
-            return
-        try:
-            installed = dependencies.install(report.missing, self.host.confirm)
-        except Exception as exc:  # show, never crash the panel
-            self.host.show_error(f"Installing Python packages failed: {exc}", "")
-            return
-        self.ui.dependenciesLabel.setText(
-            "Python packages installed"
-            if installed
-            else "Python packages missing: " + ", ".join(report.missing)
-        )
+        report = dependencies.check("build")
+        if report.to_install:
+            try:
+                dependencies.install(report, self.host.confirm)
+            except Exception as exc:  # show, never crash the panel
+                self.host.show_error(f"Installing Python packages failed: {exc}", "")
+            report = dependencies.check("build")
+        self.ui.dependenciesLabel.setText(report.message())
 
     # -- buttons --------------------------------------------------------------------------------------
     def on_selection_changed(self) -> None:

@@ -72,16 +72,21 @@ def load(node: Any) -> tuple[Settings, Any, Any]:
 
 
 def parameter_node(scene: Any, module_name: str = "MedQuantSlicer") -> Any:
-    """The singleton parameter node of the module in ``scene`` (created on first use)."""
-    for index in range(scene.GetNumberOfNodesByClass("vtkMRMLScriptedModuleNode")):
-        node = scene.GetNthNodeByClass(index, "vtkMRMLScriptedModuleNode")
-        if node.GetAttribute("ModuleName") == module_name:
-            return node
-    import slicer
+    """The module's singleton parameter node in ``scene``, created on first use.
 
-    node = slicer.vtkMRMLScriptedModuleNode()
+    Same lookup as Slicer's ``ScriptedLoadableModuleLogic.getParameterNode()``
+    (Base/Python/slicer/ScriptedLoadableModule.py): by singleton tag, not by the ``ModuleName``
+    attribute, which a scene close erases while the singleton node stays in the scene. The node is
+    returned from ``AddNode``, which hands back the node that is actually in the scene.
+    """
+    node = scene.GetSingletonNode(module_name, "vtkMRMLScriptedModuleNode")
+    if node is not None:
+        if not node.GetAttribute("ModuleName"):
+            node.SetAttribute("ModuleName", module_name)
+        return node
+    node = scene.CreateNodeByClass("vtkMRMLScriptedModuleNode")
+    node.UnRegister(None)  # CreateNodeByClass returns a new reference, as in Slicer's template
     node.SetSingletonTag(module_name)
     node.SetName(scene.GenerateUniqueName(module_name))
     node.SetAttribute("ModuleName", module_name)
-    scene.AddNode(node)
-    return node
+    return scene.AddNode(node)

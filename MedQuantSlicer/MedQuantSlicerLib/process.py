@@ -1,21 +1,22 @@
 """Run an ``engine_tools`` worker out of process and read its JSON-lines progress without blocking.
 
-Two runners share one event parser and one outcome:
+Three runners share one event parser (:mod:`.events`) and one cancel procedure:
 
-* :class:`QtWorkerProcess` uses ``QProcess`` (Slicer's PythonQt ``qt`` module or ``PySide6.QtCore``):
-  events arrive on the GUI thread through Qt signals, so the GUI never freezes.
-* :class:`ThreadWorkerProcess` uses ``subprocess`` and reader threads (no Qt; library use and tests);
-  callbacks run in the thread that calls :meth:`ThreadWorkerProcess.process_events` / ``wait``.
+* :class:`QtWorkerProcess` uses ``QProcess`` (Slicer's PythonQt ``qt`` module or ``PySide6.QtCore``),
+  started through ``launcher.py`` so the worker leads its own session (POSIX);
+* :class:`ThreadWorkerProcess` uses ``subprocess`` and reader threads (no Qt; scripts and tests);
+  callbacks run in the thread that calls :meth:`WorkerProcess.poll` / ``wait``;
+* :class:`PolledWorkerProcess` is the ``subprocess`` runner polled by a ``QTimer`` on the GUI thread:
+  used on Windows, where ``subprocess`` can start the worker without a console window.
 
-:meth:`WorkerProcess.cancel` stops the whole process tree: the worker is started as the leader of its
-own session (POSIX) and first receives SIGINT (Python unwinds, ``atomic_directory`` removes its
-temporary output), then SIGKILL after a grace period; on Windows ``taskkill /T /F``. Temporary
-``.partial-*`` artifacts the killed worker left in ``cleanup_dirs`` are then removed.
+Cancel sends SIGINT to the worker's process group (Python unwinds, ``atomic_directory`` removes its
+temporary output), then SIGKILL after a grace period, and keeps the outcome open until no process of
+the group is left: the direct child may be a CTK launcher that dies at once without forwarding the
+signal (:mod:`.process_tree`). Only then are ``.partial-*`` leftovers in ``cleanup_dirs`` removed.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import queue
 import shutil
@@ -24,102 +25,23 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from MedQuantSlicerLib import paths
+from MedQuantSlicerLib import paths, process_tree
+from MedQuantSlicerLib.events import (
+    CANCELLED,
+    FAILED,
+    MAX_LOG_LINES,
+    SUCCEEDED,
+    EventParser,
+    LogCallback,
+    ProgressCallback,
+    WorkerOutcome,
+)
 
-SUCCEEDED, FAILED, CANCELLED = "succeeded", "failed", "cancelled"
 LAUNCHER = Path(__file__).resolve().parent / "launcher.py"
-PARTIAL_PREFIX = ".partial-"
-MAX_LOG_LINES = 2000
-
-ProgressCallback = Callable[[float | None, str, str], None]
-LogCallback = Callable[[str, str], None]
-
-
-@dataclass
-class WorkerOutcome:
-    """How a worker ended: ``status`` is ``succeeded``, ``failed`` or ``cancelled``."""
-
-    status: str
-    command: list[str]
-    result: dict[str, Any] | None = None
-    error: str | None = None
-    error_type: str | None = None
-    exit_code: int | None = None
-    seconds: float = 0.0
-    log: list[str] = field(default_factory=list)
-    removed_partials: list[str] = field(default_factory=list)
-
-    @property
-    def succeeded(self) -> bool:
-        return self.status == SUCCEEDED
-
-    def message(self) -> str:
-        """One readable sentence for the status line / error dialog."""
-        if self.status == SUCCEEDED:
-            return f"done in {self.seconds:.1f} s"
-        if self.status == CANCELLED:
-            return "cancelled"
-        tail = "\n".join(self.log[-8:])
-        what = self.error or f"the worker exited with code {self.exit_code} without a result"
-        return f"{what}\n\nLast log lines:\n{tail}" if tail and not self.error else what
-
-
-def _validator() -> Callable[[dict[str, Any]], None]:
-    paths.ensure_engine_tools_importable()
-    from engine_tools.progress import validate_event
-
-    return validate_event
-
-
-class EventParser:
-    """Splits a byte stream into lines and turns each line into a protocol event.
-
-    Valid events are returned as they are; anything else (library chatter on stdout, a malformed event)
-    becomes a ``log`` event so nothing the worker said is lost.
-    """
-
-    def __init__(self, stream_name: str = "stdout") -> None:
-        self.stream_name = stream_name
-        self._buffer = b""
-        self._validate = _validator()
-
-    def feed(self, data: bytes) -> list[dict[str, Any]]:
-        self._buffer += data
-        *lines, self._buffer = self._buffer.split(b"\n")
-        return [event for line in lines if (event := self._parse(line)) is not None]
-
-    def flush(self) -> list[dict[str, Any]]:
-        rest, self._buffer = self._buffer, b""
-        event = self._parse(rest)
-        return [event] if event is not None else []
-
-    def _parse(self, raw: bytes) -> dict[str, Any] | None:
-        text = raw.decode("utf-8", errors="replace").rstrip("\r")
-        if not text.strip():
-            return None
-        if self.stream_name == "stdout" and text.startswith("{"):
-            try:
-                event = json.loads(text)
-            except json.JSONDecodeError:
-                event = None
-            if isinstance(event, dict):
-                if event.get("event") == "launcher":
-                    return event
-                try:
-                    self._validate(event)
-                    return event
-                except ValueError as exc:
-                    return {
-                        "event": "log",
-                        "level": "warning",
-                        "message": f"bad worker event ({exc}): {text}",
-                    }
-        level = "stderr" if self.stream_name == "stderr" else "output"
-        return {"event": "log", "level": level, "message": text}
+PARTIAL_PREFIX = ".partial-"  # engine_tools.cache.atomic_directory's temporary names
 
 
 class WorkerProcess:
@@ -153,6 +75,9 @@ class WorkerProcess:
         self._log: list[str] = []
         self._pgid: int | None = None
         self._cancel_requested = False
+        self._kill_at: float | None = None
+        self._exited = False  # the direct child ended (its group may live on after a cancel)
+        self._exit_code: int | None = None
         self._started_wall = 0.0
         self._started = 0.0
 
@@ -161,8 +86,16 @@ class WorkerProcess:
     def cancel_requested(self) -> bool:
         return self._cancel_requested
 
+    @property
+    def pgid(self) -> int | None:
+        return self._pgid
+
     def is_running(self) -> bool:
         return self._started > 0 and self.outcome is None
+
+    def detach(self) -> None:
+        """Stop delivering callbacks (module reload, panel closed); the process is not touched."""
+        self.on_progress = self.on_log = self.on_finished = None
 
     # -- events ---------------------------------------------------------------------------------------
     def _dispatch(self, events: list[dict[str, Any]]) -> None:
@@ -170,6 +103,8 @@ class WorkerProcess:
             kind = event["event"]
             if kind == "launcher":
                 self._pgid = int(event["pgid"])
+                if self._cancel_requested:  # cancel came before the group was known
+                    process_tree.signal_group(self._pgid, force=self._kill_due())
             elif kind == "progress":
                 self.last_progress = (event["fraction"], event["stage"], event["message"])
                 if self.on_progress:
@@ -190,6 +125,26 @@ class WorkerProcess:
         self._log.append(line)
         if len(self._log) > MAX_LOG_LINES:
             del self._log[: len(self._log) - MAX_LOG_LINES]
+
+    # -- ending ---------------------------------------------------------------------------------------
+    def _child_exited(self, exit_code: int | None) -> None:
+        """The direct child ended. After a cancel, wait for the rest of its group before finishing."""
+        self._exited, self._exit_code = True, exit_code
+        self._settle()
+
+    def _settle(self) -> bool:
+        """Finish once the child exited and (after a cancel) its group is gone; escalate when due."""
+        if self.outcome is not None or not self._exited:
+            return self.outcome is not None
+        if self._cancel_requested and process_tree.group_alive(self._pgid):
+            if self._kill_due():
+                process_tree.signal_group(self._pgid, force=True)
+            return False
+        self._finish(self._exit_code)
+        return True
+
+    def _kill_due(self) -> bool:
+        return self._kill_at is not None and time.monotonic() >= self._kill_at
 
     def _finish(self, exit_code: int | None) -> WorkerOutcome:
         self._dispatch(self._stdout.flush() + self._stderr.flush())
@@ -235,36 +190,67 @@ class WorkerProcess:
                 removed.append(path)
         return removed
 
-    # -- killing --------------------------------------------------------------------------------------
-    def _signal_tree(self, pid: int | None, force: bool) -> None:
-        """SIGINT (graceful) or SIGKILL to the worker's process group; ``taskkill /T`` on Windows."""
+    # -- cancelling -----------------------------------------------------------------------------------
+    def cancel(self) -> None:
+        """SIGINT to the worker's group now, SIGKILL to whatever of it is left after the grace period."""
+        if not self.is_running() or self._cancel_requested:
+            return
+        self._cancel_requested = True
+        self._kill_at = time.monotonic() + self.cancel_grace_s
         if os.name == "nt":
-            if pid is not None:
-                subprocess.run(["taskkill", "/PID", str(pid), "/T", "/F"], capture_output=True, check=False)
-            return
-        group = self._pgid if self._pgid is not None else pid
-        if group is None:
-            return
-        try:
-            os.killpg(group, signal.SIGKILL if force else signal.SIGINT)
-        except (ProcessLookupError, PermissionError):
-            pass
+            self._interrupt_windows()
+        else:
+            process_tree.signal_group(self._pgid, force=False)
+        self._schedule_force_kill()
+
+    def force_kill(self) -> None:
+        """SIGKILL to the worker's group if any of it still exists, even after the child has exited."""
+        if os.name == "nt":
+            process_tree.kill_windows_tree(self.pid)
+        elif process_tree.group_alive(self._pgid):
+            process_tree.signal_group(self._pgid, force=True)
+        self._kill_child()
+        self._settle()
+
+    @property
+    def pid(self) -> int | None:  # pragma: no cover - implemented by subclasses
+        raise NotImplementedError
+
+    def _interrupt_windows(self) -> None:
+        process_tree.kill_windows_tree(self.pid)
+
+    def _kill_child(self) -> None:
+        """Kill the direct child too (it may be outside the group: the outer launcher)."""
+
+    def _schedule_force_kill(self) -> None:  # pragma: no cover - implemented by subclasses
+        raise NotImplementedError
 
     def start(self) -> None:  # pragma: no cover - implemented by subclasses
         raise NotImplementedError
 
-    def cancel(self) -> None:  # pragma: no cover - implemented by subclasses
+    def poll(self, timeout: float = 0.05) -> bool:  # pragma: no cover - implemented by subclasses
+        """Deliver pending events (and let the GUI breathe); True once the worker has finished."""
         raise NotImplementedError
+
+    def wait(self, timeout: float | None = None) -> WorkerOutcome:
+        """Poll until the worker ends; ``TimeoutError`` after ``timeout`` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.poll(0.05):
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"worker still running after {timeout} s: {paths.quote_command(self.command)}"
+                )
+        assert self.outcome is not None
+        return self.outcome
 
 
 class ThreadWorkerProcess(WorkerProcess):
-    """``subprocess`` runner; call :meth:`process_events` periodically or :meth:`wait`."""
+    """``subprocess`` runner; call :meth:`poll` periodically or :meth:`wait`."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._queue: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._popen: subprocess.Popen[bytes] | None = None
-        self._kill_timer: threading.Timer | None = None
 
     @property
     def pid(self) -> int | None:
@@ -272,11 +258,6 @@ class ThreadWorkerProcess(WorkerProcess):
 
     def start(self) -> None:
         self._started, self._started_wall = time.monotonic(), time.time()
-        kwargs: dict[str, Any] = {}
-        if os.name == "nt":
-            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP  # type: ignore[attr-defined]
-        else:
-            kwargs["start_new_session"] = True
         self._popen = subprocess.Popen(
             self.command,
             stdin=subprocess.DEVNULL,
@@ -284,7 +265,7 @@ class ThreadWorkerProcess(WorkerProcess):
             stderr=subprocess.PIPE,
             env=self.env,
             cwd=self.cwd,
-            **kwargs,
+            **process_tree.new_group_options(),
         )
         self._pgid = self._popen.pid if os.name != "nt" else None
         readers = [
@@ -323,38 +304,56 @@ class ThreadWorkerProcess(WorkerProcess):
             elif kind == "stderr":
                 self._dispatch(self._stderr.feed(payload))
             else:
-                if self._kill_timer:
-                    self._kill_timer.cancel()
-                self._finish(payload)
-        return self.outcome is not None
+                self._child_exited(payload)
+        return self._settle()
 
-    def wait(self, timeout: float | None = None) -> WorkerOutcome:
-        """Process events until the worker ends; ``TimeoutError`` after ``timeout`` seconds."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not self.process_events(0.05):
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"worker still running after {timeout} s: {paths.quote_command(self.command)}"
-                )
-        assert self.outcome is not None
-        return self.outcome
+    def poll(self, timeout: float = 0.05) -> bool:
+        return self.process_events(timeout)
 
-    def cancel(self) -> None:
-        if not self.is_running() or self._cancel_requested:
-            return
-        self._cancel_requested = True
+    def _interrupt_windows(self) -> None:
+        try:
+            os.kill(self.pid, signal.CTRL_BREAK_EVENT)  # type: ignore[arg-type, attr-defined]
+        except OSError:
+            pass
+
+    def _kill_child(self) -> None:
+        if self._popen is not None and self._popen.poll() is None:
+            self._popen.kill()
+
+    def _schedule_force_kill(self) -> None:
+        # a timer thread, so the kill happens even when nobody polls; never cancelled after a cancel
+        timer = threading.Timer(self.cancel_grace_s, self._kill_group_only)
+        timer.daemon = True
+        timer.start()
+
+    def _kill_group_only(self) -> None:
         if os.name == "nt":
-            try:
-                os.kill(self.pid, signal.CTRL_BREAK_EVENT)  # type: ignore[arg-type, attr-defined]
-            except OSError:
-                pass
-        else:
-            self._signal_tree(self.pid, force=False)
-        self._kill_timer = threading.Timer(
-            self.cancel_grace_s, lambda: self._signal_tree(self.pid, force=True)
-        )
-        self._kill_timer.daemon = True
-        self._kill_timer.start()
+            process_tree.kill_windows_tree(self.pid)
+        elif process_tree.group_alive(self._pgid):
+            process_tree.signal_group(self._pgid, force=True)
+        self._kill_child()
+
+
+class PolledWorkerProcess(ThreadWorkerProcess):
+    """:class:`ThreadWorkerProcess` whose events a ``QTimer`` delivers on the GUI thread."""
+
+    def __init__(self, qt_core: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.qt = qt_core
+        self._timer: Any = None
+
+    def start(self) -> None:
+        super().start()
+        self._timer = self.qt.QTimer()
+        self._timer.timeout.connect(self._tick)
+        self._timer.start(50)
+
+    def _tick(self) -> None:
+        if self.process_events(0.0) and self._timer is not None:
+            self._timer.stop()
+
+    def poll(self, timeout: float = 0.05) -> bool:
+        return _qt_poll(self.qt, timeout, lambda: self.outcome is not None)
 
 
 def _to_bytes(data: Any) -> bytes:
@@ -365,6 +364,16 @@ def _to_bytes(data: Any) -> bytes:
         return bytes(data)
 
 
+def _qt_poll(qt: Any, timeout: float, done: Callable[[], bool]) -> bool:
+    """Run the application's event loop for up to ``timeout`` s (the GUI stays responsive)."""
+    loop = qt.QEventLoop()
+    deadline = time.monotonic() + timeout
+    while not done() and time.monotonic() < deadline:
+        loop.processEvents(qt.QEventLoop.AllEvents, 20)
+        time.sleep(0.005)
+    return done()
+
+
 class QtWorkerProcess(WorkerProcess):
     """``QProcess`` runner; ``qt_core`` is Slicer's ``qt`` module or ``PySide6.QtCore``."""
 
@@ -373,6 +382,7 @@ class QtWorkerProcess(WorkerProcess):
         self.qt = qt_core
         self.process: Any = None
         self._exit_handled = False
+        self._settle_timer: Any = None
 
     @property
     def pid(self) -> int | None:
@@ -395,11 +405,8 @@ class QtWorkerProcess(WorkerProcess):
         process.finished.connect(self._on_finished)
         process.errorOccurred.connect(self._on_error)
         self.process = process
-        if os.name == "nt":
-            program, arguments = self.command[0], self.command[1:]
-        else:  # new session so that cancel reaches every descendant
-            program, arguments = self.command[0], [str(LAUNCHER), *self.command]
-        process.start(program, arguments)
+        # launcher.py: the worker leads a new session, so one killpg reaches all of it
+        process.start(self.command[0], [str(LAUNCHER), *self.command])
 
     def _on_stdout(self) -> None:
         self._dispatch(self._stdout.feed(_to_bytes(self.process.readAllStandardOutput())))
@@ -428,21 +435,25 @@ class QtWorkerProcess(WorkerProcess):
         code = int(self.process.exitCode())
         if self.process.exitStatus() != self.qt.QProcess.NormalExit:
             code = -1
-        self._finish(code)
+        self._child_exited(code)
+        if self.outcome is None:  # the launcher is gone but its group lives on: watch it
+            self._settle_timer = self.qt.QTimer()
+            self._settle_timer.timeout.connect(self._on_settle_tick)
+            self._settle_timer.start(100)
 
-    def cancel(self) -> None:
-        if not self.is_running() or self._cancel_requested:
-            return
-        self._cancel_requested = True
-        self._signal_tree(self.pid, force=False)
-        self.qt.QTimer.singleShot(int(self.cancel_grace_s * 1000), self._force_kill)
+    def _on_settle_tick(self) -> None:
+        if self._settle() and self._settle_timer is not None:
+            self._settle_timer.stop()
 
-    def _force_kill(self) -> None:
-        if self.outcome is not None:
-            return
-        self._signal_tree(self.pid, force=True)
-        if self.process is not None:
+    def _kill_child(self) -> None:
+        if self.process is not None and self.process.state() != self.qt.QProcess.NotRunning:
             self.process.kill()
+
+    def _schedule_force_kill(self) -> None:
+        self.qt.QTimer.singleShot(int(self.cancel_grace_s * 1000), self.force_kill)
+
+    def poll(self, timeout: float = 0.05) -> bool:
+        return _qt_poll(self.qt, timeout, lambda: self.outcome is not None)
 
     def wait_for_finished(self, timeout_s: float, process_events: Callable[[], None]) -> WorkerOutcome | None:
         """Spin ``process_events`` (the application's) until the worker ends (tests, scripted use)."""
@@ -453,19 +464,15 @@ class QtWorkerProcess(WorkerProcess):
         return self.outcome
 
 
-def python_version_of(python: str) -> str:
-    """``X.Y.Z`` of another interpreter (for the dependency check), or ``""``."""
-    try:
-        done = subprocess.run(
-            [python, "-c", "import sys; print('%d.%d.%d' % sys.version_info[:3])"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return ""
-    return done.stdout.strip()
+def qt_worker_factory(qt_core: Any) -> Callable[..., WorkerProcess]:
+    """The runner the GUI uses: ``QProcess`` on POSIX, the hidden-window ``subprocess`` runner on Windows."""
+
+    def make(command: Sequence[str], **kwargs: Any) -> WorkerProcess:
+        if os.name == "nt":
+            return PolledWorkerProcess(qt_core, command, **kwargs)
+        return QtWorkerProcess(qt_core, command, **kwargs)
+
+    return make
 
 
 __all__ = [
@@ -473,8 +480,10 @@ __all__ = [
     "FAILED",
     "SUCCEEDED",
     "EventParser",
+    "PolledWorkerProcess",
     "QtWorkerProcess",
     "ThreadWorkerProcess",
     "WorkerOutcome",
     "WorkerProcess",
+    "qt_worker_factory",
 ]

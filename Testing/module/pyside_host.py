@@ -81,9 +81,13 @@ class qMRMLNodeComboBox(QtWidgets.QComboBox):  # noqa: N801
         self._nodes = [None] if none_enabled else []
         if none_enabled:
             self.addItem("None")
+        # qMRMLNodeComboBox.showChildNodeTypes (default true): false lists only the exact classes
+        show_children = self.property("showChildNodeTypes")
         for node_type in types:
             for index in range(self._scene.GetNumberOfNodesByClass(node_type) if self._scene else 0):
                 node = self._scene.GetNthNodeByClass(index, node_type)
+                if show_children is False and node.GetClassName() != node_type:
+                    continue
                 self._nodes.append(node)
                 self.addItem(node.GetName())
         self.blockSignals(False)

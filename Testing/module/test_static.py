@@ -9,7 +9,7 @@ from pathlib import Path
 
 from mrml_helpers import MODULE_DIR, REPO
 
-UI_FILE = REPO / "Resources" / "UI" / "MedQuantSlicer.ui"
+UI_FILE = MODULE_DIR / "Resources" / "UI" / "MedQuantSlicer.ui"
 CODE = [MODULE_DIR / "MedQuantSlicer.py", *sorted((MODULE_DIR / "MedQuantSlicerLib").glob("*.py"))]
 
 
@@ -26,6 +26,13 @@ def test_every_referenced_widget_exists_in_ui():
     assert referenced, "no ui.<widget> references found"
     missing = sorted(referenced - names)
     assert not missing, f"widgets used in code but absent from {UI_FILE.name}: {missing}"
+    # the input selector lists scalar volumes only (no label maps, no vector volumes), as Slicer's
+    # module template does
+    selector = next(
+        w for w in ET.parse(UI_FILE).getroot().iter("widget") if w.get("name") == "inputVolumeSelector"
+    )
+    props = {p.get("name"): p for p in selector.findall("property")}
+    assert props["showChildNodeTypes"].find("bool").text == "false"
     # and the root is a qMRMLWidget as Slicer expects
     root_widget = ET.parse(UI_FILE).getroot().find("widget")
     assert root_widget.get("class") == "qMRMLWidget"
@@ -62,8 +69,16 @@ def test_cmake_lists_every_module_file_and_only_existing_ones():
     on_disk = {str(p.relative_to(MODULE_DIR)) for p in CODE}
     assert on_disk == set(listed), f"not listed in CMake: {sorted(on_disk - set(listed))}"
     root_cmake = (REPO / "CMakeLists.txt").read_text()
-    for resource in re.findall(r"(Resources/[\w/]+\.\w+)", root_cmake):
+    for resource in re.findall(r"(?<![/\w])(Resources/[\w/]+\.\w+)", root_cmake):
         assert (REPO / resource).is_file(), f"top-level CMakeLists.txt lists missing {resource}"
+    # module resources: installed under the module, where resourcePath() looks
+    resources = _cmake_listed(cmake, "MODULE_PYTHON_RESOURCES")
+    assert sorted(resources) == sorted(
+        str(p.relative_to(MODULE_DIR)) for p in (MODULE_DIR / "Resources").rglob("*") if p.is_file()
+    )
+    # the one dependency list is installed beside the module; torch comes with the PyTorch extension
+    assert re.search(r"set\(MEDQUANT_RESOURCES\s+pyproject\.toml", root_cmake)
+    assert re.search(r"set\(EXTENSION_DEPENDS\s+PyTorch\)", root_cmake)
     for required in (
         "EXTENSION_HOMEPAGE",
         "EXTENSION_CATEGORY",
@@ -79,7 +94,7 @@ def test_cmake_lists_every_module_file_and_only_existing_ones():
 def test_icon_is_a_real_png():
     from PIL import Image
 
-    with Image.open(REPO / "Resources" / "Icons" / "MedQuantSlicer.png") as icon:
+    with Image.open(MODULE_DIR / "Resources" / "Icons" / "MedQuantSlicer.png") as icon:
         assert icon.format == "PNG" and icon.size == (128, 128)
 
 
@@ -88,6 +103,11 @@ def test_paths_resolve_in_source_checkout():
 
     assert paths.engine_tools_root() == REPO
     assert paths.ui_file() == UI_FILE
+    assert paths.pyproject_file() == REPO / "pyproject.toml"
+    # Slicer's ScriptedLoadableModule.resourcePath(f) is <folder of MedQuantSlicer.py>/Resources/f
+    # (Base/Python/slicer/ScriptedLoadableModule.py); "Edit UI" opens resourcePath("UI/<module>.ui")
+    assert (MODULE_DIR / "Resources" / "UI" / "MedQuantSlicer.ui") == paths.ui_file()
+    assert (MODULE_DIR / "Resources" / "Icons" / "MedQuantSlicer.png") == paths.icon_file()
     command = paths.worker_command("models")
     assert command[1:4] == ["-m", "engine_tools", "models"] and command[-2:] == ["--progress", "jsonl"]
     env = paths.worker_environment({"PYTHONPATH": "/elsewhere"})
