@@ -156,6 +156,12 @@ def test_batch_matches_single_scan_and_records_the_corrupt_file(cohort, first_ru
     )
     assert code == 0, events[-1]
     assert events[-1]["data"]["engine"]["cache"] == "hit"
+    by_value = {entry["value"]: entry for entry in events[-1]["data"]["volumes"]}  # for the Slicer table
+    single_labels = nib.load(str(single))
+    counts = np.bincount(np.asarray(single_labels.dataobj).astype(int).ravel(), minlength=3)
+    assert [by_value[v]["voxels"] for v in (0, 1, 2)] == counts[:3].tolist()
+    voxel_ml = abs(np.linalg.det(single_labels.affine[:3, :3])) / 1000.0
+    assert by_value[2]["volume_ml"] == pytest.approx(counts[2] * voxel_ml, abs=1e-9)
     batch_image, single_image = sitk.ReadImage(str(expected)), sitk.ReadImage(str(single))
     np.testing.assert_array_equal(sitk.GetArrayFromImage(batch_image), sitk.GetArrayFromImage(single_image))
     source = sitk.ReadImage(str(cohort["inputs"] / SCANS[2]))

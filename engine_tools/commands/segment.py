@@ -53,6 +53,7 @@ def run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
     input_path = require_input(args.input)
     check_output_path(output, [input_path, *([args.calibration] if args.calibration else [])], args.overwrite)
 
+    from engine_tools.label_stats import label_volumes
     from engine_tools.pipeline import prepare_engine
     from engine_tools.registry import get_card
     from engine_tools.segment import segment_image, write_segmentation
@@ -95,6 +96,7 @@ def run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
         "engine": engine.describe(),
         "model": card.id,
         "input": str(input_path),
+        "volumes": label_volumes(result.labels, label_table=result.label_table),  # mL and voxels per label
     }
 
 
