@@ -316,3 +316,34 @@ def test_dask_local_cluster_gives_the_same_labels_and_rows(cohort, first_run, ca
             assert distributed[scan].get(key) == local[scan].get(key), (scan, key)
     for scan in SCANS:
         np.testing.assert_array_equal(_labels(distributed[scan]["output"]), _labels(local[scan]["output"]))
+
+
+def test_collect_scans_from_a_dicom_folder_and_a_csv_list(tmp_path):
+    """Output names mirror the inputs' relative paths; a DICOM series folder becomes one scan whose
+    hash covers all its files; a CSV list is read from its 'path' column; OUT is never searched."""
+    from engine_tools.batch import collect_scans, hash_scan
+
+    dicom = shared_path("data", "ct", "example_ct_dicom")
+    inputs = tmp_path / "in"
+    (inputs / "sub-05").mkdir(parents=True)
+    (inputs / "sub-05" / "dicom").symlink_to(dicom, target_is_directory=True)
+    nifti = inputs / "sub-06" / "ct.nii.gz"
+    nifti.parent.mkdir()
+    nifti.write_bytes((shared_path("data", "ct", "example_ct_sm.nii.gz")).read_bytes())
+    out = inputs / "labels"  # an output folder inside the input folder
+    (out / "sub-06").mkdir(parents=True)
+    (out / "sub-06" / "ct.nii.gz").write_bytes(nifti.read_bytes())
+    scans, _ = collect_scans(inputs, out)
+    assert [(s.scan, Path(s.output).relative_to(out).as_posix()) for s in scans] == [
+        ("sub-05/dicom/", "sub-05/dicom.nii.gz"),
+        ("sub-06/ct.nii.gz", "sub-06/ct.nii.gz"),
+    ]
+    assert len(scans[0].files) == len(list(dicom.iterdir())) > 1
+    assert hash_scan(scans[0]) != hash_scan(scans[1])
+    listing = tmp_path / "list.csv"
+    listing.write_text(
+        f"subject,path\nA,{nifti}\nB,{inputs / 'sub-05' / 'dicom'}\nC,{tmp_path / 'gone.nii'}\n"
+    )
+    listed, warned = collect_scans(listing, out)
+    assert sorted(s.scan for s in listed) == ["sub-05/dicom/", "sub-06/ct.nii.gz"]
+    assert any("gone.nii" in w for w in warned)
