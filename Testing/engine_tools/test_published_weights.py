@@ -286,3 +286,102 @@ def test_nnunet_refuses_plans_that_contradict_the_card(tmp_path: Path) -> None:
     )
     with pytest.raises(NetworkError, match=r"patch_size is \[32, 32, 32\], the card says \[128, 128, 128\]"):
         build_network(card, weights_dir=tmp_path)
+
+
+# ------------------------------------------------------------- STU-Net (nnU-Net v1, Task101)
+def stunet_plans(pools: list[list[int]]) -> dict:
+    """An nnU-Net v1 ``plans.pkl`` dict (numpy arrays and scalars, as nnU-Net v1 writes it)."""
+    from collections import OrderedDict
+
+    stage = {
+        "batch_size": 2,
+        "num_pool_per_axis": [len(pools)] * 3,
+        "patch_size": np.array([32, 32, 32]),
+        "current_spacing": np.array([1.5, 1.5, 1.5]),
+        "original_spacing": np.array([1.5, 1.5, 1.5]),
+        "pool_op_kernel_sizes": pools,
+        "conv_kernel_sizes": [[3, 3, 3]] * (len(pools) + 1),
+    }
+    intensity = OrderedDict(
+        median=np.float64(41.0),
+        mean=np.float64(62.4),
+        sd=np.float64(344.9),
+        mn=np.float64(-1024.0),
+        mx=np.float64(3071.0),
+        percentile_99_5=np.float64(1452.0),
+        percentile_00_5=np.float64(-958.0),
+    )
+    return {
+        "num_stages": 1,
+        "num_modalities": 1,
+        "modalities": {0: "CT"},
+        "normalization_schemes": OrderedDict([(0, "CT")]),
+        "dataset_properties": {
+            "intensityproperties": OrderedDict([(0, intensity)]),
+            "all_classes": list(range(1, 105)),
+        },
+        "plans_per_stage": {0: stage},
+        "base_num_features": 32,
+        "use_mask_for_norm": OrderedDict([(0, False)]),
+        "data_identifier": "nnUNetData_plans_v2.1",
+    }
+
+
+def test_stunet_v1_checkpoint_and_plans_pkl(tmp_path: Path) -> None:
+    """base_ep4k.model (nnU-Net v1 checkpoint with numpy scalars) and plans.pkl, both from a mirror."""
+    import pickle
+
+    from engine_tools.networks.zoo.stunet import STUNet
+
+    card = small_card("stunet-totalseg")
+    kwargs = {**card.network["kwargs"], "plans_file": {"weights_file": "plans.pkl"}}
+    kwargs.update(patch_size=[32, 32, 32], spacing=[1.5, 1.5, 1.5])
+    card = small_card("stunet-totalseg", kwargs=kwargs)
+    pools = [[2, 2, 2], [2, 2, 2], [2, 2, 2], [1, 2, 2]]
+    plans = stunet_plans(pools)
+    torch.manual_seed(9)
+    reference = STUNet(1, card.num_classes, kwargs["depth"], kwargs["dims"], pools).eval()
+    folder = tmp_path / card.id
+    folder.mkdir()
+    torch.save(
+        {
+            "epoch": 4000,
+            "state_dict": reference.state_dict(),
+            "optimizer_state_dict": {"state": {}, "param_groups": [{"lr": 1e-5}]},
+            "lr_scheduler_state_dict": None,
+            "plot_stuff": ([np.float64(0.9)], [np.float64(0.8)], [], [np.float64(0.85)]),
+            "best_stuff": (3999, np.float64(-0.91), 3999, np.float64(0.86)),
+            "amp_grad_scaler": {"scale": 65536.0},
+        },
+        folder / "base_ep4k.model",
+    )
+    with open(folder / "plans.pkl", "wb") as stream:
+        pickle.dump(plans, stream)
+
+    module = build_network(card, weights_dir=tmp_path)
+    props = plans["dataset_properties"]["intensityproperties"][0]
+    hounsfield = np.random.default_rng(2).uniform(-1100, 1600, (1, 1, 32, 32, 32)).astype(np.float32)
+    normalised = (
+        np.clip(hounsfield, props["percentile_00_5"], props["percentile_99_5"]) - props["mean"]
+    ) / props["sd"]
+    with torch.no_grad():
+        logits = module(torch.from_numpy(hounsfield)).numpy()
+        expected = reference(torch.from_numpy(normalised.astype(np.float32))).numpy()
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
+
+    class Payload:  # a pickle that would run code when loaded
+        def __reduce__(self):
+            return (print, ("unpickled",))
+
+    with open(folder / "plans.pkl", "wb") as stream:
+        pickle.dump({**plans, "x": Payload()}, stream)
+    with pytest.raises(NetworkError, match="builtins.print"):
+        build_network(card, weights_dir=tmp_path)
+
+
+def test_stunet_labels_follow_task101_and_weights_are_manual(tmp_path: Path) -> None:
+    card = get_card("stunet-totalseg")
+    names = [label.name for label in card.labels[1:]]
+    assert names == sorted(names) and names[0] == "adrenal_gland_left" and names[-1] == "vertebrae_T9"
+    with pytest.raises(WeightsUnavailable, match=r"drive\.google\.com.*DIR/stunet-totalseg/base_ep4k\.model"):
+        build_network(card, weights_dir=tmp_path)

@@ -51,7 +51,8 @@ def test_card_is_complete(cards, model_id: str) -> None:
     assert "reduced_kwargs" in card.network and "reduced_note" in card.network
     assert card.weights["files"] and card.weights.get("licence") and card.weights.get("source")
     for entry in card.weights["files"]:
-        assert entry["url"].startswith("https://")
+        assert (entry.get("url") or entry.get("download_page")).startswith("https://")
+        assert bool(entry.get("url")) != bool(entry.get("manual")), "manual entries have no direct URL"
         assert entry.get("sha256") or entry.get("sha256_note"), "say why a checksum is missing"
     assert card.preprocessing["intensity"]["rule"] in ("window", "zscore", "none")
     if card.quantization.get("model_type") == "transformer":

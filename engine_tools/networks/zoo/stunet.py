@@ -7,14 +7,25 @@ avoids transposed-convolution artefacts and lets the published sizes S/B/L/H sca
 No PyPI package provides it, so it is written here following the paper and the authors' repository;
 parameter names match the authors' nnU-Net checkpoints. Deep-supervision heads are kept (so checkpoints
 load strictly) but inference returns only the full-resolution logits.
+
+The published TotalSegmentator models are nnU-Net v1 trainings (Task101): the checkpoint ``.model`` holds
+numpy scalars (read by :func:`engine_tools.networks.zoo.checkpoints.safe_load`), and the CT
+normalisation statistics live in nnU-Net v1's ``plans.pkl`` (or the ``plans`` entry of the
+``.model.pkl`` written beside the checkpoint), a pickle read here with an allowlist of numpy
+reconstructors only (:func:`read_v1_plans`).
 """
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
+
+from engine_tools.networks.zoo.nnunet import CTNormalization
 
 #: Published sizes (depth per stage, widths per stage), TotalSegmentator-trained, 128^3 crops.
 STUNET_SIZES: dict[str, tuple[list[int], list[int]]] = {
@@ -100,15 +111,86 @@ class STUNet(nn.Module):
         return self.seg_outputs[-1](x)
 
 
+class _PlansUnpickler(pickle.Unpickler):
+    """Unpickles nnU-Net v1 plans: containers, numbers, strings and numpy arrays/scalars, nothing else."""
+
+    ALLOWED = {
+        ("collections", "OrderedDict"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "scalar"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(
+                f"plans file refers to {module}.{name}, which a plans file never needs"
+            )
+        return super().find_class(module, name)
+
+
+def read_v1_plans(plans_file: str | Path) -> dict[str, Any]:
+    """CT intensity statistics, patch size, spacing and pooling of an nnU-Net v1 ``plans.pkl``
+    (or ``.model.pkl``), read without running code from the file."""
+    try:
+        with open(plans_file, "rb") as stream:
+            plans = _PlansUnpickler(stream).load()
+    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError) as exc:
+        raise ValueError(f"{plans_file}: not a readable nnU-Net v1 plans pickle ({exc})") from exc
+    plans = plans.get("plans", plans) if isinstance(plans, dict) else plans
+    try:
+        schemes = dict(plans["normalization_schemes"])
+        props = plans["dataset_properties"]["intensityproperties"][0]
+        stage = plans["plans_per_stage"][max(plans["plans_per_stage"])]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{plans_file}: missing nnU-Net v1 plans entry ({exc})") from exc
+    if schemes.get(0) != "CT":
+        raise ValueError(
+            f"{plans_file}: normalization {schemes}; this builder implements nnU-Net's 'CT' scheme"
+        )
+    return {
+        "intensity": {
+            "mean": float(props["mean"]),
+            "std": float(props["sd"]),
+            "lower": float(props["percentile_00_5"]),
+            "upper": float(props["percentile_99_5"]),
+        },
+        "patch_size": [int(v) for v in stage["patch_size"]],
+        "spacing": [float(v) for v in stage["current_spacing"]],
+        "pool_op_kernel_sizes": [[int(v) for v in p] for p in stage["pool_op_kernel_sizes"]],
+    }
+
+
 def stunet(
     in_channels: int = 1,
     num_classes: int = 105,
     size: str = "base",
     depth: Sequence[int] | None = None,
     dims: Sequence[int] | None = None,
-) -> STUNet:
-    """Builder used by the ``stunet-totalseg`` card: a published ``size`` or explicit ``depth``/``dims``."""
+    plans_file: str | Path | None = None,
+    patch_size: Sequence[int] | None = None,
+    spacing: Sequence[float] | None = None,
+    ct_normalization: dict[str, float] | None = None,
+) -> nn.Module:
+    """Builder used by the ``stunet-totalseg`` card: a published ``size`` or explicit ``depth``/``dims``,
+    behind nnU-Net's CT normalisation from ``plans_file`` (patch size and spacing checked against the
+    card's) or, for random-weight runs without it, ``ct_normalization``."""
     if size not in STUNET_SIZES:
         raise ValueError(f"STU-Net size {size!r} unknown; choose one of {', '.join(STUNET_SIZES)}")
     default_depth, default_dims = STUNET_SIZES[size]
-    return STUNet(in_channels, num_classes, depth or default_depth, dims or default_dims)
+    pools = None
+    intensity = ct_normalization
+    if plans_file is not None:
+        plans = read_v1_plans(plans_file)
+        for name, card_value in (("patch_size", patch_size), ("spacing", spacing)):
+            if card_value is not None and [float(v) for v in plans[name]] != [float(v) for v in card_value]:
+                raise ValueError(
+                    f"{plans_file}: {name} is {plans[name]}, the card says {list(card_value)}; set the card's "
+                    f"network.kwargs.{name} (and window.size / preprocessing.spacing) to the published value"
+                )
+        pools, intensity = plans["pool_op_kernel_sizes"], plans["intensity"]
+    network = STUNet(in_channels, num_classes, depth or default_depth, dims or default_dims, pools)
+    return CTNormalization(network, **intensity) if intensity else network
