@@ -213,7 +213,7 @@ def prepare_engine(
         )
     key = engine_key(key_parts)
     destination = cache_dir("engines") / key[:32]
-    if hasattr(engine, "attach_factory") and factory is not None:
+    if factory is not None:
         engine.attach_factory(factory)
 
     was_cached = destination.exists()

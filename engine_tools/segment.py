@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import SimpleITK as sitk
@@ -32,6 +32,10 @@ from engine_tools.volumes import (
     to_input_geometry,
     write_image,
 )
+
+if TYPE_CHECKING:
+    from engine_tools.engines.base import Engine
+    from engine_tools.registry import ModelCard
 
 
 @dataclass
@@ -69,8 +73,8 @@ def count_windows(shape: tuple[int, ...], roi: tuple[int, ...], overlap: float) 
 
 
 def segment_image(
-    engine: Any,
-    card: Any,
+    engine: Engine,
+    card: ModelCard,
     image: sitk.Image | str | Path | Preprocessed,
     progress: Progress | None = None,
     overlap: float | None = None,
@@ -179,12 +183,12 @@ def segment_image(
     )
 
 
-def class_values(card: Any) -> np.ndarray:
+def class_values(card: ModelCard) -> np.ndarray:
     """Label value of each network output channel (channel ``k`` → ``card.labels[k].value``)."""
     return np.asarray([label.value for label in card.labels], dtype=np.int64)
 
 
-def _needs_lookup(card: Any) -> bool:
+def _needs_lookup(card: ModelCard) -> bool:
     values = [label.value for label in card.labels]
     return len(values) == card.num_classes and values != list(range(len(values)))
 

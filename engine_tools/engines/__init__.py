@@ -24,10 +24,6 @@ def engine_class(backend: str) -> type[Engine]:
     return getattr(importlib.import_module(module_name), class_name)
 
 
-def create_engine(backend: str, precision: str = "fp32", device: str | None = None) -> Engine:
-    return engine_class(backend)(precision=precision, device=device)
-
-
 def select_backend(requested: str = "auto") -> tuple[str, str]:
     """Resolve ``auto``: TensorRT when an NVIDIA GPU and ``tensorrt`` are present, else OpenVINO.
 
@@ -51,7 +47,6 @@ __all__ = [
     "BuildRequest",
     "Engine",
     "EngineUnavailable",
-    "create_engine",
     "engine_class",
     "select_backend",
 ]

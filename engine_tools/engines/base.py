@@ -67,6 +67,8 @@ class Engine(ABC):
         self.device = device or self.default_device
         self.artifact_dir: Path | None = None
         self.build_report: dict[str, Any] = {}
+        #: "hit" (taken from the engine cache) or "built", set by whoever prepared the engine
+        self.cache_status: str | None = None
 
     @classmethod
     @abstractmethod
@@ -85,6 +87,10 @@ class Engine(ABC):
     ) -> dict[str, Any]:
         """Write the engine artifact into ``artifact_dir`` (an empty, temporary directory) and return a
         JSON-serialisable build report (calibration used, layers kept in higher precision, ...)."""
+
+    def attach_factory(self, factory: Callable[[], Any]) -> None:  # noqa: B027 (optional hook)
+        """Give the engine the callable that rebuilds the network; engines that run the PyTorch module
+        (rather than an artifact compiled from ONNX) need it before :meth:`load`, the others ignore it."""
 
     @abstractmethod
     def load(self, artifact_dir: Path) -> None:
@@ -113,7 +119,7 @@ class Engine(ABC):
             "bytes_on_disk": sum(p.stat().st_size for p in self.artifact_files()),
             "versions": self.versions(),
             "artifact_dir": str(self.artifact_dir) if self.artifact_dir else None,
-            "cache": getattr(self, "cache_status", None),  # "hit" / "built" when made by pipeline
+            "cache": self.cache_status,
             **{
                 k: v
                 for k, v in self.build_report.items()
