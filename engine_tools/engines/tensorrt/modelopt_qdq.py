@@ -238,42 +238,23 @@ def quantize_qdq(
     windows = _check_windows(calibration)
     require_modelopt()
     import modelopt
-    import onnx
 
     excluded = list(dict.fromkeys([*expand_patterns(onnx_path, keep_higher_precision), *nodes_to_exclude]))
     excluded_types = list(dict.fromkeys(op_types_to_exclude))
     if not quantize_conv_transpose and CONV_TRANSPOSE in op_types_in(onnx_path):
         excluded_types.append(CONV_TRANSPOSE)
-    input_name = onnx_input_name(onnx_path)
     progress.update("calibrate", 0.0, f"ModelOpt {calibration_method} calibration on {len(windows)} windows")
-    with tempfile.TemporaryDirectory(prefix="medquant-modelopt-") as tmp:
-        work = Path(tmp) / "model.onnx"
-        shutil.copyfile(onnx_path, work)  # ModelOpt rewrites (and writes beside) its input
-        result = Path(tmp) / "model.qdq.onnx"
-        windows_file = Path(tmp) / "calibration.npy"
-        np.save(windows_file, windows)
-        arguments = {
-            "onnx_path": str(work),
-            "quantize_mode": "int8",
-            "calibration_method": calibration_method,
-            "calibration_eps": list(calibration_eps),
-            "nodes_to_exclude": exact_name_patterns(excluded) or None,
-            "op_types_to_exclude": excluded_types or None,
-            "high_precision_dtype": high_precision_dtype,
-            "output_path": str(result),
-            "log_level": logging.getLevelName(logging.WARNING),
-        }
-        # ModelOpt monkey-patches onnxruntime.quantization while it calibrates; a spawned child keeps
-        # that out of this process (ONNX Runtime's own INT8 engine must keep working afterwards).
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-            pool.submit(_modelopt_quantize, arguments, input_name, str(windows_file)).result()
-        if not result.is_file():
-            raise RuntimeError(f"ModelOpt wrote no quantized model for {onnx_path}")
-        model = onnx.load(str(result))
-        output_path = Path(output_path)
-        with atomic_file(output_path) as stream:
-            stream.write(model.SerializeToString())
+    arguments = {
+        "quantize_mode": "int8",
+        "calibration_method": calibration_method,
+        "calibration_eps": list(calibration_eps),
+        "nodes_to_exclude": exact_name_patterns(excluded) or None,
+        "op_types_to_exclude": excluded_types or None,
+        "high_precision_dtype": high_precision_dtype,
+        "log_level": logging.getLevelName(logging.WARNING),
+    }
+    output_path = Path(output_path)
+    model = _quantize_in_child(onnx_path, windows, arguments, output_path)
     quantized = quantized_node_names(model)
     notes = []
     if CONV_TRANSPOSE in excluded_types and not quantize_conv_transpose:
@@ -300,6 +281,34 @@ def quantize_qdq(
         modelopt_version=str(modelopt.__version__),
         notes=notes,
     )
+
+
+def _quantize_in_child(
+    onnx_path: Path, windows: np.ndarray, arguments: dict[str, Any], output_path: Path
+) -> Any:
+    """Run ModelOpt's ``quantize`` on a private copy of ``onnx_path`` in a spawned child; write its
+    Q/DQ ONNX atomically to ``output_path`` and return it."""
+    import onnx
+
+    input_name = onnx_input_name(onnx_path)
+    with tempfile.TemporaryDirectory(prefix="medquant-modelopt-") as tmp:
+        work = Path(tmp) / "model.onnx"
+        shutil.copyfile(onnx_path, work)  # ModelOpt rewrites (and writes beside) its input
+        result = Path(tmp) / "model.qdq.onnx"
+        windows_file = Path(tmp) / "calibration.npy"
+        np.save(windows_file, windows)
+        arguments = {**arguments, "onnx_path": str(work), "output_path": str(result)}
+        # ModelOpt monkey-patches onnxruntime.quantization while it calibrates; a spawned child keeps
+        # that out of this process (ONNX Runtime's own INT8 engine must keep working afterwards).
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+            pool.submit(_modelopt_quantize, arguments, input_name, str(windows_file)).result()
+        if not result.is_file():
+            raise RuntimeError(f"ModelOpt wrote no quantized model for {onnx_path}")
+        model = onnx.load(str(result))
+        with atomic_file(output_path) as stream:
+            stream.write(model.SerializeToString())
+    return model
 
 
 def _modelopt_quantize(arguments: dict[str, Any], input_name: str, windows_file: str) -> None:
