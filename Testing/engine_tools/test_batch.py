@@ -21,6 +21,7 @@ from shared_data import shared_path
 
 from engine_tools.cache import partial_artifacts
 from engine_tools.cli import main
+from engine_tools.progress import validate_event
 
 REPO = Path(__file__).resolve().parents[2]
 CROP = 40  # whole-volume windows of 40^3: one network pass per scan
@@ -278,6 +279,10 @@ def test_sigkill_mid_batch_then_rerun_finishes_the_rest(cohort, first_run, cache
     rerun = _cli(*common, "--output-dir", str(out), cache=cache)
     events = [json.loads(line) for line in rerun.stdout]
     assert rerun.wait(timeout=600) == 0, events[-1]
+    for event in events:
+        validate_event(event)
+    batch_events = [e for e in events if e["event"] == "progress" and e["stage"] == "batch"]
+    assert batch_events[-1]["fraction"] == 1.0 and "ETA" in batch_events[-1]["message"]
     rows = _manifest(out)
     assert {s for s in SCANS if rows[s]["status"] == "skipped"} == done_before
     assert all(rows[s]["status"] in ("done", "skipped") for s in SCANS)
