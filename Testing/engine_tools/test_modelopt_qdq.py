@@ -237,3 +237,30 @@ def test_fp16_autocast_keeps_norm_and_softmax_fp32(decoder_onnx: Path, tmp_path:
     assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     reference, converted = _run(decoder_onnx, windows), _run(tmp_path / "fp16.onnx", windows)
     assert np.abs(reference - converted).max() < 1e-2
+
+
+def test_tensorrt_int8_onnx_follows_the_card_options(decoder_onnx: Path, tmp_path: Path) -> None:
+    """The TensorRT engine's INT8 input (no TensorRT needed to make it): the card's regexes, the guard's
+    exact names and the paper's recipe reach ModelOpt, and the report says what was excluded."""
+    from engine_tools.engines.base import BuildRequest
+    from engine_tools.engines.tensorrt import TensorRTEngine
+    from engine_tools.progress import SilentProgress
+
+    windows = np.random.default_rng(2).random((2, 16, 8, 8, 8), dtype=np.float32)
+    options = {
+        "keep_higher_precision_patterns": [r"^/head/"],
+        "ignored_layers": ["/x/Conv"],
+        "tensorrt_recipe": "medptq",
+    }
+    request = BuildRequest("decoder", decoder_onnx, (8, 8, 8), 16, 4, calibration=windows, options=options)
+    report: dict = {}
+    path, kind, calibration_hash = TensorRTEngine("int8")._typed_onnx(
+        request, tmp_path, report, SilentProgress()
+    )
+    assert kind == "qdq" and path.is_file() and calibration_hash
+    qdq = report["qdq"]
+    assert qdq["recipe"] == "medptq" and qdq["high_precision_dtype"] == "fp32"
+    assert "hrlblab/PTQ" in qdq["recipe_description"]
+    assert qdq["excluded_nodes"] == ["/head/a+b(c)[0]/Conv", "/x/Conv"]
+    assert qdq["excluded_op_types"] == ["ConvTranspose"]
+    assert set(qdq["quantized_nodes"]) == {"/x/Conv_1", "/x/Conv_2"}

@@ -208,7 +208,8 @@ class TensorRTEngine(Engine):
                 quantize_conv_transpose=bool(options.get("quantize_conv_transpose", False)),
                 progress=progress,
             )
-        report["qdq"] = {**result.to_json(), "recipe": recipe}
+        description = modelopt_qdq.RECIPES.get(recipe, {}).get("description", "")
+        report["qdq"] = {**result.to_json(), "recipe": recipe, "recipe_description": description}
         for note in result.notes:
             progress.warning(note)
         return result.path, "qdq", _array_hash(request.calibration)
