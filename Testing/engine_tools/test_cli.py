@@ -121,3 +121,17 @@ def test_build_with_random_weights_runs_a_seed_network_without_its_weights(tmp_p
         cache=tmp_path,
     )
     assert code == 1 and events[-1]["event"] == "error" and "--weights-dir" in events[-1]["message"]
+
+
+def test_build_recipe_is_a_tensorrt_choice(tmp_path):
+    code, events = run_cli(
+        "build", "brainchop-model5_gw_ae", "--backend", "openvino", "--recipe", "medptq", cache=tmp_path
+    )
+    assert code == 1 and "--recipe is a TensorRT INT8 recipe" in events[-1]["message"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "engine_tools", "build", "m", "--recipe", "paper"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2 and "medptq" in proc.stderr

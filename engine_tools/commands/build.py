@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from engine_tools.commands._options import add_engine_arguments, check_engine_arguments, warn_random_weights
+from engine_tools.engines.tensorrt.modelopt_qdq import RECIPES
 from engine_tools.progress import Progress
 
 
@@ -25,6 +26,13 @@ def register(
     add_engine_arguments(parser)
     parser.add_argument("--no-guard", action="store_true", help="skip the accuracy guard (not recommended)")
     parser.add_argument("--device", help="device (cpu, cuda:0, ...); default: the backend's")
+    parser.add_argument(
+        "--recipe",
+        choices=tuple(RECIPES),
+        default=None,
+        help="TensorRT INT8 recipe: medquant (layers left unquantized run FP16; default) or medptq "
+        "(the MedPTQ paper's: they run FP32, slower)",
+    )
     parser.set_defaults(func=run, render=render)
     return parser
 
@@ -48,9 +56,21 @@ def run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
         num_windows=args.windows,  # None: the card's default
         seed=args.seed,
         random_weights=args.random_weights,
-        options={"guard": False} if args.no_guard else None,
+        options=build_options(args),
     )
     return {"model": args.model, "engine": engine.describe(), "build_report": engine.build_report}
+
+
+def build_options(args: argparse.Namespace) -> dict[str, Any] | None:
+    """Backend options given on the command line (``None``: the card's own)."""
+    options: dict[str, Any] = {}
+    if args.no_guard:
+        options["guard"] = False
+    if args.recipe:
+        if args.backend not in ("tensorrt", "auto"):
+            raise ValueError(f"--recipe is a TensorRT INT8 recipe; --backend {args.backend} has none")
+        options["tensorrt_recipe"] = args.recipe
+    return options or None
 
 
 def render(result: dict[str, Any]) -> str:
