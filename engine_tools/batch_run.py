@@ -147,7 +147,7 @@ def run_batch(
     else:
         from engine_tools.cluster import segment_on_dask
 
-        rows = segment_on_dask(client, ref, todo, references, cores_per_worker)
+        rows = segment_on_dask(client, ref, todo, references, cores_per_worker, progress)
     for done, row in enumerate(rows, start=1):
         manifest.record(row)
         manifest.save(labels, with_dice=reference is not None)

@@ -12,6 +12,7 @@ address (see the README).
 from __future__ import annotations
 
 import os
+import queue
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,10 +20,24 @@ from pathlib import Path
 from typing import Any
 
 from engine_tools.batch import BatchScan, EngineRef, load_engine, segment_scan
-from engine_tools.progress import SilentProgress
+from engine_tools.progress import Progress
 
 _LOADED: dict[str, tuple[Any, Any]] = {}
 _LOCK = threading.Lock()
+#: Dask event topic carrying each scan's stages from the workers to the client's progress stream.
+STAGE_TOPIC = "medquant-scan-stage"
+
+
+class _WorkerStages(Progress):
+    """A scan's stages on a worker, sent to the client as Dask events (``Worker.log_event``)."""
+
+    def __init__(self, worker: Any, scan: str) -> None:
+        super().__init__()
+        self.worker, self.scan = worker, scan
+
+    def emit(self, event: dict[str, Any]) -> None:
+        if event["event"] in ("progress", "log"):
+            self.worker.log_event(STAGE_TOPIC, {**event, "scan": self.scan, "worker": self.worker.address})
 
 
 def parse_local(spec: str) -> int:
@@ -92,7 +107,8 @@ def segment_task(
                 _pin_cores(worker.name, cores_per_worker)
             _LOADED[ref.key] = load_engine(ref)
         engine, card = _LOADED[ref.key]
-    return segment_scan(engine, card, scan, row, SilentProgress(), reference, worker=str(worker.address))
+    stages = _WorkerStages(worker, scan.scan)
+    return segment_scan(engine, card, scan, row, stages, reference, worker=str(worker.address))
 
 
 def segment_on_dask(
@@ -101,9 +117,13 @@ def segment_on_dask(
     todo: list[tuple[BatchScan, dict[str, Any]]],
     references: dict[str, Path | None],
     cores_per_worker: int | None = None,
+    progress: Progress | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """Submit every scan as a task and yield manifest rows as they complete (any order)."""
+    """Submit every scan as a task and yield manifest rows as they complete (any order); the workers'
+    per-scan stages are relayed to ``progress`` meanwhile (from this thread only)."""
     distributed = _dask()
+    stages: queue.SimpleQueue = queue.SimpleQueue()
+    client.subscribe_topic(STAGE_TOPIC, lambda event: stages.put(event[1]))
     futures = {}
     for index, (scan, row) in enumerate(todo):
         future = client.submit(
@@ -117,18 +137,41 @@ def segment_on_dask(
             pure=False,
         )
         futures[future] = row
+    finished = distributed.as_completed(futures)
     try:
-        for future in distributed.as_completed(futures):
-            try:
-                yield future.result()
-            except Exception as exc:  # the worker died or could not load the engine
-                row = futures[future]
-                yield {
-                    **row,
-                    "status": "failed",
-                    "error": f"{type(exc).__name__} on a Dask worker: {exc}",
-                    "output": "",
-                    "label_table": "",
-                }
+        while not finished.is_empty():
+            ready = finished.next_batch(block=False)
+            _relay(stages, progress)
+            if not ready:
+                threading.Event().wait(0.2)
+            for future in ready:
+                yield _row_of(future, futures[future])
+        _relay(stages, progress)
     finally:
         client.cancel(list(futures))
+        client.unsubscribe_topic(STAGE_TOPIC)
+
+
+def _relay(stages: queue.SimpleQueue, progress: Progress | None) -> None:
+    while not stages.empty():
+        event = stages.get()
+        if progress is None:
+            continue
+        prefix = f"[{event['scan']} on {event['worker']}] "
+        if event["event"] == "progress":
+            progress.update(event["stage"], None, prefix + event["message"])
+        else:
+            progress.log(prefix + event["message"], event["level"])
+
+
+def _row_of(future: Any, row: dict[str, Any]) -> dict[str, Any]:
+    try:
+        return future.result()
+    except Exception as exc:  # the worker died or could not load the engine
+        return {
+            **row,
+            "status": "failed",
+            "error": f"{type(exc).__name__} on a Dask worker: {exc}",
+            "output": "",
+            "label_table": "",
+        }

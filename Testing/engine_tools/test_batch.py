@@ -309,6 +309,8 @@ def test_dask_local_cluster_gives_the_same_labels_and_rows(cohort, first_run, ca
     )
     assert code == 0, events[-1]
     assert events[-1]["data"]["executor"] == "dask" and time.perf_counter() - started < 600
+    relayed = [e for e in events if e["event"] == "progress" and e["stage"] == "segment"]
+    assert {e["message"].split(" on tcp://")[0] for e in relayed} >= {f"[{scan}" for scan in SCANS}
     local, distributed = _manifest(first_run), _manifest(out)
     assert set(distributed) == set(local)
     workers = {distributed[s]["worker"] for s in SCANS}
