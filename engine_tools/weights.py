@@ -5,13 +5,22 @@
 
 1. a file the card points to directly (``"path"``: bring-your-own models, pinned by SHA-256);
 2. the offline mirror(s): ``weights_dir`` or ``$MEDQUANT_WEIGHTS_DIR`` (``os.pathsep``-separated),
-   as ``DIR/<name>``, ``DIR/<card id>/<name>`` or ``DIR/<folder of the URL>/<name>`` (so a copy of a
-   publisher's folder tree works as is, e.g. ``shared/models/brainchop/model18cls/model.bin``);
+   as ``DIR/<card id>/<name>``, or ``DIR/<name>`` / ``DIR/<folder of the URL>/<name>`` (so a copy
+   of a publisher's folder tree works as is, e.g. ``shared/models/brainchop/model18cls/model.bin``)
+   when no other card names a different file at that place (four MONAI cards call their file
+   ``model.pt``: theirs are only found per card);
 3. the cache ``<cache>/weights/<card id>/<name>``;
 4. a download from the card's URL (only when ``allow_download`` and ``$MEDQUANT_OFFLINE`` is not
    set): streamed with progress into a temporary file beside its destination, checked against the
-   card's size and SHA-256, and renamed into the cache only when both match. A mismatch or an
-   interrupted download leaves nothing behind.
+   card's size and SHA-256 (or the publisher's MD5 where only that is published), and renamed into
+   the cache only when they match. A mismatch or an interrupted download leaves nothing behind. The
+   SHA-256 of a file downloaded without one is recorded beside it (``<name>.sha256``) and checks the
+   cached copy from then on.
+
+A file the card does not pin must at least be the kind of file its name says
+(:mod:`engine_tools.weights_checks`): an HTML page, or a zip where a pickle checkpoint is expected,
+is refused. A MONAI bundle entry (``"bundle": "<bundle name>"``) may also be found as the bundle's zip
+in the mirror (``DIR/<card id>/<bundle name>*.zip``), whose ``<bundle name>/models/model.pt`` is used.
 
 A mirror copy that fails its check is an error (the user put it there on purpose), never a silent
 fallback to a download; a cached copy that fails its check is downloaded again.
@@ -38,9 +47,10 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from engine_tools.cache import atomic_file, cache_dir, sha256_file
+from engine_tools.cache import atomic_file, cache_dir
 from engine_tools.progress import Progress, SilentProgress
-from engine_tools.registry import ModelCard
+from engine_tools.registry import CardError, ModelCard, load_cards
+from engine_tools.weights_checks import format_problem, head_problem, pin_problem
 
 WEIGHTS_ENV = "MEDQUANT_WEIGHTS_DIR"
 OFFLINE_ENV = "MEDQUANT_OFFLINE"
@@ -59,18 +69,6 @@ class ChecksumMismatch(WeightsError):
 
 class WeightsUnavailable(WeightsError):
     """No local copy and no download (offline, download refused or failed)."""
-
-
-_SHA_MEMO: dict[tuple[str, int, int], str] = {}
-
-
-def _sha256(path: Path) -> str:
-    """SHA-256 of ``path``, memoised per (path, size, mtime) within the process."""
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    if key not in _SHA_MEMO:
-        _SHA_MEMO[key] = sha256_file(path)
-    return _SHA_MEMO[key]
 
 
 def offline() -> bool:
@@ -122,26 +120,74 @@ def _url_filename(url: str | None) -> str | None:
     return urllib.parse.unquote(parts[-1]) if parts else None
 
 
-def _matches(path: Path, sha256: str | None, size: int | None) -> tuple[bool, str]:
-    """Whether ``path`` has the pinned size and SHA-256 (unpinned values are not checked)."""
-    actual_size = path.stat().st_size
-    if size is not None and actual_size != int(size):
-        return False, f"size {actual_size} bytes, card says {size}"
-    if sha256:
-        actual = _sha256(path)
-        if actual.lower() != str(sha256).lower():
-            return False, f"SHA-256 {actual}, card says {sha256}"
-    return True, ""
+def _matches(path: Path, sha256: str | None, size: int | None, md5: str | None = None) -> tuple[bool, str]:
+    """Whether ``path`` has the pinned size and SHA-256 (else MD5); unpinned values are not checked."""
+    problem = pin_problem(path, sha256, md5, size)
+    return problem is None, problem or ""
+
+
+def _recorded_sha256(path: Path) -> str | None:
+    """The SHA-256 recorded when ``path`` was downloaded without a published one."""
+    record = path.with_name(path.name + ".sha256")
+    return record.read_text(encoding="utf-8").strip() or None if record.is_file() else None
+
+
+def _record_sha256(path: Path, digest: str, card: ModelCard, progress: Progress) -> None:
+    with atomic_file(path.with_name(path.name + ".sha256")) as stream:
+        stream.write(f"{digest}\n".encode())
+    progress.log(f"{card.id}: {path.name} has SHA-256 {digest} (recorded; the card can pin it)")
+
+
+def _layout_owners() -> dict[str, set[str]]:
+    """Relative mirror paths (``name``, ``URL folder/name``) → the URLs of every card's files there."""
+    owners: dict[str, set[str]] = {}
+    try:
+        cards = load_cards()
+    except CardError:
+        return owners
+    for other in cards.values():
+        for entry in other.weights.get("files") or []:
+            if not isinstance(entry, dict) or not entry.get("name"):
+                continue
+            places = [(entry["name"], _identity(other, entry))]
+            if entry.get("member") and _url_filename(entry.get("url")):
+                places.append((_url_filename(entry.get("url")), str(entry["url"])))  # the archive itself
+            folder = _url_folder(entry.get("url"))
+            for name, identity in places:
+                for relative in (name, f"{folder}/{name}" if folder else None):
+                    if relative:
+                        owners.setdefault(relative, set()).add(identity)
+    return owners
+
+
+def _identity(card: ModelCard, entry: dict[str, Any]) -> str:
+    """What makes two entries the same file: URL and archive member (cards may share an archive)."""
+    source = str(entry.get("url") or entry.get("path") or f"{card.id}/{entry['name']}")
+    return f"{source}#{entry['member']}" if entry.get("member") else source
 
 
 def _candidates(card: ModelCard, entry: dict[str, Any], name: str, dirs: list[Path]) -> list[Path]:
+    """Mirror copies of ``name``: ``DIR/<card id>/<name>`` first, then the shared layouts where they
+    are unambiguous (no other card's different file has the same relative path)."""
     folder = _url_folder(entry.get("url"))
+    identity = _identity(card, entry) if name == entry["name"] else str(entry.get("url"))
+    owners = _layout_owners()
     found: list[Path] = []
+    ambiguous: list[Path] = []
     for root in dirs:
-        for sub in (None, card.id, folder):
-            path = root / sub / name if sub else root / name
-            if path not in found and path.is_file():
+        for relative in (f"{card.id}/{name}", name, f"{folder}/{name}" if folder else None):
+            path = root / relative if relative else None
+            if path is None or path in found or not path.is_file():
+                continue
+            if relative != f"{card.id}/{name}" and owners.get(relative, {identity}) - {identity}:
+                ambiguous.append(path)
+            else:
                 found.append(path)
+    if ambiguous and not found:
+        raise WeightsError(
+            f"{card.id}: {ambiguous[0]} could belong to several models (other cards name a different file "
+            f"the same way); put this model's copy at {ambiguous[0].parents[len(Path(name).parts) - 1] / card.id / name}"
+        )
     return found
 
 
@@ -166,13 +212,14 @@ def _extract_member(archive: Path, member: str, destination: Path, card: ModelCa
 def _download(
     url: str,
     destination: Path,
-    sha256: str | None,
-    size: int | None,
+    pins: dict[str, Any],
     label: str,
     progress: Progress,
     timeout: float,
-) -> Path:
-    """Stream ``url`` into ``destination`` (atomic), verifying size and SHA-256 before the rename."""
+) -> str:
+    """Stream ``url`` into ``destination`` (atomic), verifying ``pins`` (``size``, ``sha256``, ``md5``)
+    before the rename, or, without checksums, that the file is what its name says. Returns its SHA-256."""
+    sha256, md5, size = pins.get("sha256"), pins.get("md5"), pins.get("size")
     request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
     try:
         response = urllib.request.urlopen(request, timeout=timeout)  # noqa: S310 - card URLs only
@@ -186,7 +233,8 @@ def _download(
     with response:
         header = response.headers.get("Content-Length")
         total = int(size) if size else (int(header) if header and header.isdigit() else None)
-        digest = hashlib.sha256()
+        digest, md5_digest = hashlib.sha256(), hashlib.md5()  # noqa: S324 - the publisher's checksum
+        head = b""
         received = 0
         progress.update("download", 0.0 if total else None, f"{label}: starting ({url})")
         with atomic_file(destination) as stream:
@@ -201,6 +249,8 @@ def _download(
                     break
                 stream.write(block)
                 digest.update(block)
+                md5_digest.update(block)
+                head = head if len(head) >= 512 else (head + block)[:512]
                 received += len(block)
                 fraction = min(received / total, 1.0) if total else None
                 progress.update("download", fraction, f"{label}: {received / 1e6:.1f} MB")
@@ -213,8 +263,16 @@ def _download(
                     f"{label} from {url}: SHA-256 {digest.hexdigest()} does not match the card's {sha256}; "
                     "the file was not kept (the publisher may have changed it: check the card's source)"
                 )
+            if not sha256 and md5 and md5_digest.hexdigest().lower() != str(md5).lower():
+                raise ChecksumMismatch(
+                    f"{label} from {url}: MD5 {md5_digest.hexdigest()} does not match the publisher's {md5}; "
+                    "the file was not kept"
+                )
+            problem = None if (sha256 or md5) else head_problem(head, destination.name)
+            if problem:
+                raise ChecksumMismatch(f"{label} from {url} is {problem}; the file was not kept")
         progress.update("download", 1.0, f"{label}: {received / 1e6:.1f} MB verified")
-    return destination
+    return digest.hexdigest()
 
 
 def _offline_hint(card: ModelCard, entry: dict[str, Any], name: str) -> str:
@@ -255,20 +313,70 @@ def weights_present(card: ModelCard, weights_dir: str | Path | list[str | Path] 
         return False
 
 
+def _usable(path: Path, name: str, pins: tuple[str | None, str | None, int | None]) -> str | None:
+    """Why ``path`` cannot serve as ``name`` (pins: SHA-256, MD5, size), or ``None``."""
+    sha, md5, size = pins
+    problem = pin_problem(path, sha, md5, size)
+    if problem is None and not (sha or md5):
+        found = format_problem(path, name)
+        problem = f"not pinned by the card and {found}" if found else None
+    return problem
+
+
+def _from_archives(
+    card: ModelCard, entry: dict[str, Any], dirs: list[Path], cached: Path, progress: Progress
+) -> tuple[Path | None, list[str], list[str]]:
+    """The entry's ``member`` (or MONAI bundle ``models/model.pt``) extracted from a local zip.
+
+    Returns the extracted file (or ``None``), the rejected archives, and those of them in a mirror."""
+    name, member = entry["name"], entry.get("member")
+    pins = (entry.get("member_sha256"), entry.get("member_md5"), entry.get("member_size"))
+    archive_name = _url_filename(entry.get("url")) if member else None
+    archives: list[tuple[Path, str, bool]] = []  # (archive, member, pinned by the entry's url pins)
+    if archive_name:
+        archives += [(a, member, True) for a in _candidates(card, entry, archive_name, dirs)]
+        cached_archive = weights_cache_dir(card) / archive_name
+        if cached_archive.is_file():
+            archives.append((cached_archive, member, True))
+    elif entry.get("bundle"):
+        bundle = entry["bundle"]
+        pins = (entry.get("sha256"), entry.get("md5"), entry.get("size"))
+        for root in dirs:
+            for folder in (root / card.id, root):
+                archives += [
+                    (a, f"{bundle}/models/model.pt", False) for a in sorted(folder.glob(f"{bundle}*.zip"))
+                ]
+    rejected, mirror_rejected = [], []
+    for archive, inner, pinned in archives:
+        if pinned:
+            sha = entry.get("sha256") or (_recorded_sha256(archive) if not entry.get("md5") else None)
+            ok, why = _matches(archive, sha, entry.get("size"), entry.get("md5"))
+            if not ok:
+                rejected.append(f"{archive} ({why})")
+                if archive.parent != weights_cache_dir(card):
+                    mirror_rejected.append(f"{archive} ({why})")
+                continue
+        progress.update("weights", None, f"{card.id}: extracting {inner} from {archive.name}")
+        extracted = _extract_member(archive, inner, cached, card)
+        problem = _usable(extracted, name, pins)
+        if problem:
+            extracted.unlink(missing_ok=True)
+            raise ChecksumMismatch(f"{card.id}: {inner} extracted from {archive}: {problem}")
+        return extracted, rejected, mirror_rejected
+    return None, rejected, mirror_rejected
+
+
 def _local_file(card: ModelCard, entry: dict[str, Any], dirs: list[Path], progress: Progress) -> Path | None:
     """A verified local copy of one entry (extracting an archive member into the cache if needed)."""
     name = entry["name"]
     member = entry.get("member")
-    sha, size = entry.get("sha256"), entry.get("size")
-    file_sha = entry.get("member_sha256") if member else sha
-    file_size = entry.get("member_size") if member else size
-    rejected: list[str] = []
-    mirror_rejected: list[str] = []
+    prefix = "member_" if member else ""
+    pins = (entry.get(f"{prefix}sha256"), entry.get(f"{prefix}md5"), entry.get(f"{prefix}size"))
     if entry.get("path"):
         path = Path(entry["path"]).expanduser()
         if not path.is_file():
             raise WeightsError(f"{card.path or card.id}: weights file {path} (entry {name!r}) does not exist")
-        ok, why = _matches(path, file_sha, file_size)
+        ok, why = _matches(path, pins[0], pins[2], pins[1])
         if not ok:
             raise ChecksumMismatch(
                 f"{path}: {why}. The card pins the file it was created with; re-add the model "
@@ -276,38 +384,29 @@ def _local_file(card: ModelCard, entry: dict[str, Any], dirs: list[Path], progre
             )
         return path
     cached = weights_cache_dir(card) / name
-    mirrored = _candidates(card, entry, name, dirs)
-    for path in [*mirrored, *([cached] if cached.is_file() else [])]:
-        ok, why = _matches(path, file_sha, file_size)
-        if ok:
-            if not file_sha:
+    rejected: list[str] = []
+    mirror_rejected: list[str] = []
+    for path in _candidates(card, entry, name, dirs):
+        problem = _usable(path, name, pins)
+        if problem is None:
+            if not (pins[0] or pins[1]):
                 progress.warning(
-                    f"{card.id}: {path} is not pinned by SHA-256 in the card; using it unchecked"
+                    f"{card.id}: {path} is not pinned by a checksum in the card; using it unchecked"
                 )
             return path
-        rejected.append(f"{path} ({why})")
-        if path in mirrored:
-            mirror_rejected.append(f"{path} ({why})")
-    if member:
-        archive_name = _url_filename(entry.get("url"))
-        archives = _candidates(card, entry, archive_name, dirs) if archive_name else []
-        cached_archive = weights_cache_dir(card) / archive_name if archive_name else None
-        if cached_archive is not None and cached_archive.is_file():
-            archives.append(cached_archive)
-        for archive in archives:
-            ok, why = _matches(archive, sha, size)
-            if not ok:
-                rejected.append(f"{archive} ({why})")
-                if archive != cached_archive:
-                    mirror_rejected.append(f"{archive} ({why})")
-                continue
-            progress.update("weights", None, f"{card.id}: extracting {member} from {archive.name}")
-            extracted = _extract_member(archive, member, cached, card)
-            ok, why = _matches(extracted, file_sha, file_size)
-            if not ok:
-                extracted.unlink(missing_ok=True)
-                raise ChecksumMismatch(f"{card.id}: {member} extracted from {archive}: {why}")
-            return extracted
+        rejected.append(f"{path} ({problem})")
+        mirror_rejected.append(f"{path} ({problem})")
+    if cached.is_file():
+        recorded = pins if (pins[0] or pins[1]) else (_recorded_sha256(cached), None, pins[2])
+        problem = _usable(cached, name, recorded)
+        if problem is None:
+            return cached
+        rejected.append(f"{cached} ({problem})")
+    extracted, archive_rejected, archive_mirror_rejected = _from_archives(card, entry, dirs, cached, progress)
+    if extracted is not None:
+        return extracted
+    rejected += archive_rejected
+    mirror_rejected += archive_mirror_rejected
     if mirror_rejected:
         raise ChecksumMismatch(
             f"{card.id}: the mirror copy of {name} does not match the card: {'; '.join(mirror_rejected)}. "
@@ -351,18 +450,15 @@ def ensure_weights(
                 cache = weights_cache_dir(card)
                 member = entry.get("member")
                 target = cache / (_url_filename(entry["url"]) or name) if member else cache / name
+                pins = {key: entry.get(key) for key in ("sha256", "md5", "size")}
                 try:
-                    _download(
-                        entry["url"],
-                        target,
-                        entry.get("sha256"),
-                        entry.get("size"),
-                        f"{card.id}/{target.name}",
-                        progress,
-                        timeout,
+                    digest = _download(
+                        entry["url"], target, pins, f"{card.id}/{target.name}", progress, timeout
                     )
                 except WeightsUnavailable as exc:
                     raise WeightsUnavailable(f"{exc}. {_offline_hint(card, entry, name)}") from exc
+                if not pins["sha256"]:
+                    _record_sha256(target, digest, card, progress)
                 local = _local_file(card, entry, dirs, progress) if member else target
                 if local is None:  # pragma: no cover - verified just above
                     raise WeightsError(f"{card.id}: {name} could not be prepared from {target}")

@@ -19,6 +19,7 @@ from engine_tools.weights import (
     OFFLINE_ENV,
     WEIGHTS_ENV,
     ChecksumMismatch,
+    WeightsError,
     WeightsUnavailable,
     ensure_weights,
     locate_weights,
@@ -231,3 +232,95 @@ def test_archive_member_download_and_mirror(server, tmp_path: Path, isolated_cac
     path = ensure_weights(card, weights_dir=mirror, allow_download=False)["model.pt"]
     assert path.read_bytes() == payload and len(handler.hits) == 1
     assert partial_artifacts(isolated_cache) == []
+
+
+# ------------------------------------------------------------------------ checksums and formats
+def test_md5_only_entry_is_checked_and_sha256_recorded(server, isolated_cache: Path) -> None:
+    """MONAI's model zoo publishes MD5 only: it is checked, and the SHA-256 is recorded for later."""
+    import torch
+
+    base, root, handler = server
+    torch.save({"w": torch.ones(3)}, root / "model_zoo.pt")
+    data = (root / "model_zoo.pt").read_bytes()
+    entry = {"name": "model.pt", "url": f"{base}/model_zoo.pt", "md5": hashlib.md5(data).hexdigest()}
+    with pytest.raises(ChecksumMismatch, match="MD5"):
+        ensure_weights(_card([{**entry, "md5": "0" * 32}], "md5-model"), timeout=5)
+    assert not list(weights_cache_dir(_card([entry], "md5-model")).glob("model.pt*"))
+
+    progress = SilentProgress()
+    path = ensure_weights(_card([entry], "md5-model"), progress=progress, timeout=5)["model.pt"]
+    assert path.read_bytes() == data
+    recorded = path.with_name("model.pt.sha256").read_text().strip()
+    assert recorded == hashlib.sha256(data).hexdigest()
+    assert any(recorded in event.get("message", "") for event in progress.events)
+
+
+def test_unpinned_download_is_recorded_and_checked_later(server, isolated_cache: Path) -> None:
+    base, root, handler = server
+    (root / "w.onnx").write_bytes(b"\x08\x07onnx-ish")
+    card = _card([{"name": "w.onnx", "url": f"{base}/w.onnx", "sha256": None}], "unpinned")
+    cached = ensure_weights(card, timeout=5)["w.onnx"]
+    assert (
+        cached.with_name("w.onnx.sha256").read_text().strip()
+        == hashlib.sha256(b"\x08\x07onnx-ish").hexdigest()
+    )
+    cached.write_bytes(b"\x08\x07ONNX-ISH")  # changed after the download: no longer what was recorded
+    assert ensure_weights(card, timeout=5)["w.onnx"].read_bytes() == b"\x08\x07onnx-ish"
+    assert handler.hits == ["/w.onnx", "/w.onnx"]
+
+
+def test_unpinned_file_of_the_wrong_kind_is_refused(server, tmp_path: Path, isolated_cache: Path) -> None:
+    """A share page saved as the file, or a MONAI bundle zip named like its checkpoint, is not used."""
+    import torch
+
+    base, root, handler = server
+    (root / "view").write_text("<!DOCTYPE html><html><head><title>Google Drive</title></head></html>")
+    card = _card([{"name": "base_ep4k.model", "url": f"{base}/view"}], "drive-page")
+    with pytest.raises(ChecksumMismatch, match="HTML page"):
+        ensure_weights(card, timeout=5)
+    assert not (weights_cache_dir(card) / "base_ep4k.model").exists()
+
+    mirror = tmp_path / "mirror" / "bundle-model"
+    mirror.mkdir(parents=True)
+    torch.save({"w": torch.ones(2)}, tmp_path / "inner.pt")
+    with zipfile.ZipFile(mirror / "model.pt", "w") as zf:
+        zf.write(tmp_path / "inner.pt", "swin_unetr_btcv_segmentation/models/model.pt")
+    card = _card([{"name": "model.pt", "url": f"{base}/model.pt"}], "bundle-model")
+    with pytest.raises(ChecksumMismatch, match="not a PyTorch checkpoint.*MONAI bundle"):
+        ensure_weights(card, weights_dir=mirror.parent, allow_download=False)
+
+
+def test_bundle_zip_in_the_mirror_gives_its_model_pt(tmp_path: Path, isolated_cache: Path) -> None:
+    import torch
+
+    bundle = "swin_unetr_btcv_segmentation"
+    torch.save({"w": torch.arange(4.0)}, tmp_path / "model.pt")
+    data = (tmp_path / "model.pt").read_bytes()
+    mirror = tmp_path / "mirror"
+    (mirror / "bundle-card").mkdir(parents=True)
+    with zipfile.ZipFile(mirror / "bundle-card" / f"{bundle}_v0.5.6.zip", "w") as zf:
+        zf.writestr(f"{bundle}/configs/inference.json", "{}")
+        zf.write(tmp_path / "model.pt", f"{bundle}/models/model.pt")
+    entry = {"name": "model.pt", "url": "http://127.0.0.1:9/model_zoo/x.pt", "bundle": bundle}
+    card = _card([{**entry, "md5": hashlib.md5(data).hexdigest()}], "bundle-card")
+    assert ensure_weights(card, weights_dir=mirror, allow_download=False)["model.pt"].read_bytes() == data
+    wrong = _card([{**entry, "md5": "f" * 32}], "bundle-card-2")
+    (mirror / "bundle-card" / f"{bundle}_v0.5.6.zip").rename(mirror / f"{bundle}_v0.5.6.zip")
+    with pytest.raises(ChecksumMismatch, match="MD5"):
+        ensure_weights(wrong, weights_dir=mirror, allow_download=False)
+
+
+def test_flat_mirror_name_shared_by_several_cards_is_ambiguous(tmp_path: Path, isolated_cache: Path) -> None:
+    """Four MONAI cards name their file model.pt: DIR/model.pt is not taken for any of them."""
+    import torch
+
+    torch.save({"w": torch.ones(1)}, tmp_path / "model.pt")
+    card = _card([{"name": "model.pt", "url": "http://127.0.0.1:9/other/model.pt"}], "my-model")
+    with pytest.raises(WeightsError, match=r"several models.*my-model/model\.pt"):
+        ensure_weights(card, weights_dir=tmp_path, allow_download=False)
+    (tmp_path / "my-model").mkdir()
+    (tmp_path / "model.pt").rename(tmp_path / "my-model" / "model.pt")
+    assert (
+        ensure_weights(card, weights_dir=tmp_path, allow_download=False)["model.pt"]
+        == tmp_path / "my-model" / "model.pt"
+    )
