@@ -1,9 +1,10 @@
-"""Slicer-free logic of the module: worker command lines and the MRML side of each task.
+"""Slicer-free logic of the module: command lines, the MRML side and one orchestration per task.
 
 ``MedQuantSlicer.MedQuantSlicerLogic`` (the Slicer class) derives from :class:`MedQuantLogic`; the
-tests drive this class directly on a ``slicer-core`` scene. Blocking helpers (:meth:`MedQuantLogic.segment`,
-:meth:`MedQuantLogic.compare`) run the worker with :class:`~.process.ThreadWorkerProcess` for scripting
-and self-tests; the panel runs the same command lines with ``QProcess`` instead.
+tests drive this class directly on a ``slicer-core`` scene. Each task (download, build, segment with an
+optional FP32 comparison, compare) is started once here (``start_*``, a :class:`~.tasks.Task`) with the
+worker factory and callbacks injected; the panel only binds widgets to those callbacks, and the
+blocking helpers (:meth:`MedQuantLogic.segment`, :meth:`MedQuantLogic.compare`) wait on the same task.
 """
 
 from __future__ import annotations
@@ -15,20 +16,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from MedQuantSlicerLib import mrml_io, paths
+from MedQuantSlicerLib import mrml_io, parameters, paths
 from MedQuantSlicerLib.events import WorkerOutcome
 from MedQuantSlicerLib.process import ThreadWorkerProcess
 from MedQuantSlicerLib.results import ResultRow, row_from_segment, rows_from_compare
+from MedQuantSlicerLib.tasks import CONTINUE, Task, TaskCallbacks, TaskResult, WorkerFactory
 
 BACKENDS = {"Auto": "auto", "TensorRT": "tensorrt", "OpenVINO": "openvino", "ONNX Runtime": "onnxruntime"}
 PRECISIONS = {"INT8": "int8", "BF16": "bf16", "FP16": "fp16", "FP32": "fp32"}
 
 
 class WorkerFailed(RuntimeError):
-    """A worker ended without a result; ``outcome`` holds its log."""
+    """A task ended without a result; ``outcome`` holds the last worker's log."""
 
-    def __init__(self, outcome: WorkerOutcome) -> None:
-        super().__init__(f"{outcome.status}: {outcome.message()}")
+    def __init__(self, outcome: WorkerOutcome | None, message: str = "") -> None:
+        super().__init__(f"{outcome.status}: {outcome.message()}" if outcome is not None else message)
         self.outcome = outcome
 
 
@@ -63,11 +65,23 @@ class MedQuantLogic:
     """Command lines for ``engine_tools`` and the MRML import/export around them."""
 
     def __init__(
-        self, scene: Any = None, python: str | None = None, extra_env: dict[str, str] | None = None
+        self,
+        scene: Any = None,
+        python: str | None = None,
+        extra_env: dict[str, str] | None = None,
+        worker_factory: WorkerFactory | None = None,
     ) -> None:
         self.scene = scene
         self.python = python
         self.extra_env = dict(extra_env or {})
+        self.worker_factory: WorkerFactory = worker_factory or ThreadWorkerProcess
+        self.rows: list[ResultRow] = []
+        self.table_node: Any = None
+        self.chart_node: Any = None
+
+    def getParameterNode(self) -> Any:  # noqa: N802 - Slicer's name (ScriptedLoadableModuleLogic)
+        """The module's parameter node in the scene (Slicer's class overrides this with its own)."""
+        return parameters.parameter_node(self.scene)
 
     # -- command lines ------------------------------------------------------------------------------
     def command(self, subcommand: str, *args: str) -> list[str]:
@@ -173,37 +187,187 @@ class MedQuantLogic:
             replace_previous=replace_previous,
         )
 
-    def results_table(
-        self, rows: list[ResultRow], table_node: Any = None, chart_node: Any = None
-    ) -> tuple[Any, Any]:
-        return mrml_io.results_table(self.scene, rows, table_node=table_node, chart_node=chart_node)
+    # -- results ------------------------------------------------------------------------------------
+    def set_rows(self, rows: list[ResultRow], merge: bool = False) -> list[ResultRow]:
+        """Show ``rows`` (``merge``: replace only rows of the same precision) in the table + chart nodes."""
+        if merge:
+            precisions = {r.precision for r in rows}
+            rows = [r for r in self.rows if r.precision not in precisions] + rows
+        self.rows = rows
+        self.table_node, self.chart_node = mrml_io.results_table(
+            self.scene, rows, table_node=self.table_node, chart_node=self.chart_node
+        )
+        return rows
+
+    def forget_results(self) -> None:
+        """After a scene close: the table/chart nodes are gone, the next result makes new ones."""
+        self.rows, self.table_node, self.chart_node = [], None, None
+
+    # -- tasks ----------------------------------------------------------------------------------------
+    def _task(
+        self,
+        name: str,
+        callbacks: TaskCallbacks | None,
+        factory: WorkerFactory | None,
+        workdir: Path | None = None,
+        cleanup: bool = True,
+    ) -> Task:
+        return Task(
+            name,
+            factory or self.worker_factory,
+            self.environment(),
+            [self.cache_root()] if cleanup else [],
+            callbacks,
+            workdir,
+        )
+
+    def start_models(
+        self, callbacks: TaskCallbacks | None = None, factory: WorkerFactory | None = None
+    ) -> Task:
+        task = self._task("models", callbacks, factory, cleanup=False)
+        task.run_step(self.models_command(), lambda result: "Models listed.", "Loading the model list...")
+        return task
+
+    def start_add_model(
+        self,
+        network_file: Path,
+        labels: list[str],
+        window: int,
+        model_id: str,
+        callbacks: TaskCallbacks | None = None,
+        factory: WorkerFactory | None = None,
+    ) -> Task:
+        """Register a user's ONNX/TorchScript network (``medquant models add``) as a model card."""
+        task = self._task("add model", callbacks, factory, cleanup=False)
+        command = self.command(
+            "models", "add", "--file", str(network_file), "--labels", ",".join(labels),
+            "--window", str(window), "--id", model_id, "--overwrite",
+        )  # fmt: skip
+        task.run_step(command, lambda result: f"Added model {model_id}.", f"Adding {network_file.name}...")
+        return task
+
+    def start_download(
+        self, model: str, callbacks: TaskCallbacks | None = None, factory: WorkerFactory | None = None
+    ) -> Task:
+        task = self._task("download", callbacks, factory)
+        task.run_step(self.fetch_command(model), lambda result: "Weights ready.", f"Downloading {model}...")
+        return task
+
+    def start_build(
+        self,
+        model: str,
+        options: EngineOptions,
+        callbacks: TaskCallbacks | None = None,
+        factory: WorkerFactory | None = None,
+    ) -> Task:
+        task = self._task("build", callbacks, factory)
+        status = f"Building {model} ({options.backend}, {options.precision.upper()})..."
+        task.run_step(self.build_command(model, options), build_summary, status)
+        return task
+
+    def start_segment(
+        self,
+        input_node: Any,
+        model: str,
+        options: EngineOptions,
+        callbacks: TaskCallbacks | None = None,
+        *,
+        compare: bool = False,
+        reference_node: Any = None,
+        replace_previous: bool = False,
+        factory: WorkerFactory | None = None,
+    ) -> Task:
+        """Export → ``segment`` worker → segmentation node (→ ``compare`` worker → results table).
+
+        Raises ``ValueError`` at once, before any worker starts, for an input that cannot be segmented.
+        """
+        problem = mrml_io.input_problem(input_node)
+        if problem is not None:
+            raise ValueError(problem)
+        workdir = self.new_workdir()
+        try:
+            input_path = self.export_input(input_node, workdir)
+        except Exception:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
+        task = self._task("segment", callbacks, factory, workdir)
+        task.context = {"input": input_node, "input_path": input_path, "model": model, "options": options}
+
+        def segmented(result: dict[str, Any]) -> Any:
+            # the worker's files live in workdir, which goes away: keep the label table itself
+            result["label_table"] = mrml_io.read_label_table(result["label_table"])
+            node = self.import_segmentation(result, input_node, model, options.precision, replace_previous)
+            task.segmentation = node
+            if task.callbacks.on_segmentation:
+                task.callbacks.on_segmentation(node, result)
+            task.rows = self.set_rows([row_from_segment(result)], merge=True)
+            if task.callbacks.on_rows:
+                task.callbacks.on_rows(task.rows)
+            cache = (result.get("engine") or {}).get("cache")
+            done = f"Added {node.GetName()}" + (" (cached engine)." if cache == "hit" else ".")
+            if not compare:
+                return done
+            self._compare_step(task, reference_node, result["label_table"])
+            return CONTINUE
+
+        task.run_step(
+            self.segment_command(model, input_path, workdir / "labels.nrrd", options),
+            segmented,
+            f"Segmenting {input_node.GetName()} with {model}...",
+        )
+        return task
+
+    def start_compare(
+        self,
+        input_node: Any,
+        model: str,
+        options: EngineOptions,
+        callbacks: TaskCallbacks | None = None,
+        *,
+        reference_node: Any = None,
+        label_table: list[dict[str, Any]] | None = None,
+        factory: WorkerFactory | None = None,
+    ) -> Task:
+        """FP32 vs the selected precision on ``input_node``; rows go to the results table."""
+        problem = mrml_io.input_problem(input_node)
+        if problem is not None:
+            raise ValueError(problem)
+        workdir = self.new_workdir()
+        try:
+            input_path = self.export_input(input_node, workdir)
+        except Exception:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
+        task = self._task("compare", callbacks, factory, workdir)
+        task.context = {"input": input_node, "input_path": input_path, "model": model, "options": options}
+        self._compare_step(task, reference_node, label_table or [])
+        return task
+
+    def _compare_step(self, task: Task, reference_node: Any, label_table: list[dict[str, Any]]) -> None:
+        context = task.context
+        reference = None
+        if reference_node is not None:
+            reference = self.export_reference(reference_node, context["input"], label_table, task.workdir)
+
+        def compared(report: dict[str, Any]) -> str:
+            task.rows = self.set_rows(rows_from_compare(report))
+            task.context["report"] = report
+            if task.callbacks.on_rows:
+                task.callbacks.on_rows(task.rows)
+            return "Comparison done: see Results (table and chart added to the scene)."
+
+        command = self.compare_command(
+            context["model"], context["input_path"], task.workdir / "compare", context["options"], reference
+        )
+        task.run_step(command, compared, "Comparing with FP32...")
 
     # -- blocking helpers (scripting, self-tests) ---------------------------------------------------
-    def run_worker(
-        self,
-        command: list[str],
-        timeout: float | None = None,
-        on_progress: Callable[[float | None, str, str], None] | None = None,
-        on_log: Callable[[str, str], None] | None = None,
-    ) -> dict[str, Any]:
-        worker = ThreadWorkerProcess(
-            command,
-            env=self.environment(),
-            on_progress=on_progress,
-            on_log=on_log,
-            cleanup_dirs=[self.cache_root()],
-        )
-        worker.start()
-        try:
-            outcome = worker.wait(timeout)
-        except BaseException:
-            worker.cancel()
-            worker.wait(60)
-            raise
-        if not outcome.succeeded:
-            raise WorkerFailed(outcome)
-        assert outcome.result is not None
-        return outcome.result
+    @staticmethod
+    def _finished(task: Task, timeout: float | None) -> TaskResult:
+        result = task.wait(timeout)
+        if not result.succeeded:
+            raise WorkerFailed(result.outcome, result.message)
+        return result
 
     def segment(
         self,
@@ -214,18 +378,15 @@ class MedQuantLogic:
         timeout: float | None = None,
         on_progress: Callable[[float | None, str, str], None] | None = None,
     ) -> tuple[Any, dict[str, Any]]:
-        """Segment ``input_node`` out of process; returns ``(segmentation node, worker result)``."""
-        workdir = self.new_workdir()
-        try:
-            input_path = self.export_input(input_node, workdir)
-            command = self.segment_command(model, input_path, workdir / "labels.nrrd", options)
-            result = self.run_worker(command, timeout, on_progress)
-            # the worker's files live in workdir, which goes away: keep the label table itself
-            result["label_table"] = mrml_io.read_label_table(result["label_table"])
-            node = self.import_segmentation(result, input_node, model, options.precision, replace_previous)
-            return node, result
-        finally:
-            shutil.rmtree(workdir, ignore_errors=True)
+        """Segment ``input_node`` out of process; returns ``(segmentation node, worker result)``.
+
+        Blocks the caller but not the GUI: with a Qt worker factory the wait runs Qt's event loop.
+        """
+        callbacks = TaskCallbacks(on_progress=on_progress)
+        task = self.start_segment(input_node, model, options, callbacks, replace_previous=replace_previous)
+        result = self._finished(task, timeout)
+        assert result.result is not None
+        return result.segmentation, result.result
 
     def compare(
         self,
@@ -237,18 +398,29 @@ class MedQuantLogic:
         timeout: float | None = None,
     ) -> tuple[Any, Any, dict[str, Any]]:
         """FP32 vs the selected precision; returns ``(table node, chart node, report)``."""
-        workdir = self.new_workdir()
-        try:
-            input_path = self.export_input(input_node, workdir)
-            reference = None
-            if reference_node is not None:
-                reference = self.export_reference(reference_node, input_node, label_table or [], workdir)
-            command = self.compare_command(model, input_path, workdir / "compare", options, reference)
-            report = self.run_worker(command, timeout)
-            table, chart = self.results_table(rows_from_compare(report))
-            return table, chart, report
-        finally:
-            shutil.rmtree(workdir, ignore_errors=True)
+        task = self.start_compare(
+            input_node, model, options, reference_node=reference_node, label_table=label_table
+        )
+        self._finished(task, timeout)
+        return self.table_node, self.chart_node, task.context["report"]
 
 
-__all__ = ["BACKENDS", "PRECISIONS", "EngineOptions", "MedQuantLogic", "WorkerFailed", "row_from_segment"]
+def build_summary(result: dict[str, Any]) -> str:
+    """The status line after a build (built or reused, backend, precision, size)."""
+    engine = result.get("engine", result) if isinstance(result, dict) else {}
+    size = engine.get("bytes_on_disk")
+    size_text = f", {size / 2**20:.2f} MB" if isinstance(size, (int, float)) else ""
+    verb = "Reused the cached engine" if engine.get("cache", "built") == "hit" else "Built the engine"
+    return f"{verb}: {engine.get('backend', '?')} {str(engine.get('precision', '?')).upper()}{size_text}."
+
+
+__all__ = [
+    "BACKENDS",
+    "PRECISIONS",
+    "EngineOptions",
+    "MedQuantLogic",
+    "TaskCallbacks",
+    "WorkerFailed",
+    "build_summary",
+    "row_from_segment",
+]

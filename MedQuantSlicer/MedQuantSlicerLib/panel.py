@@ -1,30 +1,32 @@
-"""The module panel: binds the widgets of ``Resources/UI/MedQuantSlicer.ui`` to workers and MRML.
+"""The module panel: binds the widgets of ``Resources/UI/MedQuantSlicer.ui`` to the logic's tasks.
 
 The same :class:`Panel` runs inside Slicer (PythonQt; widgets from ``slicer.util.loadUI``) and in the
 offscreen PySide6 test (widgets from ``QUiLoader``). It therefore only uses idioms valid in both:
 ``signal.connect(callable)``, ``setEnabled``/``setText``/``setValue`` calls and ``widget.property(name)``
 to read values (PythonQt exposes Qt properties as attributes, PySide6 as getter methods).
 
-Environment-specific services (the Qt core module, dialogs, showing a chart) come from a ``host``
-object with: ``qt`` (namespace with ``QProcess``, ``QProcessEnvironment``, ``QTimer``,
-``QTableWidgetItem``), ``scene``, ``confirm(text) -> bool``, ``show_error(text, details)``,
-``choose_card_file() -> str``, ``show_chart(chart_node)``.
+The work itself (export, worker, import, compare, results table) is done once, in
+:class:`~.logic.MedQuantLogic`'s ``start_*`` tasks; the panel passes a Qt worker factory and callbacks.
+Environment-specific services come from a ``host`` object with: ``qt`` (namespace with ``QProcess``,
+``QProcessEnvironment``, ``QTimer``, ``QEventLoop``, ``QTableWidgetItem``), ``scene``,
+``confirm(text) -> bool``, ``show_error(text, details)``, ``choose_card_file() -> str``,
+``show_chart(chart_node)``.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from MedQuantSlicerLib import dependencies, parameters
 from MedQuantSlicerLib.controller import TaskController
-from MedQuantSlicerLib.events import CANCELLED, SUCCEEDED, WorkerOutcome
+from MedQuantSlicerLib.events import WorkerOutcome
 from MedQuantSlicerLib.logic import BACKENDS, PRECISIONS, EngineOptions, MedQuantLogic
-from MedQuantSlicerLib.process import QtWorkerProcess
-from MedQuantSlicerLib.results import COLUMNS, ResultRow, row_from_segment, rows_from_compare
+from MedQuantSlicerLib.mrml_io import input_problem
+from MedQuantSlicerLib.qt_process import qt_worker_factory
+from MedQuantSlicerLib.results import COLUMNS, ResultRow
+from MedQuantSlicerLib.tasks import Task, TaskCallbacks, TaskResult
 
 ACTIONS = {"download": "Download weights", "build": "Build engine", "run": "Run"}
 CARDS_ENV = "MEDQUANT_MODEL_CARDS"
@@ -36,25 +38,49 @@ def prop(widget: Any, name: str) -> Any:
 
 
 class Panel:
-    """Widget logic of the module (one instance per panel)."""
+    """Widget bindings of the module (one instance per panel)."""
 
-    def __init__(self, ui: Any, host: Any, logic: MedQuantLogic, parameter_node: Any) -> None:
+    def __init__(self, ui: Any, host: Any, logic: MedQuantLogic, parameter_node: Any = None) -> None:
         self.ui = ui
         self.host = host
         self.logic = logic
-        self.parameter_node = parameter_node
+        self.parameter_node = parameter_node if parameter_node is not None else logic.getParameterNode()
         self.controller = TaskController(ACTIONS)
+        self.factory = qt_worker_factory(host.qt)
         self.models: dict[str, dict[str, Any]] = {}
-        self.rows: list[ResultRow] = []
-        self.table_node: Any = None
-        self.chart_node: Any = None
-        self.worker: QtWorkerProcess | None = None
-        self.models_worker: QtWorkerProcess | None = None
-        self.workdir: Path | None = None
+        self.task: Task | None = None
+        self.models_task: Task | None = None
+        self.last_result: TaskResult | None = None
         self.last_segmentation: Any = None
-        self.last_outcome: WorkerOutcome | None = None
         self._restoring = False
+        self._pending_model = ""
+        self._observers: list[int] = []
         self._setup()
+
+    # -- compatibility views for scripts and tests ---------------------------------------------------
+    @property
+    def worker(self) -> Any:
+        return self.task.worker if self.task is not None else None
+
+    @property
+    def models_worker(self) -> Any:
+        return self.models_task.worker if self.models_task is not None else None
+
+    @property
+    def last_outcome(self) -> WorkerOutcome | None:
+        return self.last_result.outcome if self.last_result is not None else None
+
+    @property
+    def rows(self) -> list[ResultRow]:
+        return self.logic.rows
+
+    @property
+    def table_node(self) -> Any:
+        return self.logic.table_node
+
+    @property
+    def chart_node(self) -> Any:
+        return self.logic.chart_node
 
     # -- setup ----------------------------------------------------------------------------------------
     def _setup(self) -> None:
@@ -79,6 +105,12 @@ class Panel:
         ui.inputVolumeSelector.currentNodeChanged.connect(lambda *a: self.on_selection_changed())
         ui.referenceSegmentationSelector.currentNodeChanged.connect(lambda *a: self.save_parameters())
         self.controller.add_listener(lambda c: self.update_buttons())
+        scene = self.host.scene
+        if scene is not None:  # re-read the parameter node and drop stale result nodes on close
+            self._observers = [
+                scene.AddObserver(scene.StartCloseEvent, lambda *a: self.on_scene_start_close()),
+                scene.AddObserver(scene.EndCloseEvent, lambda *a: self.on_scene_end_close()),
+            ]
         self.restore_parameters()
         ui.dependenciesLabel.setText(dependencies.check("build").message())
         self.update_buttons()
@@ -157,17 +189,14 @@ class Panel:
     def refresh_models(self) -> None:
         """List the model cards with a background ``models`` worker."""
         self.ui.modelInfoLabel.setText("Loading the model list...")
-        self.models_worker = self._make_worker(
-            self.logic.models_command(), self._on_models_finished, on_progress=None, cleanup=False
-        )
-        self.models_worker.start()
+        callbacks = TaskCallbacks(on_log=self._log, on_finished=self._on_models_finished)
+        self.models_task = self.logic.start_models(callbacks, self.factory)
 
-    def _on_models_finished(self, outcome: WorkerOutcome) -> None:
-        if not outcome.succeeded or outcome.result is None:
-            self.ui.modelInfoLabel.setText("Could not list models: " + outcome.message().splitlines()[0])
-            self._log("error", outcome.message())
+    def _on_models_finished(self, result: TaskResult) -> None:
+        if not result.succeeded or result.result is None:
+            self.ui.modelInfoLabel.setText("Could not list models: " + result.message.splitlines()[0])
             return
-        data = outcome.result
+        data = result.result
         entries = data.get("models", data) if isinstance(data, dict) else data
         if isinstance(entries, dict):
             entries = [{"id": k, **v} for k, v in entries.items()]
@@ -178,7 +207,7 @@ class Panel:
             combo.clear()
             for model_id, entry in self.models.items():
                 combo.addItem(f"{entry.get('title', model_id)} [{model_id}]", model_id)
-            wanted = getattr(self, "_pending_model", "") or ""
+            wanted = self._pending_model
             index = combo.findData(wanted) if wanted else -1
             combo.setCurrentIndex(index if index >= 0 else (0 if self.models else -1))
         finally:
@@ -233,15 +262,16 @@ class Panel:
     def update_buttons(self) -> None:
         ui, c = self.ui, self.controller
         has_model = self.selected_model() is not None
-        has_input = ui.inputVolumeSelector.currentNode() is not None
+        problem = input_problem(ui.inputVolumeSelector.currentNode())
         for action, button, available in (
             ("download", ui.downloadButton, has_model),
             ("build", ui.buildButton, has_model),
-            ("run", ui.runButton, has_model and has_input),
+            ("run", ui.runButton, has_model and problem is None),
         ):
             state = c.button(action, available)
             button.setText(state.text)
             button.setEnabled(state.enabled)
+        ui.runButton.setToolTip(problem or "Segment the input volume (and compare with FP32 if ticked)")
         idle = not c.busy
         for widget in (
             ui.modelComboBox,
@@ -266,81 +296,61 @@ class Panel:
             {"download": self.start_download, "build": self.start_build, "run": self.start_run}[action]()
 
     def cancel(self) -> None:
-        if self.worker is not None and self.controller.request_cancel():
-            self._log("info", "Cancelling: stopping the worker process tree...")
-            self.worker.cancel()
+        if self.task is not None and self.controller.request_cancel():
+            self.task.cancel()
 
     # -- tasks ----------------------------------------------------------------------------------------
+    def _callbacks(self) -> TaskCallbacks:
+        return TaskCallbacks(
+            on_progress=self._on_progress,
+            on_log=self._log,
+            on_status=self.controller.set_status,
+            on_segmentation=self._on_segmentation,
+            on_rows=self.show_rows,
+            on_finished=self._on_task_finished,
+        )
+
+    def _begin(self, action: str, start: Any) -> None:
+        """Start a task from the logic; a bad input or a failed export is shown, nothing runs."""
+        self.controller.start(action)
+        self.ui.progressBar.setRange(0, 100)
+        self.ui.progressBar.setValue(0)
+        try:
+            self.task = start(self._callbacks())
+        except Exception as exc:  # clear message, never a traceback in the panel
+            self.controller.finish("Failed: " + str(exc).splitlines()[0])
+            self.host.show_error(str(exc), "")
+
     def start_download(self) -> None:
         model = self.selected_model()
         if model:
-            self._start(
-                "download", self.logic.fetch_command(model), self._on_download_done, f"Downloading {model}..."
-            )
+            self._begin("download", lambda cb: self.logic.start_download(model, cb, self.factory))
 
     def start_build(self) -> None:
         model = self.selected_model()
         if model:
             options = self.engine_options()
-            self._start(
-                "build",
-                self.logic.build_command(model, options),
-                self._on_build_done,
-                f"Building {model} ({options.backend}, {options.precision.upper()})...",
-            )
+            self._begin("build", lambda cb: self.logic.start_build(model, options, cb, self.factory))
 
     def start_run(self) -> None:
         model = self.selected_model()
         input_node = self.ui.inputVolumeSelector.currentNode()
-        if not model or input_node is None:
+        if not model:
             return
         options = self.engine_options()
-        self.workdir = self.logic.new_workdir()
-        try:
-            input_path = self.logic.export_input(input_node, self.workdir)
-        except Exception as exc:
-            self._cleanup_workdir()
-            self.host.show_error(f"Could not export {input_node.GetName()}: {exc}", "")
-            return
-        command = self.logic.segment_command(model, input_path, self.workdir / "labels.nrrd", options)
-        self._run_context = {
-            "model": model,
-            "input": input_node,
-            "options": options,
-            "input_path": input_path,
-        }
-        self._start(
-            "run", command, self._on_segment_done, f"Segmenting {input_node.GetName()} with {model}..."
+        self._begin(
+            "run",
+            lambda cb: self.logic.start_segment(
+                input_node,
+                model,
+                options,
+                cb,
+                compare=bool(prop(self.ui.compareCheckBox, "checked")),
+                reference_node=self.ui.referenceSegmentationSelector.currentNode(),
+                replace_previous=bool(prop(self.ui.replaceCheckBox, "checked")),
+                factory=self.factory,
+            ),
         )
-
-    def _make_worker(
-        self,
-        command: list[str],
-        on_finished: Callable[[WorkerOutcome], None],
-        on_progress: Callable[[float | None, str, str], None] | None,
-        cleanup: bool = True,
-    ) -> QtWorkerProcess:
-        return QtWorkerProcess(
-            self.host.qt,
-            command,
-            env=self.logic.environment(),
-            on_progress=on_progress,
-            on_log=self._log,
-            on_finished=on_finished,
-            cleanup_dirs=[self.logic.cache_root()] if cleanup else [],
-        )
-
-    def _start(
-        self, action: str, command: list[str], on_success: Callable[[dict[str, Any]], bool], status: str
-    ) -> None:
-        if not self.controller.busy:
-            self.controller.start(action, status)
-        self.ui.progressBar.setRange(0, 100)
-        self.ui.progressBar.setValue(0)
-        self._log("info", "$ " + " ".join(command))
-        self._on_success = on_success
-        self.worker = self._make_worker(command, self._on_worker_finished, self._on_progress)
-        self.worker.start()
 
     def _on_progress(self, fraction: float | None, stage: str, message: str) -> None:
         bar = self.ui.progressBar
@@ -351,108 +361,29 @@ class Panel:
             bar.setValue(int(round(fraction * 100)))
         self.controller.set_status(f"{stage}: {message}" if message else stage)
 
-    def _on_worker_finished(self, outcome: WorkerOutcome) -> None:
-        self.last_outcome = outcome
-        if outcome.status == SUCCEEDED and outcome.result is not None:
-            try:
-                chained = self._on_success(outcome.result)
-            except Exception as exc:  # importing the result failed: readable message + log
-                self._finish_failed(f"{type(exc).__name__}: {exc}", outcome)
-                return
-            if chained:
-                return
-            self._cleanup_workdir()
-            self.ui.progressBar.setRange(0, 100)
-            self.ui.progressBar.setValue(100)
-            self.controller.finish(self._success_status)
-            return
-        if outcome.status == CANCELLED:
-            self._cleanup_workdir()
-            self.ui.progressBar.setRange(0, 100)
-            self.ui.progressBar.setValue(0)
-            removed = len(outcome.removed_partials)
-            self.controller.finish(
-                "Cancelled." + (f" Removed {removed} unfinished temporary item(s)." if removed else "")
-            )
-            return
-        self._finish_failed(outcome.message(), outcome)
+    def _on_segmentation(self, node: Any, result: dict[str, Any]) -> None:
+        self.last_segmentation = node
 
-    def _finish_failed(self, message: str, outcome: WorkerOutcome) -> None:
-        self._cleanup_workdir()
-        self.ui.progressBar.setRange(0, 100)
-        self.ui.progressBar.setValue(0)
-        self.controller.finish("Failed: " + message.splitlines()[0])
-        self._log("error", message)
-        self.host.show_error(message.splitlines()[0], "\n".join(outcome.log[-40:]))
-
-    def _cleanup_workdir(self) -> None:
-        if self.workdir is not None:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-            self.workdir = None
+    def _on_task_finished(self, result: TaskResult) -> None:
+        self.last_result = result
+        bar = self.ui.progressBar
+        bar.setRange(0, 100)
+        bar.setValue(100 if result.succeeded else 0)
+        if result.status == "failed":
+            self.controller.finish("Failed: " + result.message.splitlines()[0])
+            self.host.show_error(result.message.splitlines()[0], result.details())
+        else:
+            self.controller.finish(result.message)
+        if self.task is not None and self.task.name == "download" and result.succeeded:
+            self.refresh_models()
 
     # -- results --------------------------------------------------------------------------------------
-    def _on_download_done(self, result: dict[str, Any]) -> bool:
-        self._success_status = "Weights ready."
-        self.refresh_models()
-        return False
-
-    def _on_build_done(self, result: dict[str, Any]) -> bool:
-        engine = result.get("engine", result) if isinstance(result, dict) else {}
-        cache = engine.get("cache", "built")
-        size = engine.get("bytes_on_disk")
-        size_text = f", {size / 2**20:.2f} MB" if isinstance(size, (int, float)) else ""
-        verb = "Reused the cached engine" if cache == "hit" else "Built the engine"
-        self._success_status = (
-            f"{verb}: {engine.get('backend', '?')} {str(engine.get('precision', '?')).upper()}{size_text}."
-        )
-        return False
-
-    def _on_segment_done(self, result: dict[str, Any]) -> bool:
-        context = self._run_context
-        node = self.logic.import_segmentation(
-            result,
-            context["input"],
-            context["model"],
-            context["options"].precision,
-            replace_previous=bool(prop(self.ui.replaceCheckBox, "checked")),
-        )
-        self.last_segmentation = node
-        row = row_from_segment(result)
-        self.set_rows([r for r in self.rows if r.precision != row.precision] + [row])
-        cache = (result.get("engine") or {}).get("cache")
-        self._success_status = f"Added {node.GetName()}" + (" (cached engine)." if cache == "hit" else ".")
-        if not prop(self.ui.compareCheckBox, "checked"):
-            return False
-        reference_path = None
-        reference_node = self.ui.referenceSegmentationSelector.currentNode()
-        if reference_node is not None:
-            table = mrml_label_table(result)
-            reference_path = self.logic.export_reference(
-                reference_node, context["input"], table, self.workdir
-            )
-        command = self.logic.compare_command(
-            context["model"],
-            context["input_path"],
-            self.workdir / "compare",
-            context["options"],
-            reference_path,
-        )
-        self._start("run", command, self._on_compare_done, "Comparing with FP32...")
-        return True
-
-    def _on_compare_done(self, report: dict[str, Any]) -> bool:
-        self.set_rows(rows_from_compare(report))
-        self._success_status = "Comparison done: see Results (table and chart added to the scene)."
-        return False
-
-    def set_rows(self, rows: list[ResultRow]) -> None:
-        self.rows = rows
+    def show_rows(self, rows: list[ResultRow]) -> None:
         table = self.ui.resultsTableWidget
         table.setRowCount(len(rows))
         for r, row in enumerate(rows):
             for c, text in enumerate(row.cells()):
                 table.setItem(r, c, self.host.qt.QTableWidgetItem(text))
-        self.table_node, self.chart_node = self.logic.results_table(rows, self.table_node, self.chart_node)
         self.update_buttons()
 
     def on_show_chart(self) -> None:
@@ -463,17 +394,37 @@ class Panel:
         prefix = "" if level in ("info", "output") else f"[{level}] "
         self.ui.logTextEdit.appendPlainText(prefix + message)
 
+    # -- scene and module life cycle ------------------------------------------------------------------
+    def on_scene_start_close(self) -> None:
+        """File > Close scene: stop work on the old scene, forget its nodes."""
+        self._stop_tasks()
+        self.parameter_node = None
+
+    def on_scene_end_close(self) -> None:
+        """A fresh scene: the parameter node and results are new, as in Slicer's module template."""
+        self.logic.forget_results()
+        self.last_segmentation = None
+        self.show_rows([])
+        self.parameter_node = self.logic.getParameterNode()
+        self.restore_parameters()
+        self.update_buttons()
+
+    def _stop_tasks(self) -> None:
+        for task in (self.task, self.models_task):
+            if task is not None and not task.done:
+                task.cancel()
+
     def cleanup(self) -> None:
-        """Called when the module is closed: stop running workers."""
-        for worker in (self.worker, self.models_worker):
-            if worker is not None and worker.is_running():
-                worker.cancel()
-
-
-def mrml_label_table(result: dict[str, Any]) -> list[dict[str, Any]]:
-    from MedQuantSlicerLib.mrml_io import read_label_table
-
-    return read_label_table(result["label_table"])
+        """Module closed or reloaded: stop workers, disconnect every callback into this panel."""
+        self._stop_tasks()
+        for task in (self.task, self.models_task):
+            if task is not None:
+                task.detach()
+        scene = self.host.scene
+        for tag in self._observers:
+            scene.RemoveObserver(tag)
+        self._observers = []
+        self.controller._listeners.clear()
 
 
 def _key_for(mapping: dict[str, str], value: str) -> str:

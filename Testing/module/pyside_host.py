@@ -147,6 +147,7 @@ class PySideHost:
             QProcess=QtCore.QProcess,
             QProcessEnvironment=QtCore.QProcessEnvironment,
             QTimer=QtCore.QTimer,
+            QEventLoop=QtCore.QEventLoop,
             QTableWidgetItem=QtWidgets.QTableWidgetItem,
         )
         self.scene = scene

@@ -100,7 +100,7 @@ def _wait_for_progress(poll, worker, seconds: float = 60) -> None:
 def test_qprocess_runner_behind_a_launcher(tmp_path, monkeypatch):
     """Panel path: QProcess → launcher → launcher.py (new session) → launcher → worker → helper."""
     pytest.importorskip("PySide6")
-    from MedQuantSlicerLib.process import QtWorkerProcess
+    from MedQuantSlicerLib.qt_process import QtWorkerProcess
     from pyside_host import PySideHost, application, spin
 
     application()

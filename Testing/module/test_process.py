@@ -161,7 +161,7 @@ def test_failed_to_start(tmp_path):
 def test_qprocess_runner_cancels_tree_through_launcher(tmp_path):
     """The QProcess runner (used by the panel) starts the worker via launcher.py in a new session."""
     pytest.importorskip("PySide6")
-    from MedQuantSlicerLib.process import QtWorkerProcess
+    from MedQuantSlicerLib.qt_process import QtWorkerProcess
     from pyside_host import PySideHost, application, spin
 
     from engine_tools.cache import partial_artifacts

@@ -44,11 +44,12 @@ def panel(scene, artifacts_dir):
     host = PySideHost(scene)
     ui.inputVolumeSelector.setMRMLScene(scene)
     ui.referenceSegmentationSelector.setMRMLScene(scene)
-    panel = Panel(ui, host, MedQuantLogic(scene), parameters.parameter_node(scene))
+    panel = Panel(ui, host, MedQuantLogic(scene))
     panel.root = root
     yield panel
+    worker = panel.worker
     panel.cleanup()
-    spin(lambda: panel.worker is None or not panel.worker.is_running(), 30)
+    spin(lambda: worker is None or not worker.is_running(), 30)
 
 
 def test_panel_loads_and_lists_models(panel, artifacts_dir):
