@@ -166,9 +166,12 @@ def _identity(card: ModelCard, entry: dict[str, Any]) -> str:
     return f"{source}#{entry['member']}" if entry.get("member") else source
 
 
-def _candidates(card: ModelCard, entry: dict[str, Any], name: str, dirs: list[Path]) -> list[Path]:
+def _candidates(
+    card: ModelCard, entry: dict[str, Any], name: str, dirs: list[Path], pins: tuple[Any, Any, Any]
+) -> list[Path]:
     """Mirror copies of ``name``: ``DIR/<card id>/<name>`` first, then the shared layouts where they
-    are unambiguous (no other card's different file has the same relative path)."""
+    are unambiguous: no other card's different file has the same relative path, or the copy matches
+    this entry's checksum (``pins``: SHA-256, MD5, size)."""
     folder = _url_folder(entry.get("url"))
     identity = _identity(card, entry) if name == entry["name"] else str(entry.get("url"))
     owners = _layout_owners()
@@ -179,7 +182,8 @@ def _candidates(card: ModelCard, entry: dict[str, Any], name: str, dirs: list[Pa
             path = root / relative if relative else None
             if path is None or path in found or not path.is_file():
                 continue
-            if relative != f"{card.id}/{name}" and owners.get(relative, {identity}) - {identity}:
+            shared = relative != f"{card.id}/{name}" and owners.get(relative, {identity}) - {identity}
+            if shared and not ((pins[0] or pins[1]) and pin_problem(path, pins[0], pins[1], pins[2]) is None):
                 ambiguous.append(path)
             else:
                 found.append(path)
@@ -334,7 +338,8 @@ def _from_archives(
     archive_name = _url_filename(entry.get("url")) if member else None
     archives: list[tuple[Path, str, bool]] = []  # (archive, member, pinned by the entry's url pins)
     if archive_name:
-        archives += [(a, member, True) for a in _candidates(card, entry, archive_name, dirs)]
+        archive_pins = (entry.get("sha256"), entry.get("md5"), entry.get("size"))
+        archives += [(a, member, True) for a in _candidates(card, entry, archive_name, dirs, archive_pins)]
         cached_archive = weights_cache_dir(card) / archive_name
         if cached_archive.is_file():
             archives.append((cached_archive, member, True))
@@ -386,7 +391,7 @@ def _local_file(card: ModelCard, entry: dict[str, Any], dirs: list[Path], progre
     cached = weights_cache_dir(card) / name
     rejected: list[str] = []
     mirror_rejected: list[str] = []
-    for path in _candidates(card, entry, name, dirs):
+    for path in _candidates(card, entry, name, dirs, pins):
         problem = _usable(path, name, pins)
         if problem is None:
             if not (pins[0] or pins[1]):
