@@ -166,6 +166,14 @@ def render(results: dict[str, Any]) -> str:
         f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory_gib']} GiB; CPU flags: {flags}.",
         f"Load average at start {results['load_average']['start']}, at end {results['load_average']['end']}.",
     ]
+    busiest = max(results["load_average"]["start"] + results["load_average"]["end"])
+    if busiest > 1.2 * machine["cores"]:
+        lines += [
+            "",
+            f"**The cores were shared:** other jobs ran on this machine during the run (load average up to "
+            f"{busiest} on {machine['cores']} cores), so every time here is longer than on an idle machine "
+            "and the runs were not equally disturbed.",
+        ]
     if results.get("note"):
         lines += ["", f"**Run conditions:** {results['note']}"]
     lines += [
@@ -205,8 +213,16 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--note", default="")
     parser.add_argument("--output", default=str(REPO / "bench" / "results" / "batch_cpu"))
+    parser.add_argument("--render-only", metavar="JSON", help="re-render the markdown of an earlier run")
     args = parser.parse_args()
-    results = run(args)
+    if args.render_only:
+        import json
+
+        results = json.loads(Path(args.render_only).read_text())
+        results["note"] = args.note or results.get("note", "")
+        args.output = str(Path(args.render_only).with_suffix(""))
+    else:
+        results = run(args)
     write_json_atomic(Path(args.output + ".json"), results)
     with atomic_file(Path(args.output + ".md"), "w") as stream:
         stream.write(render(results))

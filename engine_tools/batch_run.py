@@ -61,11 +61,17 @@ def _check_output_folder(
                 )
 
 
+def sliding_window_settings(card: ModelCard) -> dict[str, Any]:
+    """The card's window settings that change the labels (part of what makes a scan "done")."""
+    return {key: card.window.get(key) for key in ("size", "overlap", "blend")}
+
+
 def plan(
-    scans: list[BatchScan], manifest: Manifest, engine_key: str, model: str, progress: Progress
+    scans: list[BatchScan], manifest: Manifest, engine_key: str, card: ModelCard, progress: Progress
 ) -> list[tuple[BatchScan, dict[str, Any]]]:
-    """Hash every input; record ``skipped`` rows for scans done earlier with the same engine and input
-    (and ``failed`` rows for unreadable files); return the scans left to segment with their base rows."""
+    """Hash every input; record ``skipped`` rows for scans done earlier with the same engine, window
+    settings and input (and ``failed`` rows for unreadable files); return the scans left to segment."""
+    settings = sliding_window_settings(card)
     todo = []
     for index, scan in enumerate(scans):
         progress.update("hash", None, f"hashing {index + 1}/{len(scans)}: {scan.scan}")
@@ -76,7 +82,8 @@ def plan(
             "output": scan.output,
             "label_table": str(label_table_paths(scan.output)[0]),
             "engine_key": engine_key,
-            "model": model,
+            "model": card.id,
+            "window": settings,
             "error": "",
             "warnings": [],
         }
@@ -94,7 +101,7 @@ def plan(
             )
             continue
         row["timings"] = {"hash_s": round(time.perf_counter() - tick, 4)}
-        earlier = manifest.already_done(scan.scan, row["input_sha256"], engine_key)
+        earlier = manifest.already_done(scan.scan, row["input_sha256"], engine_key, settings)
         if earlier is not None:
             manifest.record(
                 {**earlier, "status": "skipped", "skip_reason": "done earlier, same engine and input"}
@@ -133,7 +140,7 @@ def run_batch(
     manifest = Manifest.load(output_dir, engine_info)
     _check_output_folder(output_dir, scans, manifest, overwrite)
     labels = [(label.value, label.name) for label in card.labels if label.value != 0]
-    todo = plan(scans, manifest, ref.key, card.id, progress)
+    todo = plan(scans, manifest, ref.key, card, progress)
     manifest.save(labels, with_dice=reference is not None)
     root = input_root or Path(scans[0].path).parent
     references = {s.scan: reference_path(reference, s, root) if reference else None for s in scans}

@@ -71,13 +71,17 @@ class Manifest:
             manifest.previous = {row["scan"]: row for row in data.get("rows", [])}
         return manifest
 
-    def already_done(self, scan: str, input_sha256: str, engine_key: str) -> dict[str, Any] | None:
-        """The earlier row of ``scan`` when it was done with the same input and engine and its output
-        files are still there; else ``None``."""
+    def already_done(
+        self, scan: str, input_sha256: str, engine_key: str, window: dict[str, Any] | None = None
+    ) -> dict[str, Any] | None:
+        """The earlier row of ``scan`` when it was done with the same input, engine and window
+        settings and its output files are still there; else ``None``."""
         row = self.previous.get(scan)
         if not row or row.get("status") not in ("done", "skipped"):
             return None
         if row.get("input_sha256") != input_sha256 or row.get("engine_key") != engine_key:
+            return None
+        if window is not None and row.get("window") != window:
             return None
         outputs = [row.get("output"), row.get("label_table")]
         if not all(path and Path(path).is_file() for path in outputs):

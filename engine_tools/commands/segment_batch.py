@@ -52,7 +52,7 @@ def run_batch_command(args: argparse.Namespace, progress: Progress) -> dict[str,
     from engine_tools.batch import collect_scans, engine_ref
     from engine_tools.batch_run import run_batch
     from engine_tools.pipeline import prepare_engine
-    from engine_tools.registry import get_card
+    from engine_tools.registry import ModelCard, get_card
 
     source, output_dir = Path(args.input), Path(args.output_dir)
     if args.cluster:
@@ -77,6 +77,11 @@ def run_batch_command(args: argparse.Namespace, progress: Progress) -> dict[str,
             random_weights=args.random_weights,
             progress=progress,
         )
+    if args.overlap is not None:  # a segmentation setting: the engine (and its key) stay the same
+        if not 0.0 <= args.overlap < 1.0:
+            raise ValueError(f"--overlap must be in [0, 1), got {args.overlap}")
+        raw = {**card.raw, "window": {**card.raw["window"], "overlap": args.overlap}}
+        card = ModelCard.from_dict(raw, card.path)
     ref = engine_ref(engine, card, args.weights_dir, args.random_weights)
     options = dict(
         input_root=source if source.is_dir() else None,
