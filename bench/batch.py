@@ -60,11 +60,17 @@ def prepare(card: Any, precision: str, calibration: Path, progress: Any) -> tupl
     from engine_tools.pipeline import prepare_engine
 
     started = time.perf_counter()
+    from engine_tools.calibration import collect_windows
+
     engine = prepare_engine(
         card,
         backend="openvino",
         precision=precision,
-        calibration=calibration if precision == "int8" else None,
+        calibration=(
+            collect_windows(calibration, card, card.calibration_windows, progress=progress)
+            if precision == "int8"
+            else None
+        ),
         weights_dir=SHARED / "models" / "brainchop",
         progress=progress,
     )

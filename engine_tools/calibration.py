@@ -96,6 +96,21 @@ class CalibrationSet:
     def __len__(self) -> int:
         return int(self.windows.shape[0])
 
+    @classmethod
+    def from_windows(cls, windows: np.ndarray, source: str = "windows") -> CalibrationSet:
+        """A set of already preprocessed ``N, C, D, H, W`` windows (from memory, not from scans)."""
+        windows = np.ascontiguousarray(windows, dtype=np.float32)
+        if windows.ndim != 5:
+            raise ValueError(f"calibration windows must be N, C, D, H, W; got shape {windows.shape}")
+        return cls(
+            windows=windows,
+            sources=[source] * len(windows),
+            corners=[(0, 0, 0)] * len(windows),
+            foreground=[float("nan")] * len(windows),
+            warnings=[],
+            fingerprint=hashlib.sha256(windows.tobytes()).hexdigest(),
+        )
+
     def subset(self, indices: list[int], tag: str) -> CalibrationSet:
         return CalibrationSet(
             windows=np.ascontiguousarray(self.windows[indices]),

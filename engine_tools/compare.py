@@ -15,14 +15,20 @@ import math
 import statistics
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from engine_tools.cache import atomic_file, write_json_atomic
 from engine_tools.machine import machine_description, unsupported_reason
 from engine_tools.progress import Progress, SilentProgress
+
+if TYPE_CHECKING:
+    from engine_tools.calibration import CalibrationSet
+    from engine_tools.registry import ModelCard
+    from engine_tools.spec import EngineSpec
 
 MAX_KEPT_LOGITS_BYTES = 512 * 2**20
 
@@ -151,30 +157,23 @@ def _ratio(numerator: float | None, denominator: float | None) -> float | None:
 
 
 def compare_precisions(
-    card: Any,
+    card: ModelCard,
     image: Any,
+    spec: EngineSpec,
     precisions: Sequence[str] = ("fp32", "bf16", "int8"),
-    backend: str = "auto",
-    calibration: Any = None,
     reference: Any = None,
     progress: Progress | None = None,
     *,
-    weights_dir: str | Path | None = None,
-    calibration_method: str = "minmax",
-    target_dice: float = 0.97,
     warmup: int = 1,
     repeats: int = 5,
     overlap: float | None = None,
-    rebuild: bool = False,
     input_path: str | None = None,
     skip_unsupported: bool = True,
-    random_weights: bool = False,
 ) -> dict[str, Any]:
-    """Segment ``image`` with every precision on one backend and compare them.
+    """Segment ``image`` with every precision on the backend of ``spec`` and compare them.
 
-    ``card`` is a :class:`~engine_tools.registry.ModelCard`, ``image`` and ``reference`` are
-    ``SimpleITK.Image`` (reference labels use the card's label values), ``calibration`` a
-    :class:`~engine_tools.calibration.CalibrationSet` or a folder of scans (needed for INT8). Returns a
+    ``image`` and ``reference`` are ``SimpleITK.Image`` (reference labels use the card's label values);
+    ``spec.calibration`` is needed for INT8 (each precision gets ``spec.for_precision``). Returns a
     JSON-ready report; precisions the backend cannot run here (or, with ``skip_unsupported``, that this
     CPU would only emulate) appear with ``"status": "unavailable"`` and the reason.
     """
@@ -189,7 +188,7 @@ def compare_precisions(
     if "fp32" not in precisions:
         precisions.insert(0, "fp32")  # the baseline everything is compared with
     precisions.sort(key=lambda p: 0 if p == "fp32" else 1)
-    resolved, reason = select_backend(backend)
+    resolved, reason = select_backend(spec.backend)
     progress.log(f"backend: {resolved} ({reason})")
 
     prep = preprocess(image, card)
@@ -223,16 +222,7 @@ def compare_precisions(
                 t0 = time.perf_counter()
                 with progress.span(0.0, 0.5):
                     engine = prepare_engine(
-                        card,
-                        backend=resolved,
-                        precision=precision,
-                        calibration=calibration if precision == "int8" else None,
-                        calibration_method=calibration_method,
-                        target_dice=target_dice,
-                        weights_dir=weights_dir,
-                        rebuild=rebuild,
-                        progress=progress,
-                        random_weights=random_weights,
+                        card, replace(spec.for_precision(precision), backend=resolved), progress
                     )
                 row["prepare_seconds"] = round(time.perf_counter() - t0, 2)
             except Exception as exc:  # a precision this backend/CPU cannot do is a result, not a crash
@@ -296,7 +286,7 @@ def compare_precisions(
         "latency_window": list(batch.shape),
         "rows": rows,
         "labels": {str(lab.value): lab.name for lab in card.labels},
-        "calibration": _calibration_summary(calibration),
+        "calibration": _calibration_summary(spec.calibration),
         "reference": None if reference is None else "given",
     }
     report["ratios"] = _ratios(rows)
@@ -321,20 +311,8 @@ def _finite(value: float) -> float | None:
     return round(float(value), 3) if math.isfinite(value) else (None if math.isnan(value) else float(value))
 
 
-def _calibration_summary(calibration: Any) -> dict[str, Any] | None:
-    if calibration is None:
-        return None
-    if isinstance(calibration, str | Path):
-        return {"folder": str(calibration)}
-    if hasattr(calibration, "describe"):
-        return calibration.describe()
-    windows = getattr(calibration, "windows", None)
-    return {
-        "windows": None if windows is None else int(np.shape(windows)[0]),
-        "sources": [str(s) for s in getattr(calibration, "sources", [])][:50],
-        "fingerprint": getattr(calibration, "fingerprint", None),
-        "warnings": list(getattr(calibration, "warnings", []))[:20],
-    }
+def _calibration_summary(calibration: CalibrationSet | None) -> dict[str, Any] | None:
+    return None if calibration is None else calibration.describe()
 
 
 def _ok(rows: dict[str, dict[str, Any]], precision: str) -> dict[str, Any] | None:

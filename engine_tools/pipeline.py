@@ -10,13 +10,13 @@ device and the accuracy-guard target, so any change rebuilds and nothing stale i
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -34,6 +34,10 @@ from engine_tools.cache import (
 from engine_tools.engines import METADATA_FILE, BuildRequest, Engine, engine_class, select_backend
 from engine_tools.progress import Progress, SilentProgress
 from engine_tools.registry import ModelCard, get_card
+from engine_tools.spec import EngineSpec
+
+if TYPE_CHECKING:
+    from engine_tools.calibration import CalibrationSet
 
 #: Bump when the artifact layout or build logic changes incompatibly (part of every cache key).
 PIPELINE_VERSION = 2
@@ -47,48 +51,32 @@ def holdout_count(num_windows: int) -> int:
 
 
 def _calibration_windows(
-    calibration: Any,
-    card: ModelCard,
-    num_windows: int,
-    seed: int,
-    progress: Progress,
+    calibration: CalibrationSet, progress: Progress
 ) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
-    """``(calibration windows, held-out windows or None, description)`` from a folder, set or array."""
-    from engine_tools import calibration as calib
+    """``(calibration windows, held-out windows or None, description)`` of a calibration set."""
+    from engine_tools.calibration import CalibrationSet
 
-    if isinstance(calibration, (str, Path)):
-        folder = Path(calibration)
-        if not folder.exists():
-            raise FileNotFoundError(f"calibration folder not found: {folder}")
-        calibration = calib.collect_windows(
-            folder, card, num_windows=num_windows, seed=seed, progress=progress
+    if not isinstance(calibration, CalibrationSet):
+        raise TypeError(
+            "calibration must be a CalibrationSet: engine_tools.calibration.collect_windows(folder, card) "
+            f"or CalibrationSet.from_windows(array), not {type(calibration).__name__}"
         )
-    if isinstance(calibration, calib.CalibrationSet):
-        n_holdout = holdout_count(len(calibration))
-        for warning in calibration.warnings:
-            progress.warning(warning)
-        if n_holdout:
-            used, held = calibration.split(n_holdout)
-            info = {
-                "calibration": used.describe(),
-                "holdout": held.describe(),
-                "fingerprint": calibration.fingerprint,
-            }
-            return used.windows, held.windows, info
+    for warning in calibration.warnings:
+        progress.warning(warning)
+    n_holdout = holdout_count(len(calibration))
+    if not n_holdout:
         return (
             calibration.windows,
             None,
             {"calibration": calibration.describe(), "fingerprint": calibration.fingerprint},
         )
-    windows = np.ascontiguousarray(calibration, dtype=np.float32)
-    if windows.ndim != 5:
-        raise ValueError(f"calibration windows must be N, C, D, H, W; got shape {windows.shape}")
-    n_holdout = holdout_count(len(windows))
-    fingerprint = sha256_json({"array": hashlib.sha256(windows.tobytes()).hexdigest()})
-    info = {"num_windows": len(windows), "fingerprint": fingerprint}
-    if n_holdout:
-        return windows[:-n_holdout], windows[-n_holdout:], info
-    return windows, None, info
+    used, held = calibration.split(n_holdout)
+    info = {
+        "calibration": used.describe(),
+        "holdout": held.describe(),
+        "fingerprint": calibration.fingerprint,
+    }
+    return used.windows, held.windows, info
 
 
 def engine_key(parts: dict[str, Any]) -> str:
@@ -122,106 +110,52 @@ def card_build_options(card: ModelCard, options: dict[str, Any] | None = None) -
 
 def prepare_engine(
     card: ModelCard | str,
-    backend: str = "auto",
-    precision: str = "int8",
-    calibration: Any = None,
-    calibration_method: str = "minmax",
-    target_dice: float = 0.97,
-    device: str | None = None,
-    weights_dir: str | Path | None = None,
-    rebuild: bool = False,
+    spec: EngineSpec | None = None,
     progress: Progress | None = None,
-    *,
-    random_weights: bool = False,
-    num_windows: int | None = None,
-    seed: int = 0,
-    options: dict[str, Any] | None = None,
+    **fields: Any,
 ) -> Engine:
-    """A loaded engine for ``card`` at ``precision``, built (and cached) or taken from the cache.
+    """A loaded engine for ``card`` as ``spec`` says, built (and cached) or taken from the cache.
 
-    ``calibration`` (INT8 only): a folder of unlabeled scans, a
-    :class:`engine_tools.calibration.CalibrationSet` or an ``N, C, D, H, W`` array; a quarter of the
-    windows (at most 8) is held out for the accuracy guard. ``options`` go to the backend
-    (``preset``, ``fast_bias_correction``, ``guard``, ...). ``engine.describe()["cache"]`` is ``"hit"``
-    or ``"built"``. ``random_weights`` builds the architecture without its published weights (speed and
-    size checks only; the engine's output is not a segmentation).
+    ``fields`` override single :class:`~engine_tools.spec.EngineSpec` fields (``precision="fp32"``,
+    ``options={...}``, ...). INT8 needs ``spec.calibration``; a quarter of its windows (at most 8) is
+    held out for the accuracy guard. ``engine.describe()["cache"]`` is ``"hit"`` or ``"built"``.
     """
-    from engine_tools import networks
-
     progress = progress or SilentProgress()
+    spec = replace(spec or EngineSpec(), **fields)
     if isinstance(card, str):
         card = get_card(card)
-    backend, reason = select_backend(backend)
+    backend, reason = select_backend(spec.backend)
     progress.log(f"backend: {reason}")
     cls = engine_class(backend)
     cls.require_available()
-    engine = cls(precision=precision, device=device)
-    if precision == "int8" and calibration is None:
+    engine = cls(precision=spec.precision, device=spec.device)
+    if spec.precision == "int8" and spec.calibration is None:
         raise ValueError(
             f"INT8 for {card.id} needs a folder of unlabeled scans for calibration "
             "(--calibration FOLDER); or choose --precision fp32/bf16/fp16"
         )
-
     with progress.span(0.0, 0.15):
-        progress.update("export", 0.0, f"exporting {card.id} to ONNX")
-        factory = None
-        if backend.startswith("torch"):
-            factory = networks.torch_factory(card, weights_dir, random_weights=random_weights)
-        onnx_path = (
-            None
-            if backend == "torch"
-            else Path(
-                networks.export_onnx(
-                    card, weights_dir, random_weights=random_weights, progress=progress, rebuild=rebuild
-                )
-            )
-        )
-        progress.update("export", 1.0, "network ready")
-
+        factory, onnx_path = _network(card, spec, backend, progress)
     calibration_info: dict[str, Any] = {}
     cal_windows = val_windows = None
-    if precision == "int8":
+    if spec.precision == "int8":
         with progress.span(0.15, 0.3):
-            progress.update("calibrate", 0.0, "collecting calibration windows")
-            cal_windows, val_windows, calibration_info = _calibration_windows(
-                calibration, card, num_windows or card.calibration_windows, seed, progress
-            )
+            progress.update("calibrate", 0.0, "splitting calibration and held-out windows")
+            cal_windows, val_windows, calibration_info = _calibration_windows(spec.calibration, progress)
             progress.update("calibrate", 1.0, f"{len(cal_windows)} calibration windows")
-
-    build_options = card_build_options(
-        card, {**(options or {}), "calibration_method": calibration_method, "target_dice": float(target_dice)}
-    )
-
-    key_parts: dict[str, Any] = {
-        "pipeline": PIPELINE_VERSION,
-        "model": card.id,
-        "card": sha256_json(card.raw),
-        "network": sha256_file(onnx_path) if onnx_path else networks.export_key(card, None, False),
-        "backend": backend,
-        "versions": engine.versions(),
-        "precision": precision,
-        "device": engine.device,
-    }
-    if precision == "int8":
-        key_parts.update(
-            calibration=calibration_info.get("fingerprint"),
-            calibration_method=calibration_method,
-            target_dice=float(target_dice),
-            options={
-                k: v for k, v in build_options.items() if k not in ("calibration_method", "target_dice")
-            },
-        )
+    build_options = card_build_options(card, spec.build_options())
+    key_parts = _key_parts(card, spec, engine, backend, onnx_path, calibration_info, build_options)
     key = engine_key(key_parts)
     destination = cache_dir("engines") / key[:32]
     if factory is not None:
         engine.attach_factory(factory)
 
     was_cached = destination.exists()
-    if not rebuild and _reuse_cached(engine, destination, progress):
+    if not spec.rebuild and _reuse_cached(engine, destination, progress):
         return engine
     with _one_builder(destination, progress):
         # another process may have built this key while we waited for the lock
-        if not rebuild and not was_cached and _reuse_cached(engine, destination, progress):
+        if not spec.rebuild and not was_cached and _reuse_cached(engine, destination, progress):
             return engine
         for stale in remove_stale_partials(cache_root()):
             progress.log(f"removed the leftover of an interrupted write: {stale}")
@@ -245,6 +179,65 @@ def prepare_engine(
             },
         )
     return engine
+
+
+def _network(
+    card: ModelCard, spec: EngineSpec, backend: str, progress: Progress
+) -> tuple[Callable[[], Any] | None, Path | None]:
+    """``(PyTorch module factory for the torch backends, FP32 ONNX export for the others)``."""
+    from engine_tools import networks
+
+    progress.update("export", 0.0, f"exporting {card.id} to ONNX")
+    factory = None
+    if backend.startswith("torch"):
+        factory = networks.torch_factory(card, spec.weights_dir, random_weights=spec.random_weights)
+    onnx_path = None
+    if backend != "torch":
+        onnx_path = Path(
+            networks.export_onnx(
+                card,
+                spec.weights_dir,
+                random_weights=spec.random_weights,
+                progress=progress,
+                rebuild=spec.rebuild,
+            )
+        )
+    progress.update("export", 1.0, "network ready")
+    return factory, onnx_path
+
+
+def _key_parts(
+    card: ModelCard,
+    spec: EngineSpec,
+    engine: Engine,
+    backend: str,
+    onnx_path: Path | None,
+    calibration_info: dict[str, Any],
+    build_options: dict[str, Any],
+) -> dict[str, Any]:
+    """Everything the engine depends on; its hash names the cache folder."""
+    from engine_tools import networks
+
+    key_parts: dict[str, Any] = {
+        "pipeline": PIPELINE_VERSION,
+        "model": card.id,
+        "card": sha256_json(card.raw),
+        "network": sha256_file(onnx_path) if onnx_path else networks.export_key(card, None, False),
+        "backend": backend,
+        "versions": engine.versions(),
+        "precision": spec.precision,
+        "device": engine.device,
+    }
+    if spec.precision == "int8":
+        key_parts.update(
+            calibration=calibration_info.get("fingerprint"),
+            calibration_method=spec.calibration_method,
+            target_dice=float(spec.target_dice),
+            options={
+                k: v for k, v in build_options.items() if k not in ("calibration_method", "target_dice")
+            },
+        )
+    return key_parts
 
 
 @contextmanager

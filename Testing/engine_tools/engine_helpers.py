@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from engine_tools.calibration import CalibrationSet
 from engine_tools.registry import ModelCard, get_card
 
 
@@ -39,6 +40,11 @@ def foreground_windows(scan: Path, card: ModelCard, count: int, seed: int) -> np
             ]
         )
     return np.ascontiguousarray(np.stack(out), dtype=np.float32)
+
+
+def calibration_set(scan: Path, card: ModelCard, count: int, seed: int) -> CalibrationSet:
+    """:func:`foreground_windows` as the calibration set :func:`prepare_engine` takes."""
+    return CalibrationSet.from_windows(foreground_windows(scan, card, count, seed), source=Path(scan).name)
 
 
 def head_crops(array: np.ndarray, window: tuple[int, int, int], count: int, seed: int) -> np.ndarray:

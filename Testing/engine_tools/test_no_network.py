@@ -45,13 +45,15 @@ BUILD = textwrap.dedent(
     import numpy as np
     import engine_tools  # opts out of telemetry on import
     import openvino as ov
+    from engine_tools.calibration import CalibrationSet
     from engine_tools.pipeline import prepare_engine
     from engine_tools.registry import ModelCard, get_card
     card = get_card("brainchop-model5_gw_ae")
     card = ModelCard.from_dict({**card.raw, "window": {**card.raw["window"], "size": [32, 32, 32]}}, card.path)
     rng = np.random.default_rng(0)
     windows = rng.random((4, 1, 32, 32, 32), dtype=np.float32)
-    engine = prepare_engine(card, backend="openvino", precision="int8", calibration=windows,
+    engine = prepare_engine(card, backend="openvino", precision="int8",
+                            calibration=CalibrationSet.from_windows(windows),
                             weights_dir=sys.argv[1], options={"max_kept_layers": 1})
     # the OpenVINO converter is the other telemetry channel: exercise it too
     ov.convert_model(sys.argv[2])

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from engine_helpers import foreground_windows, small_card
+from engine_helpers import calibration_set, foreground_windows, small_card
 from shared_data import shared_path
 
 pytest.importorskip("onnxruntime", reason="ONNX Runtime not installed (pip install onnxruntime)")
@@ -22,7 +22,7 @@ WINDOW = 48
 def test_int8_qdq_runs_quantized_convolutions() -> None:
     brainchop = shared_path("models", "brainchop")
     card = small_card("brainchop-model11_gw_ae", WINDOW)
-    calibration = foreground_windows(shared_path("data", "mri", "t1_crop.nii.gz"), card, 5, seed=0)
+    calibration = calibration_set(shared_path("data", "mri", "t1_crop.nii.gz"), card, 5, seed=0)
     unseen = foreground_windows(shared_path("data", "mri", "mni152_2009_t1.nii.gz"), card, 1, seed=1)
     fp32 = prepare_engine(card, backend="onnxruntime", precision="fp32", weights_dir=brainchop)
     int8 = prepare_engine(  # a target plain INT8 reaches, so that the engine keeps its INT8 kernels

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from engine_helpers import foreground_windows, small_card
+from engine_helpers import calibration_set, foreground_windows, small_card
 from shared_data import shared_path
 
 pytest.importorskip("openvino", reason="OpenVINO not installed (pip install openvino nncf)")
@@ -30,7 +30,7 @@ def three_class(brainchop: Path, session_cache: Path) -> dict:
 
     os.environ["MEDQUANT_CACHE_DIR"] = str(session_cache)
     card = small_card("brainchop-model11_gw_ae", WINDOW)
-    calibration = foreground_windows(shared_path("data", "mri", "t1_crop.nii.gz"), card, 8, seed=0)
+    calibration = calibration_set(shared_path("data", "mri", "t1_crop.nii.gz"), card, 8, seed=0)
     unseen = foreground_windows(shared_path("data", "mri", "mni152_2009_t1.nii.gz"), card, 2, seed=1)
     engines = {
         precision: prepare_engine(
@@ -73,7 +73,7 @@ def test_int8_agrees_with_strict_fp32_on_unseen_subject(three_class: dict) -> No
 @pytest.fixture(scope="module")
 def eighteen_class() -> tuple[dict, object]:
     card = small_card("brainchop-model18cls", 48)
-    calibration = foreground_windows(shared_path("data", "mri", "t1_crop.nii.gz"), card, 5, seed=0)
+    calibration = calibration_set(shared_path("data", "mri", "t1_crop.nii.gz"), card, 5, seed=0)
     return card, calibration
 
 

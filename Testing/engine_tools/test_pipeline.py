@@ -13,6 +13,7 @@ from shared_data import shared_path
 pytest.importorskip("openvino", reason="OpenVINO not installed (pip install openvino nncf)")
 
 from engine_tools.cache import cache_dir, partial_artifacts  # noqa: E402
+from engine_tools.calibration import CalibrationSet  # noqa: E402
 from engine_tools.engines import METADATA_FILE  # noqa: E402
 from engine_tools.pipeline import cached_engines, prepare_engine  # noqa: E402
 from engine_tools.progress import Cancelled, SilentProgress  # noqa: E402
@@ -30,9 +31,9 @@ def card():
     return small_card("brainchop-model5_gw_ae", WINDOW)
 
 
-def _windows(count: int, seed: int = 0) -> np.ndarray:
+def _windows(count: int, seed: int = 0) -> CalibrationSet:
     rng = np.random.default_rng(seed)
-    return rng.random((count, 1, WINDOW, WINDOW, WINDOW), dtype=np.float32)
+    return CalibrationSet.from_windows(rng.random((count, 1, WINDOW, WINDOW, WINDOW), dtype=np.float32))
 
 
 def test_int8_without_calibration_is_a_clear_error(card, brainchop: Path) -> None:
@@ -70,7 +71,7 @@ def test_cache_key_hit_and_rebuild(card, brainchop: Path, isolated_cache: Path) 
     assert again.describe()["cache"] == "hit"
     assert again.artifact_dir == first.artifact_dir
     assert again.describe()["accuracy_guard"] == first.describe()["accuracy_guard"]
-    np.testing.assert_array_equal(again.run(windows[:1]), first.run(windows[:1]))
+    np.testing.assert_array_equal(again.run(windows.windows[:1]), first.run(windows.windows[:1]))
 
     # other calibration windows, method or precision → other engines
     other = prepare_engine(

@@ -86,7 +86,7 @@ def test_published_onnx_is_the_export(model_id: str, tmp_path: Path) -> None:
         expected = reference(x).numpy()
     np.testing.assert_allclose(run_onnx(exported, x), expected, rtol=1e-3, atol=1e-4)
     assert export_onnx(card, weights_dir=mirror) == exported  # cached
-    engine = prepare_engine(card, "onnxruntime", "fp32", weights_dir=mirror)
+    engine = prepare_engine(card, backend="onnxruntime", precision="fp32", weights_dir=mirror)
     np.testing.assert_allclose(engine.run(x.numpy()), expected, rtol=1e-3, atol=1e-4)
 
     with pytest.raises(NetworkError, match="ONNX-based backend"):

@@ -8,6 +8,7 @@ from typing import Any
 
 from engine_tools.engines import BACKENDS, PRECISIONS
 from engine_tools.progress import Progress
+from engine_tools.spec import EngineSpec
 
 CALIBRATION_METHODS = ("minmax", "percentile", "histogram", "mean_minmax")
 
@@ -46,6 +47,13 @@ def add_engine_arguments(parser: argparse.ArgumentParser, precision_default: str
         default=0.97,
         help="INT8 accuracy guard: minimum mean agreement Dice with FP32 on held-out windows (default 0.97)",
     )
+    parser.add_argument(
+        "--allow-below-target",
+        action="store_true",
+        help="let an INT8 build end below --target-dice instead of keeping more layers in higher precision "
+        "(the result then says below_target)",
+    )
+    parser.add_argument("--device", help="device (cpu, cuda:0, ...); default: the backend's")
     parser.add_argument("--seed", type=int, default=0, help="seed of the calibration window sampling")
     parser.add_argument("--rebuild", action="store_true", help="rebuild even if a cached engine matches")
     parser.add_argument(
@@ -72,6 +80,10 @@ def load_calibration(args: argparse.Namespace, card: Any, progress: Progress) ->
     """The :class:`CalibrationSet` from ``--calibration`` (``None`` when not given)."""
     check_engine_arguments(args)
     warn_random_weights(args, progress)
+    return _collect_calibration(args, card, progress)
+
+
+def _collect_calibration(args: argparse.Namespace, card: Any, progress: Progress) -> Any:
     if not args.calibration:
         return None
     from engine_tools.calibration import collect_windows
@@ -100,3 +112,35 @@ def warn_random_weights(args: argparse.Namespace, progress: Progress) -> None:
         progress.warning(
             "--random-weights: the network has random weights; sizes and latencies are real, the labels are not"
         )
+
+
+def engine_spec(
+    args: argparse.Namespace, card: Any, progress: Progress, precision: str | None = None, **fields: Any
+) -> EngineSpec:
+    """The :class:`EngineSpec` of the engine options on the command line (calibration windows loaded
+    once from ``--calibration``; only when the precision, or one of ``args.precisions``, is INT8)."""
+    precision = precision or getattr(args, "precision", None) or "int8"
+    wanted = [precision, *getattr(args, "precisions", [])]
+    check_engine_arguments(args)
+    warn_random_weights(args, progress)
+    calibration = _collect_calibration(args, card, progress) if "int8" in wanted else None
+    return EngineSpec(
+        backend=args.backend,
+        precision=precision,
+        device=args.device,
+        calibration=calibration,
+        calibration_method=args.calibration_method,
+        target_dice=args.target_dice,
+        seed=args.seed,
+        rebuild=args.rebuild,
+        weights_dir=args.weights_dir,
+        random_weights=args.random_weights,
+        allow_below_target=args.allow_below_target,
+        **fields,
+    )
+
+
+def below_target(described: dict[str, Any]) -> bool:
+    """Whether an engine's accuracy guard ended below its target (only with ``--allow-below-target``);
+    results carry it as ``below_target`` so that the Slicer panel can show it in red."""
+    return bool((described.get("accuracy_guard") or {}).get("below_target"))

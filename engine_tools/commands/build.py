@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from engine_tools.commands._options import add_engine_arguments, check_engine_arguments, warn_random_weights
+from engine_tools.commands._options import add_engine_arguments, below_target, engine_spec
 from engine_tools.engines.tensorrt.modelopt_qdq import RECIPES
 from engine_tools.progress import Progress
 
@@ -25,7 +25,6 @@ def register(
     parser.add_argument("model", help="model id (see `medquant models`) or path to a model card JSON")
     add_engine_arguments(parser)
     parser.add_argument("--no-guard", action="store_true", help="skip the accuracy guard (not recommended)")
-    parser.add_argument("--device", help="device (cpu, cuda:0, ...); default: the backend's")
     parser.add_argument(
         "--recipe",
         choices=tuple(RECIPES),
@@ -39,26 +38,19 @@ def register(
 
 def run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
     from engine_tools.pipeline import prepare_engine
+    from engine_tools.registry import get_card
 
-    check_engine_arguments(args)
-    warn_random_weights(args, progress)
-    engine = prepare_engine(
-        args.model,
-        backend=args.backend,
-        precision=args.precision,
-        calibration=args.calibration,
-        calibration_method=args.calibration_method,
-        target_dice=args.target_dice,
-        device=args.device,
-        weights_dir=args.weights_dir,
-        rebuild=args.rebuild,
-        progress=progress,
-        num_windows=args.windows,  # None: the card's default
-        seed=args.seed,
-        random_weights=args.random_weights,
-        options=build_options(args),
-    )
-    return {"model": args.model, "engine": engine.describe(), "build_report": engine.build_report}
+    card = get_card(args.model)
+    spec = engine_spec(args, card, progress, options=build_options(args) or {})
+    with progress.span(0.2 if spec.calibration is not None else 0.0, 1.0):
+        engine = prepare_engine(card, spec, progress)
+    described = engine.describe()
+    return {
+        "model": args.model,
+        "engine": described,
+        "build_report": engine.build_report,
+        "below_target": below_target(described),
+    }
 
 
 def build_options(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -91,6 +83,10 @@ def render(result: dict[str, Any]) -> str:
             f"{guard['final_mean_dice']:.4f} (target {guard['target']}, "
             f"{'met' if guard['met_target'] else 'NOT met'})"
         )
+        if guard.get("int8_compute_fraction") is not None:
+            lines.append(f"  INT8 share of compute: {guard['int8_compute_fraction']:.0%}")
+        if guard.get("below_target"):
+            lines.append("  BELOW TARGET (--allow-below-target)")
         kept = guard.get("kept_in_higher_precision") or []
         lines.append(f"  kept in higher precision: {', '.join(kept) if kept else 'none'}")
     return "\n".join(lines)

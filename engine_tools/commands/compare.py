@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from engine_tools.commands._options import add_engine_arguments, load_calibration, require_input
+from engine_tools.commands._options import add_engine_arguments, engine_spec, require_input
 from engine_tools.progress import Progress
 
 
@@ -59,24 +59,18 @@ def compare_from_args(args: argparse.Namespace, progress: Progress, card: Any = 
     card = card or get_card(args.model)
     image = read_image(input_path)
     reference = read_image(reference_path) if reference_path else None
-    calibration = load_calibration(args, card, progress) if "int8" in args.precisions else None
+    spec = engine_spec(args, card, progress, precision="fp32")
     with progress.span(0.2, 0.98):
         report = compare_precisions(
             card,
             image,
+            spec,
             precisions=args.precisions,
-            backend=args.backend,
-            calibration=calibration,
             reference=reference,
             progress=progress,
-            weights_dir=args.weights_dir,
-            calibration_method=args.calibration_method,
-            target_dice=args.target_dice,
             warmup=args.warmup,
             repeats=args.repeats,
-            rebuild=getattr(args, "rebuild", False),
             input_path=str(input_path),
-            random_weights=args.random_weights,
         )
     paths = write_report(report, args.output_dir)
     report["files"] = {kind: str(path) for kind, path in paths.items()}

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from engine_tools.commands._options import add_engine_arguments, load_calibration, require_input
+from engine_tools.commands._options import add_engine_arguments, below_target, engine_spec, require_input
 from engine_tools.commands.segment_batch import add_batch_arguments, is_batch, render_batch, run_batch_command
 from engine_tools.progress import Progress
 
@@ -62,20 +62,9 @@ def run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
     card = get_card(args.model)
     started = time.perf_counter()
     image = read_image(input_path)
-    calibration = load_calibration(args, card, progress)
+    spec = engine_spec(args, card, progress)
     with progress.span(0.2, 0.5):
-        engine = prepare_engine(
-            card,
-            backend=args.backend,
-            precision=args.precision,
-            calibration=calibration,
-            calibration_method=args.calibration_method,
-            target_dice=args.target_dice,
-            weights_dir=args.weights_dir,
-            rebuild=args.rebuild,
-            random_weights=args.random_weights,
-            progress=progress,
-        )
+        engine = prepare_engine(card, spec, progress)
     prepared = time.perf_counter()
     with progress.span(0.5, 0.95):
         result = segment_image(engine, card, image, progress=progress, overlap=args.overlap)
@@ -94,6 +83,7 @@ def run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
         "label_table_csv": str(written["label_table_csv"]),
         "timings": timings,
         "engine": engine.describe(),
+        "below_target": below_target(engine.describe()),
         "model": card.id,
         "input": str(input_path),
         "volumes": label_volumes(result.labels, label_table=result.label_table),  # mL and voxels per label

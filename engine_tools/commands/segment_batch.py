@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from engine_tools.commands._options import load_calibration
+from engine_tools.commands._options import engine_spec
 from engine_tools.progress import Progress
 
 
@@ -63,20 +63,9 @@ def run_batch_command(args: argparse.Namespace, progress: Progress) -> dict[str,
     for warning in found_warnings:
         progress.warning(warning)
     card = get_card(args.model)
-    calibration = load_calibration(args, card, progress)
+    spec = engine_spec(args, card, progress)
     with progress.span(0.2, 0.3):
-        engine = prepare_engine(
-            card,
-            backend=args.backend,
-            precision=args.precision,
-            calibration=calibration,
-            calibration_method=args.calibration_method,
-            target_dice=args.target_dice,
-            weights_dir=args.weights_dir,
-            rebuild=args.rebuild,
-            random_weights=args.random_weights,
-            progress=progress,
-        )
+        engine = prepare_engine(card, spec, progress)
     if args.overlap is not None:  # a segmentation setting: the engine (and its key) stay the same
         if not 0.0 <= args.overlap < 1.0:
             raise ValueError(f"--overlap must be in [0, 1), got {args.overlap}")
