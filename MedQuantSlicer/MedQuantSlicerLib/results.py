@@ -32,6 +32,8 @@ class ResultRow:
     dice_vs_fp32: float | None = None
     dice_vs_reference: float | None = None
     note: str = ""
+    #: the INT8 accuracy guard ended below its target (built with --allow-below-target): show in red
+    below_target: bool = False
 
     def cells(self) -> list[str]:
         """Texts for the panel table (``–`` where a value is missing)."""
@@ -84,6 +86,10 @@ def _latency_from_timings(timings: dict[str, Any]) -> float | None:
     return None
 
 
+def _below_target(engine: dict[str, Any] | None) -> bool:
+    return bool(((engine or {}).get("accuracy_guard") or {}).get("below_target"))
+
+
 def row_from_segment(result: dict[str, Any]) -> ResultRow:
     """One row from a ``segment`` result (``engine``, ``timings``)."""
     engine = result.get("engine") or {}
@@ -96,6 +102,7 @@ def row_from_segment(result: dict[str, Any]) -> ResultRow:
         else None,
         latency_ms=_latency_from_timings(timings),
         total_s=_number(timings.get("total_s")),
+        below_target=bool(result.get("below_target")) or _below_target(engine),
     )
 
 
@@ -128,6 +135,7 @@ def rows_from_compare(report: dict[str, Any]) -> list[ResultRow]:
                 total_s=total,
                 dice_vs_fp32=dice_fp32,
                 dice_vs_reference=_mean(row.get("dice_vs_reference")),
+                below_target=_below_target(engine),
             )
         )
     return out

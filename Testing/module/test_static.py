@@ -132,3 +132,8 @@ def test_result_rows_from_segment_timings():
     assert row.precision == "INT8" and row.size_mb == 3.0 and row.latency_ms == 42.5 and row.total_s == 7.5
     assert "cached" in row.engine
     assert row.cells()[:5] == ["INT8", "openvino (cpu), cached", "3.00", "42.5", "7.50"]
+    assert not row.below_target
+    below = row_from_segment(
+        {"engine": {"precision": "int8", "accuracy_guard": {"below_target": True}}, "below_target": True}
+    )
+    assert below.below_target  # the panel shows such a row in red
