@@ -84,7 +84,9 @@ def segment_image(
 ) -> SegmentationResult:
     """Segment ``image`` (SimpleITK image, path, or an already :class:`Preprocessed` volume).
 
-    ``overlap`` and ``batch_size`` default to the card's ``window`` entry (0.5 and 1). ``predictor``
+    ``overlap`` and ``batch_size`` default to the card's ``window`` entry (0.5 and 1); a volume
+    smaller than the window is padded as ``window.padding_mode`` says (``constant`` zeros by default,
+    ``replicate`` for edge replication as MONAI's ``SlidingWindowInferer``). ``predictor``
     replaces ``engine.predictor()`` (any callable from a torch ``N, C, D, H, W`` batch to logits).
     """
     import torch
@@ -141,7 +143,7 @@ def segment_image(
                 predictor=counted,
                 overlap=overlap,
                 mode=blend,
-                padding_mode="constant",
+                padding_mode=str(card.window.get("padding_mode", "constant")),
                 cval=0.0,
             )
     logits = logits[0]

@@ -20,13 +20,15 @@ Card ``preprocessing`` keys (see :mod:`engine_tools.registry`)::
 
     "orientation": "RAS" | "LIA" | ... | null      # null keeps the input orientation
     "spacing": [sx, sy, sz] | null                 # mm along the reoriented axes i, j, k
+    "crop_foreground": {"threshold": 0, "margin": 10} | null   # crop to voxels > threshold (+ margin)
     "shape": [D, H, W] | null                      # centre pad/crop after resampling ("conform")
     "intensity": {"rule": "quantile", "lower": 0.02, "upper": 0.98, "b_min": 0, "b_max": 1}
                | {"rule": "window", "a_min": -175, "a_max": 250, "b_min": 0, "b_max": 1}
                | {"rule": "zscore", "nonzero": true}
                | {"rule": "none"}
 
-Order: orientation → spacing (linear) → intensity → pad/crop (pad value 0, after normalisation).
+Order: orientation → spacing (linear) → foreground crop → intensity → pad/crop (pad value 0, after
+normalisation).
 :func:`to_input_geometry` resamples a network-space label array (nearest neighbour) back onto the
 exact input grid (size, origin, spacing, direction).
 """
@@ -408,6 +410,9 @@ def preprocess(image: sitk.Image | str | Path, card: Any) -> Preprocessed:
         pixdim = [float(s) for s in ([spacing] * 3 if np.isscalar(spacing) else spacing)]
         tensor = Spacing(pixdim=pixdim, mode="bilinear", padding_mode="border", dtype=torch.float32)(tensor)
         steps["spacing"] = pixdim
+    crop = spec.get("crop_foreground")
+    if crop:
+        tensor, steps["crop_foreground"] = _crop_foreground(tensor, crop)
     out_affine = np.asarray(tensor.affine, dtype=np.float64)
     array = np.asarray(tensor.as_tensor().numpy(), dtype=np.float32)
     array, steps["intensity"] = normalize_intensity(array, spec.get("intensity") or {"rule": "none"})
@@ -430,6 +435,19 @@ def preprocess(image: sitk.Image | str | Path, card: Any) -> Preprocessed:
         steps=steps,
         source=source,
     )
+
+
+def _crop_foreground(tensor: Any, spec: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """MONAI ``CropForeground`` (voxels above ``threshold``, plus ``margin``), as VISTA3D's bundle
+    crops before its intensity window; the affine follows, so labels map back to the full input."""
+    from monai.transforms import CropForeground
+
+    threshold, margin = float(spec.get("threshold", 0.0)), int(spec.get("margin", 0))
+    used: dict[str, Any] = {"threshold": threshold, "margin": margin}
+    if not bool((tensor > threshold).any()):
+        return tensor, {**used, "skipped": "no voxel above the threshold"}
+    cropped = CropForeground(select_fn=lambda x: x > threshold, margin=margin, allow_smaller=True)(tensor)
+    return cropped, {**used, "shape": list(cropped.shape[1:])}
 
 
 def _validated_code(code: str) -> str:
