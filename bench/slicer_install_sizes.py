@@ -6,7 +6,8 @@
 
 Each set goes into a fresh empty folder; the size of every installed distribution is summed from its
 ``RECORD``. Packages Slicer already ships (numpy, SimpleITK, scipy, pydicom) are reported apart, since
-the module never installs them into Slicer. Usage: ``python bench/slicer_install_sizes.py [torch-spec]``.
+the module never installs them into Slicer. Usage: ``python bench/slicer_install_sizes.py [torch-spec]``
+(e.g. a local CPU wheel of PyTorch); writes ``bench/results/slicer_install_sizes.json``.
 """
 
 from __future__ import annotations
@@ -82,7 +83,9 @@ def main() -> None:
         "build_engines": measure(build),
         "build_engines_no_deps_extras": measure(no_deps, ["--no-deps"]),
     }
-    print(json.dumps(report, indent=2))
+    text = json.dumps(report, indent=2)
+    (REPO / "bench" / "results" / "slicer_install_sizes.json").write_text(text + "\n")
+    print(text)
 
 
 if __name__ == "__main__":

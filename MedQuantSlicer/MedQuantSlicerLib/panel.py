@@ -110,6 +110,7 @@ class Panel:
             self._observers = [
                 scene.AddObserver(scene.StartCloseEvent, lambda *a: self.on_scene_start_close()),
                 scene.AddObserver(scene.EndCloseEvent, lambda *a: self.on_scene_end_close()),
+                scene.AddObserver(scene.EndImportEvent, lambda *a: self.on_scene_end_import()),
             ]
         self.restore_parameters()
         ui.dependenciesLabel.setText(dependencies.check("build").message())
@@ -405,6 +406,12 @@ class Panel:
         self.logic.forget_results()
         self.last_segmentation = None
         self.show_rows([])
+        self.parameter_node = self.logic.getParameterNode()
+        self.restore_parameters()
+        self.update_buttons()
+
+    def on_scene_end_import(self) -> None:
+        """A scene was loaded: its saved parameter node (merged into the singleton) now holds the values."""
         self.parameter_node = self.logic.getParameterNode()
         self.restore_parameters()
         self.update_buttons()

@@ -53,6 +53,22 @@ def test_scene_close_rereads_parameter_node_and_drops_stale_results(scene):
     panel.cleanup()
 
 
+def test_scene_load_restores_the_saved_selections(scene, tmp_path):
+    panel = _panel(scene)
+    panel.ui.windowsSpinBox.setValue(5)
+    panel.ui.rebuildCheckBox.setChecked(True)
+    scene.SetURL(str(tmp_path / "saved.mrml"))
+    assert scene.Commit()
+    scene.Clear(0)
+    assert panel.ui.windowsSpinBox.value() == 32  # a fresh scene: defaults
+    scene.SetURL(str(tmp_path / "saved.mrml"))
+    assert scene.Import()
+    assert panel.parameter_node.GetScene() is scene
+    assert panel.ui.windowsSpinBox.value() == 5 and panel.ui.rebuildCheckBox.isChecked()
+    assert scene.GetNumberOfNodesByClass("vtkMRMLScriptedModuleNode") == 1
+    panel.cleanup()
+
+
 def test_reload_disconnects_the_old_panel_and_forgets_the_library(scene):
     panel = _panel(scene)
     calls = []
