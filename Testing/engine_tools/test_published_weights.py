@@ -385,3 +385,64 @@ def test_stunet_labels_follow_task101_and_weights_are_manual(tmp_path: Path) -> 
     assert names == sorted(names) and names[0] == "adrenal_gland_left" and names[-1] == "vertebrae_T9"
     with pytest.raises(WeightsUnavailable, match=r"drive\.google\.com.*DIR/stunet-totalseg/base_ep4k\.model"):
         build_network(card, weights_dir=tmp_path)
+
+
+# ------------------------------------------------------------------ MONAI bundles: SegResNet, VISTA3D
+def write_bundle_zip(folder: Path, bundle: str, weights: dict) -> Path:
+    """A MONAI bundle archive: ``<bundle>/configs/...`` and ``<bundle>/models/model.pt`` (bare state dict)."""
+    import zipfile
+
+    torch.save(weights, folder / "model.pt")
+    archive = folder / f"{bundle}_v0.6.0.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr(f"{bundle}/configs/metadata.json", '{"version": "0.6.0"}')
+        zf.write(folder / "model.pt", f"{bundle}/models/model.pt")
+    (folder / "model.pt").unlink()
+    return archive
+
+
+def test_segresnet_bundle_zip_equals_the_bundle_network(tmp_path: Path) -> None:
+    """wholeBody_ct_segmentation: the card's network from the bundle zip equals the bundle's network_def."""
+    from monai.networks.nets import SegResNet
+
+    bundle_network_def = {  # configs/inference.json "network_def" of the bundle
+        "spatial_dims": 3,
+        "in_channels": 1,
+        "out_channels": 105,
+        "init_filters": 32,
+        "blocks_down": [1, 2, 2, 4],
+        "blocks_up": [1, 1, 1],
+        "dropout_prob": 0.2,
+    }
+    card = unpinned(get_card("segresnet-wholebody"))
+    torch.manual_seed(11)
+    reference = SegResNet(**bundle_network_def).eval()
+    (tmp_path / card.id).mkdir()
+    write_bundle_zip(tmp_path / card.id, card.weights["files"][0]["bundle"], reference.state_dict())
+    module = build_network(card, weights_dir=tmp_path)
+    x = torch.randn(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), reference(x), rtol=1e-4, atol=1e-4)
+
+
+def test_vista3d_bundle_checkpoint_equals_vista3d132(tmp_path: Path) -> None:
+    """vista3d: the bundle's model.pt of ``vista3d132`` loads into the card's automatic-segmentation module,
+    which equals VISTA3D with every class prompted."""
+    from monai.networks.nets import vista3d132
+
+    card = unpinned(get_card("vista3d"))
+    torch.manual_seed(12)
+    reference = vista3d132(in_channels=1).eval()
+    (tmp_path / card.id).mkdir()
+    torch.save(reference.state_dict(), tmp_path / card.id / "model.pt")
+    module = build_network(card, weights_dir=tmp_path)
+    x = torch.randn(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = module(x)
+        theirs = reference(x, class_vector=torch.arange(1, 133).view(-1, 1), transpose=True)
+    automatic = [
+        c for c in range(1, 133) if c not in (2, 16, 18, 20, 21, 23, 24, 25, 26, 27, 128, 129, 130, 131, 132)
+    ]
+    torch.testing.assert_close(
+        ours[:, automatic], theirs[:, [c - 1 for c in automatic]], rtol=1e-4, atol=1e-4
+    )
