@@ -40,6 +40,9 @@ class TaskController:
     def add_listener(self, listener: Callable[[TaskController], None]) -> None:
         self._listeners.append(listener)
 
+    def clear_listeners(self) -> None:
+        self._listeners.clear()
+
     def _changed(self) -> None:
         for listener in list(self._listeners):
             listener(self)

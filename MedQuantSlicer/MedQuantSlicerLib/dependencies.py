@@ -59,18 +59,30 @@ def requirements_from_pyproject(path: str | Path | None = None) -> dict[str, Any
     return {canonical(r.name): r for r in requirements if r.marker is None or r.marker.evaluate()}
 
 
+def no_deps_requirements(path: str | Path | None = None) -> list[str]:
+    """``[tool.medquant.install] no-deps``: installed without their own requirements (they would
+    replace the CPU PyTorch), e.g. nnU-Net's network package."""
+    import tomllib
+
+    path = Path(path) if path is not None else paths.pyproject_file()
+    data = tomllib.loads(path.read_text(encoding="utf-8"))
+    return list(data.get("tool", {}).get("medquant", {}).get("install", {}).get("no-deps", []))
+
+
 @dataclass
 class DependencyReport:
-    """What is missing for one purpose. ``to_install`` holds requirement strings."""
+    """What is missing for one purpose. ``to_install`` holds requirement strings; ``to_install_no_deps``
+    those installed with ``--no-deps``."""
 
     purpose: str
     to_install: list[str] = field(default_factory=list)
     outdated: list[str] = field(default_factory=list)
     slicer_mismatch: list[str] = field(default_factory=list)
+    to_install_no_deps: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return not self.to_install and not self.slicer_mismatch
+        return not self.to_install and not self.to_install_no_deps and not self.slicer_mismatch
 
     @property
     def missing(self) -> list[str]:
@@ -80,8 +92,8 @@ class DependencyReport:
         if self.ok:
             return f"Python packages ({self.purpose}): all present"
         parts = []
-        if self.to_install:
-            parts.append("missing or too old: " + ", ".join(self.to_install))
+        if self.to_install or self.to_install_no_deps:
+            parts.append("missing or too old: " + ", ".join(self.to_install + self.to_install_no_deps))
         if self.slicer_mismatch:
             parts.append("provided by Slicer, not replaced: " + ", ".join(self.slicer_mismatch))
         return f"Python packages ({self.purpose}) " + "; ".join(parts)
@@ -100,6 +112,8 @@ def check(
     pyproject: str | Path | None = None,
 ) -> DependencyReport:
     """Compare the installed distributions with the list (all of it, or :data:`RUN_ONLY` for ``run``)."""
+    from packaging.requirements import Requirement
+
     listed = requirements_from_pyproject(pyproject)
     names = list(RUN_ONLY) if purpose == "run" else list(listed)
     report = DependencyReport(purpose)
@@ -116,6 +130,12 @@ def check(
         if version is not None:
             report.outdated.append(f"{requirement.name} {version}")
         report.to_install.append(str(requirement))
+    if purpose != "run":
+        for text in no_deps_requirements(pyproject):
+            requirement = Requirement(text)
+            version = _installed(requirement.name, version_of)
+            if version is None or not requirement.specifier.contains(version, prereleases=True):
+                report.to_install_no_deps.append(text)
     return report
 
 
@@ -146,11 +166,12 @@ def install(
 
     Returns False when the user declined. ``slicer`` is the ``slicer`` module (looked up when None).
     """
-    if not report.to_install:
+    wanted = report.to_install + report.to_install_no_deps
+    if not wanted:
         return True
     question = (
         "MedQuantSlicer needs these Python packages:\n  "
-        + "\n  ".join(report.to_install)
+        + "\n  ".join(wanted)
         + "\n\nInstall them into Slicer's Python now? This downloads from the Python Package Index "
         "and can take several minutes. Slicer's own numpy, SimpleITK, scipy and pydicom stay as they are."
     )
@@ -167,6 +188,8 @@ def install(
             _install_torch(slicer, torch[0], constraints)
         if rest:
             _pip(slicer, rest, constraints)
+        if report.to_install_no_deps:
+            _pip(slicer, ["--no-deps", *report.to_install_no_deps], constraints)
     return True
 
 

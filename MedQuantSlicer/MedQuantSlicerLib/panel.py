@@ -431,7 +431,7 @@ class Panel:
         for tag in self._observers:
             scene.RemoveObserver(tag)
         self._observers = []
-        self.controller._listeners.clear()
+        self.controller.clear_listeners()
 
 
 def _key_for(mapping: dict[str, str], value: str) -> str:

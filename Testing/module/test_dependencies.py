@@ -89,6 +89,22 @@ def test_install_keeps_slicer_packages_and_uses_cpu_torch(monkeypatch, with_pip_
         assert rest_call == ("pip_install", ["-c", rest_call[1][1], "monai>=1.4", "nncf>=2.14"], {})
 
 
+def test_no_deps_packages_come_from_pyproject_and_install_without_dependencies():
+    no_deps = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["medquant"]["install"]["no-deps"]
+    assert dependencies.no_deps_requirements() == no_deps
+
+    def without_them(name: str) -> str:
+        if any(dependencies.canonical(name) == dependencies.canonical(r.split("=")[0]) for r in no_deps):
+            raise importlib.metadata.PackageNotFoundError(name)
+        return importlib.metadata.version(name)
+
+    report = dependencies.check("build", version_of=without_them)
+    assert report.to_install_no_deps == no_deps and not report.ok
+    slicer = _RecordingSlicer(False)
+    dependencies.install(report, lambda q: True, slicer)
+    assert slicer.calls[-1][1][-1 - len(no_deps) :] == ["--no-deps", *no_deps]
+
+
 def test_torch_through_pytorch_utils_when_present(monkeypatch):
     installed = []
 
