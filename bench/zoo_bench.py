@@ -58,6 +58,21 @@ def machine() -> dict[str, Any]:
     return info
 
 
+#: Which cards' published-weight loading is verified against the publisher's code (kept in every report).
+PUBLISHED_WEIGHTS_NOTE = (
+    "Published weights are not in these runs. How each card loads them is verified by "
+    "Testing/engine_tools/test_published_weights.py: random values written in the publisher's "
+    "exact file format, loaded through build_network/export_onnx from a weights mirror, outputs "
+    "compared with the publisher's implementation on the same weights. Verified: unet-btcv, "
+    "transunet-btcv (the MedPTQ FP32 ONNX itself, exported with initializers as inputs, is the "
+    "export), swinunetr-btcv (against MONAI 1.4.0's SwinUNETR, whose patch-merging order the "
+    "bundle was trained with), segresnet-wholebody (bundle zip), vista3d (bundle model.pt of "
+    "vista3d132), nnunet-totalseg (TotalSegmentator archive: checkpoint_final.pth with numpy "
+    "scalars, plans.json), stunet-totalseg (nnU-Net v1 .model and plans.pkl). Not verified this "
+    "way: unest-wholebrain (the bundle's network is bundle script code, not part of MONAI)."
+)
+
+
 def standard_notes(machine_info: dict[str, Any]) -> list[str]:
     """What a reader needs to interpret the table on this machine."""
     flags = machine_info.get("flags", {})
@@ -73,6 +88,7 @@ def standard_notes(machine_info: dict[str, Any]) -> list[str]:
     notes.append(
         "Engine sizes are OpenVINO IR files; the paper's TensorRT engines include tactic data, so compare the ratios."
     )
+    notes.append(PUBLISHED_WEIGHTS_NOTE)
     return notes
 
 
