@@ -247,7 +247,7 @@ class Panel:
 
     def on_dependencies(self) -> None:
         report = dependencies.check("build")
-        if report.to_install:
+        if report.to_install or report.to_install_no_deps:
             try:
                 dependencies.install(report, self.host.confirm)
             except Exception as exc:  # show, never crash the panel
