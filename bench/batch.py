@@ -34,7 +34,7 @@ if str(REPO) not in sys.path:
 
 from engine_tools import demo  # noqa: E402
 from engine_tools.cache import atomic_file, write_json_atomic  # noqa: E402
-from engine_tools.compare import machine_description  # noqa: E402
+from engine_tools.machine import machine_description  # noqa: E402
 from engine_tools.progress import HumanProgress  # noqa: E402
 
 SHARED = REPO.parent / "shared"

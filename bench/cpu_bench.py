@@ -3,8 +3,9 @@
 For each model card with real published weights (brainchop MeshNets, deepbet, bring-your-own ONNX) it
 prepares OpenVINO engines in strict FP32, BF16 and INT8 (NNCF, calibrated on another subject than the
 measured scan, accuracy guard on) and ONNX Runtime FP32/INT8 (QDQ), times ``engine.run`` on one real
-window (median after warm-up) and measures agreement of the INT8/BF16 logits' argmax with OpenVINO
-strict FP32 on that window (Dice per label, mean, worst) and the logits SQNR.
+window (median after warm-up) and measures agreement of the INT8/BF16 logits' argmax with strict FP32
+of the same backend on that window (Dice per label, mean, worst) and the logits SQNR; the measuring is
+:func:`engine_tools.compare.measure_precisions`, the loop ``medquant compare`` runs.
 
     python bench/cpu_bench.py                      # all real models -> bench/results/cpu_models.{json,md}
     python bench/cpu_bench.py --smoke --output-dir /tmp/bench   # one small model, two precisions
@@ -30,13 +31,11 @@ if str(REPO) not in sys.path:
 
 from engine_tools import demo  # noqa: E402
 from engine_tools.cache import atomic_file, cache_dir, write_json_atomic  # noqa: E402
-from engine_tools.compare import centre_window, time_engine  # noqa: E402
-from engine_tools.machine import (  # noqa: E402
-    machine_description,
-    openvino_cpu_capabilities,
-    unsupported_reason,
-)
+from engine_tools.compare import Measurement, measure_precisions  # noqa: E402
+from engine_tools.machine import machine_description, openvino_cpu_capabilities  # noqa: E402
+from engine_tools.measure import centre_window  # noqa: E402
 from engine_tools.progress import HumanProgress, Progress, SilentProgress  # noqa: E402
+from engine_tools.spec import EngineSpec  # noqa: E402
 
 #: Card id prefixes of models whose real pretrained weights are reachable here.
 REAL_MODEL_PREFIXES = ("brainchop-", "deepbet", "niivue")
@@ -94,16 +93,16 @@ def bench_model(
     weights_dir: str | None,
     progress: Progress,
 ) -> dict[str, Any]:
-    """All rows of one model; a row that cannot run records why instead of stopping the bench."""
-    from engine_tools.accuracy import agreement_dice, json_ready, sqnr_db
+    """All rows of one model, through compare's per-precision measuring (one backend at a time, no
+    whole-volume segmentation); a row that cannot run records why instead of stopping the bench."""
     from engine_tools.calibration import collect_windows
-    from engine_tools.pipeline import prepare_engine
     from engine_tools.volumes import preprocess, read_image
 
     modality = card.modality.upper() if card.modality.upper() in SCANS else "MR"
     scan = demo.shared_root().joinpath(*SCANS[modality])
-    image = read_image(scan)
-    batch = centre_window(np.asarray(preprocess(image, card).array, dtype=np.float32), card.window_size)[None]
+    batch = centre_window(
+        np.asarray(preprocess(read_image(scan), card).array, dtype=np.float32), card.window_size
+    )[None]
     calibration = None
     if any(precision == "int8" for _, precision in rows):
         calibration = collect_windows(
@@ -115,53 +114,27 @@ def bench_model(
         "num_classes": card.num_classes,
         "window": list(batch.shape),
         "scan": str(scan),
-        "calibration_windows": None if calibration is None else int(np.shape(calibration.windows)[0]),
+        "calibration_windows": None if calibration is None else len(calibration),
         "rows": [],
     }
-    reference_logits = None
-    num_values = max([card.num_classes, *(lab.value + 1 for lab in card.labels)])
-    for backend, precision in rows:
-        row: dict[str, Any] = {"backend": backend, "precision": precision}
-        result["rows"].append(row)
-        progress.log(f"{card.id}: {backend} {precision}")
-        skip = unsupported_reason(backend, precision)
-        if skip:
-            row.update(status="unavailable", reason=skip)
-            continue
+    measurement = Measurement(batch=batch, warmup=warmup, repeats=repeats)
+    for backend in dict.fromkeys(backend for backend, _ in rows):
+        precisions = [precision for b, precision in rows if b == backend]
+        spec = EngineSpec(backend=backend, calibration=calibration, weights_dir=weights_dir)
+        progress.log(f"{card.id}: {backend} {', '.join(precisions)}")
         try:
-            t0 = time.perf_counter()
-            engine = prepare_engine(
-                card,
-                backend=backend,
-                precision=precision,
-                calibration=calibration if precision == "int8" else None,
-                weights_dir=weights_dir,
-                progress=progress,
-            )
-            row["prepare_seconds"] = round(time.perf_counter() - t0, 2)
-            described = engine.describe()
-            row.update(
-                status="ok",
-                bytes_on_disk=int(described.get("bytes_on_disk", 0)),
-                cache=described.get("cache"),
-                kept_in_higher_precision=described.get("kept_in_higher_precision"),
-                accuracy_guard=described.get("accuracy_guard"),
-                kernels=described.get("kernels"),
-            )
-            row["latency"] = time_engine(engine, batch, warmup=warmup, repeats=repeats)
-            row["latency_ms_per_window"] = row["latency"]["median_ms_per_window"]
-            logits = np.asarray(engine.run(batch), dtype=np.float32)
-            if reference_logits is None:
-                reference_logits = logits
-            else:
-                agreement = agreement_dice(reference_logits.argmax(1), logits.argmax(1), num_values)
-                row["agreement_vs_fp32"] = json_ready(agreement)
-                value = sqnr_db(reference_logits, logits)
-                row["sqnr_db"] = round(value, 2) if np.isfinite(value) else None
-            del engine
-        except Exception as exc:  # record and go on: one failing row must not lose the others
-            row.update(status="unavailable", reason=f"{type(exc).__name__}: {exc}"[:500])
-            progress.warning(f"{card.id} {backend} {precision}: {row['reason']}")
+            measured = measure_precisions(card, spec, precisions, measurement, progress)
+        except Exception as exc:  # record and go on: one failing backend must not lose the others
+            reason = f"{type(exc).__name__}: {exc}"[:500]
+            measured = {p: {"precision": p, "status": "unavailable", "reason": reason} for p in precisions}
+            progress.warning(f"{card.id} {backend}: {reason}")
+        for precision in precisions:
+            row = {"backend": backend, **measured[precision]}
+            row.pop("engine", None)
+            row.pop("files", None)
+            if "sqnr_db_window" in row:
+                row["sqnr_db"] = row.pop("sqnr_db_window")
+            result["rows"].append(row)
         gc.collect()
     _add_ratios(result["rows"])
     return result

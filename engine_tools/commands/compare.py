@@ -49,8 +49,9 @@ def register(
 def compare_from_args(args: argparse.Namespace, progress: Progress, card: Any = None) -> dict[str, Any]:
     """Shared by ``compare`` and ``demo``: read inputs, run the comparison, write the report."""
     from engine_tools.checks import check_writable_folder
-    from engine_tools.compare import compare_precisions, write_report
+    from engine_tools.compare import compare_precisions
     from engine_tools.registry import get_card
+    from engine_tools.report import write_report
     from engine_tools.volumes import read_image
 
     input_path = require_input(args.input)
@@ -82,7 +83,7 @@ def run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
 
 
 def render(report: dict[str, Any]) -> str:
-    from engine_tools.compare import summary_table
+    from engine_tools.report import summary_table
 
     machine = report["machine"]
     lines = [
