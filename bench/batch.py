@@ -115,6 +115,21 @@ def agreement(first: Path, second: Path, card: Any) -> list[float]:
     return scores
 
 
+def bit_equal(first: Path, second: Path) -> list[bool]:
+    """Per scan: are the two batches' labelmaps identical voxel for voxel?"""
+    import SimpleITK as sitk
+
+    return [
+        bool(
+            np.array_equal(
+                sitk.GetArrayFromImage(sitk.ReadImage(str(path))),
+                sitk.GetArrayFromImage(sitk.ReadImage(str(second / path.relative_to(first)))),
+            )
+        )
+        for path in sorted(first.rglob("*_T1w.nii.gz"))
+    ]
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from engine_tools.batch import collect_scans
     from engine_tools.cluster import dask_client
@@ -154,6 +169,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "overhead_vs_one_process_s": round(run_info["wall_s"] + cluster_s - one_process["wall_s"], 2),
     }
     results["dask_labels_equal_one_process"] = agreement(outputs["int8"], work / "out-dask", card)
+    results["dask_labels_bit_equal"] = bit_equal(outputs["int8"], work / "out-dask")
     results["machine"] = machine_description()
     results["load_average"] = {
         "start": [round(x, 2) for x in load_start],
@@ -187,7 +203,7 @@ def render(results: dict[str, Any]) -> str:
         "| run | scans | engine prepare (s) | batch wall (s) | scans/hour | mean s/scan | extra |",
         "|---|---|---|---|---|---|---|",
     ]
-    for name, run in results["runs"].items():
+    for name, run in sorted(results["runs"].items(), key=lambda item: ("dask" in item[0], item[0])):
         extra = ""
         if "cluster_start_s" in run:
             extra = (
@@ -202,6 +218,7 @@ def render(results: dict[str, Any]) -> str:
         "",
         f"INT8 vs FP32 labels, mean Dice per scan: {results['fp32_vs_int8_mean_dice']}.",
         f"Dask vs one-process INT8 labels, mean Dice per scan: {results['dask_labels_equal_one_process']}.",
+        f"Dask vs one-process INT8 labelmaps identical voxel for voxel: {results.get('dask_labels_bit_equal')}.",
         "",
         "Engine prepare: export + (INT8) calibration, NNCF quantization and accuracy guard + compile; a "
         "batch reuses the cached engine. The Dask batch wall time includes each worker loading the engine "
