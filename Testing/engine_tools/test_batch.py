@@ -300,7 +300,7 @@ def test_sigkill_mid_batch_then_rerun_finishes_the_rest(cohort, first_run, cache
 
 
 def test_dask_local_cluster_gives_the_same_labels_and_rows(cohort, first_run, cache, tmp_path, capsys):
-    pytest.importorskip("dask.distributed", reason="Dask is the optional [cluster] extra")
+    import dask.distributed  # noqa: F401  (the [cluster] extra, part of the [test] install)
     out = tmp_path / "dask"
     started = time.perf_counter()
     code, events = _segment(
