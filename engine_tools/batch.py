@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from engine_tools.cache import sha256_file
-from engine_tools.calibration import find_scans
 from engine_tools.engines import METADATA_FILE
 from engine_tools.progress import Cancelled, Progress
 from engine_tools.registry import ModelCard
+from engine_tools.scans import find_scans
 from engine_tools.volumes import image_suffix
 
 LIST_SUFFIXES = (".txt", ".csv")

@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import warnings
 import zlib
 from dataclasses import dataclass, field
@@ -35,17 +34,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import SimpleITK as sitk
 
 from engine_tools.cache import atomic_directory, cache_dir, sha256_file, sha256_json
 from engine_tools.progress import Progress
-from engine_tools.volumes import (
-    IMAGE_SUFFIXES,
-    VolumeError,
-    image_suffix,
-    preprocess,
-    read_image,
-)
+from engine_tools.scans import IMAGE_SUFFIXES, Scan, VolumeError, find_scans, read_image
+from engine_tools.volumes import preprocess
 
 #: Bump when the sampling changes so cached sets are not reused across versions.
 SAMPLER_VERSION = 1
@@ -53,20 +46,6 @@ SAMPLER_VERSION = 1
 MIN_BEST_FOREGROUND = 0.05
 #: When no window reaches ``min_foreground``, windows within this factor of the best one are used.
 NEAR_BEST = 0.8
-#: Files that accompany images or are plainly not scans; skipped silently.
-_SIDECAR_SUFFIXES = (
-    ".raw",
-    ".zraw",
-    ".img.gz",
-    ".json",
-    ".txt",
-    ".csv",
-    ".md",
-    ".tsv",
-    ".bval",
-    ".bvec",
-    ".xml",
-)
 
 
 class CalibrationError(ValueError):
@@ -151,93 +130,6 @@ class CalibrationSet:
 
 
 # -------------------------------------------------------------------------------------------- scanning
-
-
-@dataclass
-class _Candidate:
-    relative: str  # shown to users and used in the fingerprint
-    path: Path  # file, or folder for DICOM
-    files: list[Path]  # files whose content makes up the scan
-    series_uid: str | None = None
-
-
-def _is_dicom_file(path: Path) -> bool:
-    if path.suffix.lower() == ".dcm":
-        return True
-    try:
-        with open(path, "rb") as stream:
-            stream.seek(128)
-            return stream.read(4) == b"DICM"
-    except OSError:
-        return False
-
-
-def find_scans(folder: str | Path) -> tuple[list[_Candidate], list[str]]:
-    """Image files and DICOM series under ``folder`` (sorted), plus names of unrecognised files."""
-    root = Path(folder)
-    if not root.exists():
-        raise FileNotFoundError(f"{root}: calibration folder does not exist")
-    if root.is_file():
-        return [_Candidate(root.name, root, [root])], []
-    candidates: list[_Candidate] = []
-    unrecognised: list[str] = []
-    visited: set[str] = set()
-    for directory, subdirs, names in os.walk(root, followlinks=True):
-        real = os.path.realpath(directory)
-        if real in visited:  # a symlink loop or a folder linked twice
-            subdirs[:] = []
-            continue
-        visited.add(real)
-        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
-        here = Path(directory)
-        dicom_files: list[Path] = []
-        for name in sorted(names):
-            path = here / name
-            lower = name.lower()
-            if name.startswith("."):
-                continue
-            suffix = image_suffix(path)
-            if suffix in IMAGE_SUFFIXES and suffix != ".dcm":
-                candidates.append(_Candidate(path.relative_to(root).as_posix(), path, _with_data_file(path)))
-            elif _is_dicom_file(path):
-                dicom_files.append(path)
-            elif not lower.endswith(_SIDECAR_SUFFIXES):
-                unrecognised.append(path.relative_to(root).as_posix())
-        if dicom_files:
-            candidates.extend(_dicom_series(here, root, dicom_files))
-    return sorted(candidates, key=lambda c: (c.relative, c.series_uid or "")), unrecognised
-
-
-def _with_data_file(path: Path) -> list[Path]:
-    """An .mhd/.nhdr header plus the data file it names (so content changes change the fingerprint)."""
-    files = [path]
-    if image_suffix(path) in (".mhd", ".nhdr"):
-        try:
-            for line in path.read_text(errors="replace").splitlines():
-                key, _, value = line.partition("=" if path.suffix.lower() == ".mhd" else ":")
-                if key.strip().lower() in ("elementdatafile", "data file", "datafile"):
-                    data = path.parent / value.strip()
-                    if data.is_file():
-                        files.append(data)
-        except OSError:
-            pass
-    return files
-
-
-def _dicom_series(folder: Path, root: Path, files: list[Path]) -> list[_Candidate]:
-    relative = folder.relative_to(root).as_posix() if folder != root else "."
-    try:
-        series = list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
-    except RuntimeError:
-        series = []
-    if not series:  # let read_image explain the failure
-        return [_Candidate(relative + "/", folder, files)]
-    out = []
-    for uid in series:
-        names = [Path(n) for n in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)]
-        label = relative + "/" if len(series) == 1 else f"{relative}/ (series {uid or '<no UID>'})"
-        out.append(_Candidate(label, folder, sorted(names), uid))
-    return out
 
 
 # -------------------------------------------------------------------------------------------- sampling
@@ -459,7 +351,7 @@ def collect_windows(
 
 
 def _sample_scan(
-    candidate: _Candidate,
+    candidate: Scan,
     card: Any,
     window: tuple[int, int, int],
     need: int,
@@ -504,7 +396,7 @@ def _sample_scan(
     return {"relative": candidate.relative, "windows": items}
 
 
-def _file_identity(candidate: _Candidate, root: Path) -> dict[str, Any]:
+def _file_identity(candidate: Scan, root: Path) -> dict[str, Any]:
     base = root if root.is_dir() else root.parent
     return {
         "scan": candidate.relative,

@@ -1,8 +1,9 @@
 """Reading, writing and preprocessing 3-D scans with their geometry intact.
 
 Images are :class:`SimpleITK.Image` objects (what Slicer ships): origin, spacing and direction in
-ITK's LPS world. :func:`read_image` reads NIfTI, NRRD, MHA/MHD, MGZ/MGH (through nibabel) and DICOM
-series folders; :func:`write_image` writes atomically and never overwrites unless asked.
+ITK's LPS world. :func:`read_image` (:mod:`engine_tools.scans`) reads NIfTI, NRRD, MHA/MHD, MGZ/MGH
+(through nibabel) and DICOM series folders; :func:`write_image` writes atomically and never overwrites
+unless asked.
 
 Axis convention of the network space
 ------------------------------------
@@ -37,11 +38,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import tempfile
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,253 +47,48 @@ import numpy as np
 import SimpleITK as sitk
 
 from engine_tools.cache import TMP_PREFIX
-from engine_tools.checks import (
-    InputError,
-    inspect_nifti,
-    non_finite_message,
-    replace_non_finite,
-    volume_warnings,
+from engine_tools.checks import non_finite_message, replace_non_finite, volume_warnings
+from engine_tools.geometry import (
+    _AXIS_LABELS,
+    geometry_from_affine,
+    ijk_array,
+    image_from_ras_array,
+    is_orthonormal,
+    orientation_code,
+    ras_affine,
+)
+from engine_tools.scans import (
+    IMAGE_SUFFIXES,
+    NIBABEL_SUFFIXES,
+    VolumeError,
+    VolumeWarning,
+    image_suffix,
+    itk_message,
+    itk_warnings,
+    read_image,
 )
 
-#: File name endings read as single-file images (lower case). DICOM is read from folders.
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".mgz", ".mgh", ".dcm")
-_NIBABEL_SUFFIXES = (".mgz", ".mgh")
-#: Flips between RAS (nibabel, MONAI) and LPS (ITK) world coordinates.
-_LPS_RAS = np.diag([-1.0, -1.0, 1.0])
-_AXIS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
-
-
-class VolumeError(ValueError):
-    """An image cannot be used; the message names the file and says what to do."""
-
-
-class VolumeWarning(UserWarning):
-    """Something about an image is suspicious but it can still be used (e.g. several DICOM series)."""
-
-
-def image_suffix(path: str | Path) -> str:
-    """The file type ending of ``path`` in lower case (``".nii.gz"``, ``".nrrd"``, ...; ``""`` if none)."""
-    name = Path(path).name.lower()
-    for suffix in IMAGE_SUFFIXES:
-        if name.endswith(suffix):
-            return suffix
-    return Path(name).suffix
-
-
-# --------------------------------------------------------------------------------------------- reading
-
-
-def read_image(path: str | Path, series_uid: str | None = None) -> sitk.Image:
-    """Read a 3-D scalar image (NIfTI, NRRD, MHA/MHD, MGZ/MGH, or a DICOM series folder).
-
-    For a folder holding several DICOM series the one with the most slices is read and a
-    :class:`VolumeWarning` names the others (``series_uid`` picks one explicitly). A 4-D image with a
-    single volume is squeezed to 3-D. Raises ``FileNotFoundError`` or :class:`VolumeError`.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file or folder")
-    if path.is_dir():
-        with itk_warnings(path):
-            image = _read_dicom_folder(path, series_uid)
-    elif image_suffix(path) in _NIBABEL_SUFFIXES:
-        image = _read_with_nibabel(path)
-    else:
-        try:
-            non_finite = inspect_nifti(path)
-        except InputError as exc:
-            raise VolumeError(str(exc)) from exc
-        try:
-            if non_finite:  # ITK would read NaN/Inf as 0: keep them, preprocess replaces and counts them
-                raise RuntimeError(f"{non_finite} non-finite voxels")
-            with itk_warnings(path):
-                image = sitk.ReadImage(str(path))
-        except RuntimeError as exc:
-            if image_suffix(path) in (".nii", ".nii.gz"):
-                image = _read_with_nibabel(path, itk_error=exc)
-            else:
-                raise VolumeError(f"{path}: cannot read as an image ({_itk_message(exc)})") from exc
-    return _checked_3d_scalar(image, path)
-
-
-@contextmanager
-def itk_warnings(source: str | Path) -> Iterator[None]:
-    """Turn what ITK prints on stderr during the block (e.g. "Non uniform sampling or missing slices
-    detected") into :class:`VolumeWarning` warnings, so that they reach the event stream."""
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, ValueError):  # no real stderr descriptor
-        yield
-        return
-    with tempfile.TemporaryFile() as capture:
-        os.dup2(capture.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            capture.seek(0)
-            text = capture.read().decode(errors="replace")
-    for block in text.split("WARNING:")[1:]:
-        lines = [line.strip() for line in block.splitlines() if line.strip()]
-        detail = lines[-1] if len(lines) > 1 else (lines[0] if lines else "")
-        detail = detail.split("): ", 1)[-1]
-        warnings.warn(f"{source}: ITK warning: {detail}", VolumeWarning, stacklevel=3)
-    others = text.split("WARNING:")[0].strip()
-    if others:
-        sys.stderr.write(others + "\n")
-
-
-def _itk_message(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    useful = [line for line in lines if "Description:" in line or "ERROR" in line.upper()]
-    text = (useful or lines or [type(exc).__name__])[-1]
-    return text.replace("Description:", "").strip()[:300]
-
-
-def _read_dicom_folder(folder: Path, series_uid: str | None) -> sitk.Image:
-    try:
-        series = list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
-    except RuntimeError as exc:
-        raise VolumeError(f"{folder}: cannot scan the folder for DICOM ({_itk_message(exc)})") from exc
-    if not series:
-        raise VolumeError(
-            f"{folder}: folder holds no DICOM series (pass an image file such as .nii.gz, .nrrd, .mha, "
-            f".mgz, or a folder of DICOM slices)"
-        )
-    files = {uid: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid) for uid in series}
-    if series_uid is not None:
-        if series_uid not in files:
-            raise VolumeError(f"{folder}: no DICOM series {series_uid!r}; found {', '.join(series)}")
-        chosen = series_uid
-    else:
-        chosen = max(series, key=lambda uid: len(files[uid]))
-        if len(series) > 1:
-            others = ", ".join(
-                f"{uid or '<no UID>'} ({len(files[uid])} files)" for uid in series if uid != chosen
-            )
-            warnings.warn(
-                f"{folder}: {len(series)} DICOM series; reading {chosen or '<no UID>'} "
-                f"({len(files[chosen])} files), ignoring {others}",
-                VolumeWarning,
-                stacklevel=3,
-            )
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(files[chosen])
-    try:
-        return reader.Execute()
-    except RuntimeError as exc:
-        raise VolumeError(f"{folder}: cannot read DICOM series {chosen!r} ({_itk_message(exc)})") from exc
-
-
-def _read_with_nibabel(path: Path, itk_error: BaseException | None = None) -> sitk.Image:
-    import nibabel as nib
-
-    try:
-        nii = nib.load(str(path))
-        data = np.asanyarray(nii.dataobj)
-    except Exception as exc:  # nibabel raises many types for corrupt files
-        why = _itk_message(itk_error) if itk_error else str(exc)
-        raise VolumeError(f"{path}: cannot read as an image ({why})") from exc
-    if data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]
-    if data.ndim == 5 and data.shape[3] == 1 and data.shape[4] > 1:
-        raise VolumeError(
-            f"{path}: non-scalar image ({data.shape[4]} components per voxel); convert it to one channel"
-        )
-    _check_size(tuple(int(s) for s in data.shape), path)
-    data = np.asarray(data)
-    if data.dtype == np.bool_:
-        data = data.astype(np.uint8)
-    return image_from_ras_array(data.astype(data.dtype.newbyteorder("="), copy=False), nii.affine)
-
-
-def _check_size(size: tuple[int, ...], path: Path) -> None:
-    """Reject 2-D, multi-volume 4-D and higher-dimensional sizes with an actionable message."""
-    dim = len(size)
-    if dim == 4 and size[3] != 1:
-        raise VolumeError(
-            f"{path}: 4-D image with {size[3]} volumes (size {size}); pick one volume first, e.g. "
-            f"`fslroi in.nii.gz vol0.nii.gz 0 1` or SimpleITK `image[:, :, :, 0]`"
-        )
-    if dim == 2 or (dim == 3 and min(size) < 2):
-        raise VolumeError(
-            f"{path}: 2-D image (size {size}); the models need a 3-D volume (for DICOM pass the folder "
-            f"holding the whole series)"
-        )
-    if dim not in (3, 4):
-        raise VolumeError(f"{path}: {dim}-D image (size {size}); a 3-D volume is needed")
-
-
-def _checked_3d_scalar(image: sitk.Image, path: Path) -> sitk.Image:
-    """Squeeze single-volume 4-D images; reject 2-D, multi-volume 4-D and non-scalar images."""
-    size = image.GetSize()
-    dim = image.GetDimension()
-    if image.GetNumberOfComponentsPerPixel() > 1:
-        raise VolumeError(
-            f"{path}: non-scalar image ({image.GetNumberOfComponentsPerPixel()} components per voxel, "
-            f"{image.GetPixelIDTypeAsString()}); convert it to a single grey-level channel first"
-        )
-    if "complex" in image.GetPixelIDTypeAsString():
-        raise VolumeError(f"{path}: complex-valued image; use its magnitude")
-    _check_size(size, path)
-    if dim == 4:
-        image = image[:, :, :, 0]
-        _check_size(image.GetSize(), path)
-    return image
-
-
-# ------------------------------------------------------------------------------------ geometry helpers
-
-
-def ras_affine(image: sitk.Image) -> np.ndarray:
-    """4x4 matrix mapping voxel index ``(i, j, k, 1)`` of ``image`` to RAS millimetres."""
-    direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
-    affine = np.eye(4)
-    affine[:3, :3] = _LPS_RAS @ direction @ np.diag(image.GetSpacing())
-    affine[:3, 3] = _LPS_RAS @ np.asarray(image.GetOrigin(), dtype=np.float64)
-    return affine
-
-
-def geometry_from_affine(
-    affine: np.ndarray,
-) -> tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]]:
-    """``(origin, spacing, direction)`` in ITK's LPS convention for a RAS voxel-to-world ``affine``."""
-    affine = np.asarray(affine, dtype=np.float64)
-    lps = _LPS_RAS @ affine[:3, :3]
-    spacing = np.linalg.norm(lps, axis=0)
-    direction = lps / spacing
-    origin = _LPS_RAS @ affine[:3, 3]
-    return tuple(origin.tolist()), tuple(spacing.tolist()), tuple(direction.ravel().tolist())
-
-
-def image_from_ras_array(array: np.ndarray, affine: np.ndarray) -> sitk.Image:
-    """A SimpleITK image from an ``(i, j, k)``-ordered array and its RAS affine (nibabel style)."""
-    image = sitk.GetImageFromArray(np.ascontiguousarray(np.asarray(array).transpose(2, 1, 0)))
-    origin, spacing, direction = geometry_from_affine(affine)
-    image.SetOrigin(origin)
-    image.SetSpacing(spacing)
-    image.SetDirection(direction)
-    return image
-
-
-def is_orthonormal(image: sitk.Image, tolerance: float = 1e-6) -> bool:
-    """Whether the image's direction cosines are orthonormal (ITK's NIfTI writer assumes so)."""
-    direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
-    return bool(np.allclose(direction.T @ direction, np.eye(3), atol=tolerance))
-
-
-def ijk_array(image: sitk.Image) -> np.ndarray:
-    """Voxel values indexed ``[i, j, k]`` (a transposed view of SimpleITK's ``[k, j, i]`` array)."""
-    return sitk.GetArrayViewFromImage(image).transpose(2, 1, 0)
-
-
-def orientation_code(image: sitk.Image) -> str:
-    """nibabel-style axis code (where each index axis points, e.g. ``"LPS"``) of an image."""
-    import nibabel as nib
-
-    return "".join(nib.aff2axcodes(ras_affine(image)))
+#: Reading lives in :mod:`engine_tools.scans`, geometry in :mod:`engine_tools.geometry`; these names
+#: stay importable from here.
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "Preprocessed",
+    "VolumeError",
+    "VolumeWarning",
+    "geometry_from_affine",
+    "ijk_array",
+    "image_from_ras_array",
+    "image_suffix",
+    "is_orthonormal",
+    "itk_warnings",
+    "normalize_intensity",
+    "orientation_code",
+    "preprocess",
+    "ras_affine",
+    "read_image",
+    "to_input_geometry",
+    "write_image",
+]
 
 
 # --------------------------------------------------------------------------------------------- writing
@@ -318,18 +110,18 @@ def write_image(image: sitk.Image, path: str | Path, overwrite: bool = False) ->
     tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent))
     try:
         staged = tmp / path.name
-        if suffix in _NIBABEL_SUFFIXES or (suffix in (".nii", ".nii.gz") and not is_orthonormal(image)):
+        if suffix in NIBABEL_SUFFIXES or (suffix in (".nii", ".nii.gz") and not is_orthonormal(image)):
             import nibabel as nib
 
             # nibabel keeps a sheared affine exactly (ITK's NIfTI writer would orthonormalise it)
-            kind = nib.MGHImage if suffix in _NIBABEL_SUFFIXES else nib.Nifti1Image
+            kind = nib.MGHImage if suffix in NIBABEL_SUFFIXES else nib.Nifti1Image
             array = np.asarray(ijk_array(image))
             nib.save(kind(array, ras_affine(image)), str(staged))
         else:
             try:
                 sitk.WriteImage(image, str(staged), useCompression=suffix not in (".nii",))
             except RuntimeError as exc:
-                raise VolumeError(f"{path}: cannot write this image type ({_itk_message(exc)})") from exc
+                raise VolumeError(f"{path}: cannot write this image type ({itk_message(exc)})") from exc
         # data files (.raw/.zraw of .mhd/.nhdr) first, the header last
         for item in sorted(tmp.iterdir(), key=lambda p: p.name == path.name):
             os.replace(item, path.parent / item.name)

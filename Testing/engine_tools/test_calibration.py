@@ -12,9 +12,10 @@ from phantoms import OBLIQUE, RAS, make_phantom
 from shared_data import shared_path
 
 from engine_tools.cache import cache_dir, partial_artifacts
-from engine_tools.calibration import CalibrationError, collect_windows, find_scans
+from engine_tools.calibration import CalibrationError, collect_windows
 from engine_tools.progress import SilentProgress
 from engine_tools.registry import ModelCard
+from engine_tools.scans import find_scans
 
 
 def make_card(modality="CT", window=(12, 12, 12), **preprocessing) -> ModelCard:
