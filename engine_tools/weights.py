@@ -49,8 +49,9 @@ from typing import Any
 
 from engine_tools.cache import atomic_file, cache_dir
 from engine_tools.progress import Progress, SilentProgress
-from engine_tools.registry import CardError, ModelCard, load_cards
+from engine_tools.registry import ModelCard
 from engine_tools.weights_checks import format_problem, head_problem, pin_problem
+from engine_tools.weights_layout import file_identity, layout_owners, url_filename, url_folder
 
 WEIGHTS_ENV = "MEDQUANT_WEIGHTS_DIR"
 OFFLINE_ENV = "MEDQUANT_OFFLINE"
@@ -106,20 +107,6 @@ def weight_entries(card: ModelCard) -> list[dict[str, Any]]:
     return files
 
 
-def _url_folder(url: str | None) -> str | None:
-    if not url:
-        return None
-    parts = [p for p in urllib.parse.urlparse(url).path.split("/") if p]
-    return urllib.parse.unquote(parts[-2]) if len(parts) >= 2 else None
-
-
-def _url_filename(url: str | None) -> str | None:
-    if not url:
-        return None
-    parts = [p for p in urllib.parse.urlparse(url).path.split("/") if p]
-    return urllib.parse.unquote(parts[-1]) if parts else None
-
-
 def _matches(path: Path, sha256: str | None, size: int | None, md5: str | None = None) -> tuple[bool, str]:
     """Whether ``path`` has the pinned size and SHA-256 (else MD5); unpinned values are not checked."""
     problem = pin_problem(path, sha256, md5, size)
@@ -138,43 +125,15 @@ def _record_sha256(path: Path, digest: str, card: ModelCard, progress: Progress)
     progress.log(f"{card.id}: {path.name} has SHA-256 {digest} (recorded; the card can pin it)")
 
 
-def _layout_owners() -> dict[str, set[str]]:
-    """Relative mirror paths (``name``, ``URL folder/name``) → the URLs of every card's files there."""
-    owners: dict[str, set[str]] = {}
-    try:
-        cards = load_cards()
-    except CardError:
-        return owners
-    for other in cards.values():
-        for entry in other.weights.get("files") or []:
-            if not isinstance(entry, dict) or not entry.get("name"):
-                continue
-            places = [(entry["name"], _identity(other, entry))]
-            if entry.get("member") and _url_filename(entry.get("url")):
-                places.append((_url_filename(entry.get("url")), str(entry["url"])))  # the archive itself
-            folder = _url_folder(entry.get("url"))
-            for name, identity in places:
-                for relative in (name, f"{folder}/{name}" if folder else None):
-                    if relative:
-                        owners.setdefault(relative, set()).add(identity)
-    return owners
-
-
-def _identity(card: ModelCard, entry: dict[str, Any]) -> str:
-    """What makes two entries the same file: URL and archive member (cards may share an archive)."""
-    source = str(entry.get("url") or entry.get("path") or f"{card.id}/{entry['name']}")
-    return f"{source}#{entry['member']}" if entry.get("member") else source
-
-
 def _candidates(
     card: ModelCard, entry: dict[str, Any], name: str, dirs: list[Path], pins: tuple[Any, Any, Any]
 ) -> list[Path]:
     """Mirror copies of ``name``: ``DIR/<card id>/<name>`` first, then the shared layouts where they
     are unambiguous: no other card's different file has the same relative path, or the copy matches
     this entry's checksum (``pins``: SHA-256, MD5, size)."""
-    folder = _url_folder(entry.get("url"))
-    identity = _identity(card, entry) if name == entry["name"] else str(entry.get("url"))
-    owners = _layout_owners()
+    folder = url_folder(entry.get("url"))
+    identity = file_identity(card, entry) if name == entry["name"] else str(entry.get("url"))
+    owners = layout_owners()
     found: list[Path] = []
     ambiguous: list[Path] = []
     for root in dirs:
@@ -280,7 +239,7 @@ def _download(
 
 
 def _offline_hint(card: ModelCard, entry: dict[str, Any], name: str) -> str:
-    archive = _url_filename(entry.get("url")) if entry.get("member") else None
+    archive = url_filename(entry.get("url")) if entry.get("member") else None
     layout = f"DIR/{name} or DIR/{card.id}/{name}" + (f" (or the archive DIR/{archive})" if archive else "")
     return (
         f"Download {entry.get('url')} on a machine with internet access and pass --weights-dir DIR "
@@ -335,7 +294,7 @@ def _from_archives(
     Returns the extracted file (or ``None``), the rejected archives, and those of them in a mirror."""
     name, member = entry["name"], entry.get("member")
     pins = (entry.get("member_sha256"), entry.get("member_md5"), entry.get("member_size"))
-    archive_name = _url_filename(entry.get("url")) if member else None
+    archive_name = url_filename(entry.get("url")) if member else None
     archives: list[tuple[Path, str, bool]] = []  # (archive, member, pinned by the entry's url pins)
     if archive_name:
         archive_pins = (entry.get("sha256"), entry.get("md5"), entry.get("size"))
@@ -454,7 +413,7 @@ def ensure_weights(
                     )
                 cache = weights_cache_dir(card)
                 member = entry.get("member")
-                target = cache / (_url_filename(entry["url"]) or name) if member else cache / name
+                target = cache / (url_filename(entry["url"]) or name) if member else cache / name
                 pins = {key: entry.get(key) for key in ("sha256", "md5", "size")}
                 try:
                     digest = _download(
