@@ -138,7 +138,8 @@ class ModelCard:
             "window": list(self.window_size),
             "network_format": self.network.get("format"),
             "licence": self.licence,
-            "weights_urls": [f.get("url") for f in self.weights.get("files", [])],
+            "weights_urls": [f.get("url") or f.get("download_page") for f in self.weights.get("files", [])],
+            "weights_manual": any(f.get("manual") for f in self.weights.get("files", [])),
         }
 
     @classmethod

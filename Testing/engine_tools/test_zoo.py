@@ -55,6 +55,12 @@ def test_card_is_complete(cards, model_id: str) -> None:
         assert bool(entry.get("url")) != bool(entry.get("manual")), "manual entries have no direct URL"
         assert entry.get("sha256") or entry.get("sha256_note"), "say why a checksum is missing"
     assert card.preprocessing["intensity"]["rule"] in ("window", "zscore", "none")
+    names = {entry["name"] for entry in card.weights["files"]}
+    for key, value in card.network["kwargs"].items():
+        if isinstance(value, dict) and "weights_file" in value:
+            assert value["weights_file"] in names, f"network.kwargs.{key} names a file the card does not list"
+    checkpoint = card.network.get("checkpoint", {}).get("file")
+    assert checkpoint is None or checkpoint in names
     if card.quantization.get("model_type") == "transformer":
         assert card.quantization["keep_higher_precision"], "transformers keep Softmax/LayerNorm in float"
 

@@ -89,7 +89,9 @@ def render(result: dict[str, Any]) -> str:
                 str(row["num_labels"]),
                 "x".join(str(s) for s in row["window"]),
                 str(row["network_format"]),
-                "present" if row["weights_present"] else "download",
+                "present"
+                if row["weights_present"]
+                else ("manual" if row.get("weights_manual") else "download"),
                 str(row["licence"])[:24],
                 str(row["title"])[:60],
             )
