@@ -10,6 +10,8 @@ Dask client (:mod:`engine_tools.cluster`) every scan is a task and rows stream b
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,9 @@ from engine_tools.manifest import MANIFEST_CSV, MANIFEST_JSON, VOLUMES_CSV, Mani
 from engine_tools.progress import Progress
 from engine_tools.registry import ModelCard
 from engine_tools.segment import label_table_paths
+
+#: Lock file of a batch's output folder (held while a batch writes there).
+LOCK_FILE = ".medquant-batch.lock"
 
 
 class _ScanProgress(Progress):
@@ -132,6 +137,53 @@ def run_batch(
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    with output_folder_lock(output_dir):
+        return _run_locked(
+            engine,
+            card,
+            ref,
+            scans,
+            output_dir,
+            progress,
+            input_root,
+            reference,
+            client,
+            cores_per_worker,
+            overwrite,
+        )
+
+
+@contextmanager
+def output_folder_lock(output_dir: Path) -> Iterator[None]:
+    """One batch at a time per output folder (an inter-process ``filelock``)."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(output_dir / LOCK_FILE))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout as exc:
+        raise RuntimeError(
+            f"{output_dir} is being written by another batch; wait for it to finish or choose another --output-dir"
+        ) from exc
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _run_locked(
+    engine: Any,
+    card: ModelCard,
+    ref: EngineRef,
+    scans: list[BatchScan],
+    output_dir: Path,
+    progress: Progress,
+    input_root: Path | None,
+    reference: str | None,
+    client: Any,
+    cores_per_worker: int | None,
+    overwrite: bool,
+) -> dict[str, Any]:
     started = time.perf_counter()
     leftovers = remove_stale_partials(output_dir)  # of a killed earlier run (its process is gone)
     if leftovers:

@@ -301,6 +301,7 @@ def test_sigkill_mid_batch_then_rerun_finishes_the_rest(cohort, first_run, cache
 
 def test_dask_local_cluster_gives_the_same_labels_and_rows(cohort, first_run, cache, tmp_path, capsys):
     import dask.distributed  # noqa: F401  (the [cluster] extra, part of the [test] install)
+
     out = tmp_path / "dask"
     started = time.perf_counter()
     code, events = _segment(
@@ -360,3 +361,18 @@ def test_collect_scans_from_a_dicom_folder_and_a_csv_list(tmp_path):
     listed, warned = collect_scans(listing, out)
     assert sorted(s.scan for s in listed) == ["sub-05/dicom/", "sub-06/ct.nii.gz"]
     assert any("gone.nii" in w for w in warned)
+
+
+def test_a_second_batch_on_the_same_folder_is_refused_while_one_runs(cohort, cache, tmp_path, capsys):
+    from filelock import FileLock
+
+    from engine_tools.batch_run import LOCK_FILE
+
+    out = tmp_path / "busy"
+    out.mkdir()
+    with FileLock(str(out / LOCK_FILE)):  # what a running batch holds
+        code, events = _segment(
+            cohort, "--input", str(cohort["inputs"]), "--output-dir", str(out), capsys=capsys
+        )
+    assert code == 1 and "another batch" in events[-1]["message"]
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]
