@@ -90,62 +90,15 @@ def segment_image(
     replaces ``engine.predictor()`` (any callable from a torch ``N, C, D, H, W`` batch to logits).
     """
     import torch
-    from monai.inferers import sliding_window_inference
 
     started = time.perf_counter()
-    warnings: list[str] = []
-    if isinstance(image, Preprocessed):
-        prep = image
-    else:
-        if not isinstance(image, sitk.Image):
-            image = read_image(image)
-        if progress is not None:
-            progress.update("segment", 0.0, "preprocessing")
-        prep = preprocess(image, card)
-        warnings.extend(prep.steps.get("warnings", []))
-        if progress is not None:
-            for message in warnings:
-                progress.warning(f"{card.id}: {message}")
+    prep, warnings = _preprocessed(image, card, progress)
     preprocessed = time.perf_counter()
-
-    roi = tuple(int(s) for s in card.window_size)
-    overlap = float(card.window.get("overlap", 0.5) if overlap is None else overlap)
-    if not 0.0 <= overlap < 1.0:
-        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
-    batch_size = int(card.window.get("batch", 1) if batch_size is None else batch_size)
-    if batch_size < 1:
-        raise ValueError(f"batch size must be at least 1, got {batch_size}")
-    blend = str(card.window.get("blend", "gaussian"))
-    total = count_windows(prep.spatial_shape, roi, overlap)
-    network = predictor or engine.predictor()
+    roi, overlap, batch_size = _window_settings(card, overlap, batch_size)
     latencies: list[float] = []
-    done = 0
-
-    def counted(batch: torch.Tensor) -> torch.Tensor:
-        nonlocal done
-        if progress is not None:
-            progress.update("segment", done / total, f"window {done + 1}/{total}")
-        tick = time.perf_counter()
-        logits = network(batch)
-        latencies.append((time.perf_counter() - tick) / batch.shape[0])
-        done += int(batch.shape[0])
-        return logits
-
-    volume = torch.from_numpy(prep.array[None])
-    with torch.inference_mode():
-        if prep.spatial_shape == roi:  # whole conformed volume: no blending buffers needed
-            logits = counted(volume)
-        else:
-            logits = sliding_window_inference(
-                volume,
-                roi_size=roi,
-                sw_batch_size=batch_size,
-                predictor=counted,
-                overlap=overlap,
-                mode=blend,
-                padding_mode=str(card.window.get("padding_mode", "constant")),
-                cval=0.0,
-            )
+    logits, done = _sliding_logits(
+        predictor or engine.predictor(), prep, card, roi, overlap, batch_size, latencies, progress
+    )
     logits = logits[0]
     if logits.shape[0] != card.num_classes:
         raise ValueError(
@@ -183,6 +136,83 @@ def segment_image(
         logits=kept,
         warnings=warnings,
     )
+
+
+def _sliding_logits(
+    network: Callable[[Any], Any],
+    prep: Preprocessed,
+    card: ModelCard,
+    roi: tuple[int, ...],
+    overlap: float,
+    batch_size: int,
+    latencies: list[float],
+    progress: Progress | None,
+) -> tuple[Any, int]:
+    """Logits ``1, K, D, H, W`` of the whole preprocessed volume (MONAI sliding windows, blended as the
+    card says) and the number of windows run; seconds per window of each call go to ``latencies``."""
+    import torch
+    from monai.inferers import sliding_window_inference
+
+    total = count_windows(prep.spatial_shape, roi, overlap)
+    done = 0
+
+    def counted(batch: torch.Tensor) -> torch.Tensor:
+        nonlocal done
+        if progress is not None:
+            progress.update("segment", done / total, f"window {done + 1}/{total}")
+        tick = time.perf_counter()
+        logits = network(batch)
+        latencies.append((time.perf_counter() - tick) / batch.shape[0])
+        done += int(batch.shape[0])
+        return logits
+
+    volume = torch.from_numpy(prep.array[None])
+    with torch.inference_mode():
+        if prep.spatial_shape == roi:  # whole conformed volume: no blending buffers needed
+            return counted(volume), done
+        logits = sliding_window_inference(
+            volume,
+            roi_size=roi,
+            sw_batch_size=batch_size,
+            predictor=counted,
+            overlap=overlap,
+            mode=str(card.window.get("blend", "gaussian")),
+            padding_mode=str(card.window.get("padding_mode", "constant")),
+            cval=0.0,
+        )
+    return logits, done
+
+
+def _preprocessed(
+    image: sitk.Image | str | Path | Preprocessed, card: ModelCard, progress: Progress | None
+) -> tuple[Preprocessed, list[str]]:
+    """``image`` in network space, and the preprocessing warnings (also sent to ``progress``)."""
+    if isinstance(image, Preprocessed):
+        return image, []
+    if not isinstance(image, sitk.Image):
+        image = read_image(image)
+    if progress is not None:
+        progress.update("segment", 0.0, "preprocessing")
+    prep = preprocess(image, card)
+    warnings = list(prep.steps.get("warnings", []))
+    if progress is not None:
+        for message in warnings:
+            progress.warning(f"{card.id}: {message}")
+    return prep, warnings
+
+
+def _window_settings(
+    card: ModelCard, overlap: float | None, batch_size: int | None
+) -> tuple[tuple[int, ...], float, int]:
+    """``(window, overlap, batch size)``: the arguments, else the card's ``window`` entry; checked."""
+    roi = tuple(int(s) for s in card.window_size)
+    overlap = float(card.window.get("overlap", 0.5) if overlap is None else overlap)
+    if not 0.0 <= overlap < 1.0:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    batch_size = int(card.window.get("batch", 1) if batch_size is None else batch_size)
+    if batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+    return roi, overlap, batch_size
 
 
 def class_values(card: ModelCard) -> np.ndarray:
