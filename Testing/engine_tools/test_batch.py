@@ -376,3 +376,27 @@ def test_a_second_batch_on_the_same_folder_is_refused_while_one_runs(cohort, cac
         )
     assert code == 1 and "another batch" in events[-1]["message"]
     assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]
+
+
+def test_scheduler_address_runs_on_an_existing_dask_cluster(cohort, first_run, cache, tmp_path, capsys):
+    from dask.distributed import LocalCluster
+
+    listing = tmp_path / "one.txt"
+    listing.write_text(f"{cohort['inputs'] / SCANS[2]}\n")
+    out = tmp_path / "remote"
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
+        code, events = _segment(
+            cohort,
+            "--input",
+            str(listing),
+            "--output-dir",
+            str(out),
+            "--scheduler",
+            cluster.scheduler_address,
+            capsys=capsys,
+        )
+        workers = set(cluster.scheduler_info["workers"])
+    assert code == 0, events[-1]
+    row = _manifest(out)["sub-03_T1w.nrrd"]
+    assert row["status"] == "done" and row["worker"] in workers
+    np.testing.assert_array_equal(_labels(row["output"]), _labels(_manifest(first_run)[SCANS[2]]["output"]))
