@@ -81,10 +81,12 @@ def _output_name(relative: str, series_uid: str | None, root: Path) -> str:
 def _scans_under(folder: Path, root: Path, output_dir: Path) -> tuple[list[BatchScan], list[str]]:
     candidates, unrecognised = find_scans(folder)
     out_root = output_dir.resolve()
-    scans = []
+    scans, notes = [], [f"{folder / name}: not a recognised scan; ignored" for name in unrecognised]
     for candidate in candidates:
         path = Path(candidate.path)
         if path.resolve().is_relative_to(out_root):  # earlier outputs are never inputs
+            if folder.is_file():
+                notes.append(f"{path}: inside --output-dir {output_dir}; not segmented")
             continue
         relative = candidate.relative
         if folder != root:
@@ -99,7 +101,7 @@ def _scans_under(folder: Path, root: Path, output_dir: Path) -> tuple[list[Batch
                 series_uid=candidate.series_uid,
             )
         )
-    return scans, [f"{folder / name}: not a recognised scan; ignored" for name in unrecognised]
+    return scans, notes
 
 
 def read_list(path: Path) -> list[Path]:

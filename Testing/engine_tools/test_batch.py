@@ -357,10 +357,12 @@ def test_collect_scans_from_a_dicom_folder_and_a_csv_list(tmp_path):
     listing = tmp_path / "list.csv"
     listing.write_text(
         f"subject,path\nA,{nifti}\nB,{inputs / 'sub-05' / 'dicom'}\nC,{tmp_path / 'gone.nii'}\n"
+        f"D,{out / 'sub-06' / 'ct.nii.gz'}\n"
     )
     listed, warned = collect_scans(listing, out)
     assert sorted(s.scan for s in listed) == ["sub-05/dicom/", "sub-06/ct.nii.gz"]
     assert any("gone.nii" in w for w in warned)
+    assert any("inside --output-dir" in w for w in warned)  # an output is never an input
 
 
 def test_a_second_batch_on_the_same_folder_is_refused_while_one_runs(cohort, cache, tmp_path, capsys):
