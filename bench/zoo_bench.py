@@ -107,10 +107,7 @@ def calibration_windows(card: Any, count: int) -> np.ndarray:
 def bench_model(model_id: str, repeats: int, calibration: int, workdir: Path) -> dict[str, Any]:
     import torch
 
-    from engine_tools.engines.base import BuildRequest
-    from engine_tools.engines.openvino import OpenVINOEngine
-    from engine_tools.networks.zoo.build import build_zoo_network, export_module_onnx
-    from engine_tools.pipeline import card_build_options
+    from engine_tools.networks.zoo.build import build_zoo_network, export_module_onnx, openvino_engines
     from engine_tools.registry import get_card
 
     card = get_card(model_id)
@@ -128,27 +125,9 @@ def bench_model(model_id: str, repeats: int, calibration: int, workdir: Path) ->
     result["export_s"] = round(time.perf_counter() - started, 1)
     result["onnx_mib"] = round(onnx_path.stat().st_size / MIB, 2)
     windows = calibration_windows(card, calibration)
-    request = BuildRequest(
-        model_id,
-        onnx_path,
-        card.window_size,
-        card.in_channels,
-        card.num_classes,
-        calibration=windows,
-        validation=windows[:1],
-        options=card_build_options(
-            card, {"guard": False}
-        ),  # random weights: an accuracy guard would measure noise
-    )
     window = windows[:1]
-    for precision in ("fp32", "bf16", "int8"):
-        engine = OpenVINOEngine(precision)
-        folder = workdir / f"{model_id}-{precision}"
-        folder.mkdir()
-        built = time.perf_counter()
-        engine.build(request, folder)
-        engine.load(folder)
-        build_s = time.perf_counter() - built
+    precisions = ("fp32", "bf16", "int8")
+    for precision, engine, build_s in openvino_engines(card, onnx_path, windows, precisions, workdir):
         engine.run(window)  # warm-up
         times = []
         for _ in range(repeats):

@@ -164,9 +164,7 @@ def test_reduced_model_export_int8_segment_compare(
             "dynamic_network_architectures", reason="nnU-Net needs dynamic-network-architectures"
         )
     from engine_tools.accuracy import agreement_dice, sqnr_db
-    from engine_tools.engines.base import BuildRequest
-    from engine_tools.engines.openvino import OpenVINOEngine
-    from engine_tools.pipeline import card_build_options
+    from engine_tools.networks.zoo.build import openvino_engines
     from engine_tools.segment import segment_image
     from engine_tools.volumes import preprocess
 
@@ -176,26 +174,10 @@ def test_reduced_model_export_int8_segment_compare(
     onnx_path = export_module_onnx(module, tmp_path / "model.onnx", card.in_channels, card.window_size)
     prep = preprocess(image, card)
     windows = _calibration_windows(prep.array, card.window_size)
-    request = BuildRequest(
-        card.id,
-        onnx_path,
-        card.window_size,
-        card.in_channels,
-        card.num_classes,
-        calibration=windows,
-        validation=windows[:1],
-        options=card_build_options(
-            card, {"guard": False}
-        ),  # the accuracy guard is meaningless on random weights
-    )
-    engines = {}
-    for precision in ("fp32", "int8"):
-        engine = OpenVINOEngine(precision)
-        folder = tmp_path / precision
-        folder.mkdir()
-        engine.build(request, folder)
-        engine.load(folder)
-        engines[precision] = engine
+    engines = {
+        precision: engine
+        for precision, engine, _ in openvino_engines(card, onnx_path, windows, ("fp32", "int8"), tmp_path)
+    }
 
     # The FP32 export reproduces PyTorch on a real window (strict f32 inference).
     with torch.no_grad():

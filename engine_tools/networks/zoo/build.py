@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import importlib
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -75,3 +77,33 @@ def export_module_onnx(
         )
     tmp.replace(path)
     return path
+
+
+def openvino_engines(
+    card: ModelCard, onnx_path: Path, windows: Any, precisions: tuple[str, ...], workdir: Path
+) -> Iterator[tuple[str, Any, float]]:
+    """OpenVINO engines of a zoo export at each precision, built from one request with the guard off
+    (random weights: agreement with FP32 would measure noise). Yields ``(precision, loaded engine,
+    build seconds)``; calibration windows are ``windows``, the first one is the check window."""
+    from engine_tools.engines.base import BuildRequest
+    from engine_tools.engines.openvino import OpenVINOEngine
+    from engine_tools.pipeline import card_build_options
+
+    request = BuildRequest(
+        card.id,
+        onnx_path,
+        card.window_size,
+        card.in_channels,
+        card.num_classes,
+        calibration=windows,
+        validation=windows[:1],
+        options=card_build_options(card, {"guard": False}),
+    )
+    for precision in precisions:
+        engine = OpenVINOEngine(precision)
+        folder = Path(workdir) / f"{card.id}-{precision}"
+        folder.mkdir()
+        started = time.perf_counter()
+        engine.build(request, folder)
+        engine.load(folder)
+        yield precision, engine, time.perf_counter() - started
