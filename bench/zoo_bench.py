@@ -68,8 +68,8 @@ PUBLISHED_WEIGHTS_NOTE = (
     "export), swinunetr-btcv (against MONAI 1.4.0's SwinUNETR, whose patch-merging order the "
     "bundle was trained with), segresnet-wholebody (bundle zip), vista3d (bundle model.pt of "
     "vista3d132), nnunet-totalseg (TotalSegmentator archive: checkpoint_final.pth with numpy "
-    "scalars, plans.json), stunet-totalseg (nnU-Net v1 .model and plans.pkl). Not verified this "
-    "way: unest-wholebrain (the bundle's network is bundle script code, not part of MONAI)."
+    "scalars, plans.json), stunet-totalseg (nnU-Net v1 .model and plans.pkl). unest-wholebrain is "
+    "compared with the bundle's own network code (stored reference logits)."
 )
 
 

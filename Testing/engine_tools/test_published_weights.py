@@ -106,11 +106,15 @@ def test_published_onnx_missing_says_what_to_do(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------- SwinUNETR (MONAI bundle, MONAI 1.4)
-def _swinunetr_reference():
+def stored_reference(name: str):
+    """The reference script ``data/<name>.py`` (its weights, input, sizes) and its stored ``.npz``."""
     import importlib.util
+    import sys
 
-    path = Path(__file__).parent / "data" / "swinunetr_monai14_reference.py"
-    spec = importlib.util.spec_from_file_location("swinunetr_monai14_reference", path)
+    folder = Path(__file__).parent / "data"
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))  # the scripts import reference_weights beside them
+    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module, np.load(module.OUTPUT)
@@ -129,7 +133,7 @@ def test_swinunetr_card_reproduces_monai_14(tmp_path: Path) -> None:
     """The card's module with the bundle's ``model.pt`` equals MONAI 1.4's SwinUNETR on the same weights."""
     from monai.networks.nets import SwinUNETR
 
-    reference, expected = _swinunetr_reference()
+    reference, expected = stored_reference("swinunetr_monai14_reference")
     card = unpinned(
         small_card("swinunetr-btcv", kwargs=dict(reference.KWARGS), reduced_window=list(reference.WINDOW))
     )
@@ -446,3 +450,24 @@ def test_vista3d_bundle_checkpoint_equals_vista3d132(tmp_path: Path) -> None:
     torch.testing.assert_close(
         ours[:, automatic], theirs[:, [c - 1 for c in automatic]], rtol=1e-4, atol=1e-4
     )
+
+
+# ------------------------------------------------------- UNesT (MONAI bundle code, not part of MONAI)
+def test_unest_card_reproduces_the_bundle_network(tmp_path: Path) -> None:
+    """The card's UNesT with a bundle-format model.pt equals the bundle's own UNesT (stored reference)."""
+    from engine_tools.networks.zoo.unest import unest
+
+    reference, expected = stored_reference("unest_bundle_reference")
+    kwargs = {**reference.KWARGS, "img_size": reference.WINDOW[0]}
+    card = unpinned(small_card("unest-wholebrain", kwargs=kwargs, reduced_window=list(reference.WINDOW)))
+    ours = unest(**kwargs)
+    assert sorted(ours.state_dict()) == sorted(expected["state_dict_keys"].tolist())
+    (tmp_path / card.id).mkdir()
+    torch.save(reference.publisher_weights(ours), tmp_path / card.id / "model.pt")
+    with torch.no_grad():
+        logits = build_network(card, weights_dir=tmp_path)(reference.seeded_input(reference.WINDOW)).numpy()
+    stride = reference.STRIDE
+    np.testing.assert_allclose(
+        logits[:, :, ::stride, ::stride, ::stride], expected["logits_strided"], atol=1e-4
+    )
+    np.testing.assert_allclose(logits.mean(axis=(0, 2, 3, 4)), expected["class_means"], atol=1e-5)

@@ -10,16 +10,17 @@ MONAI version fills the same values), runs one input and stores the logits in
     PYTHONPATH=/tmp/monai14 python Testing/engine_tools/data/swinunetr_monai14_reference.py
 
 The test imports :data:`KWARGS`, :data:`WINDOW`, :func:`publisher_weights` and :func:`reference_input`
-from this file, so both sides use the same weights and input.
+from this file (the weights come from ``reference_weights.py``), so both sides use the same weights
+and input.
 """
 
 from __future__ import annotations
 
-import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
+from reference_weights import publisher_weights, seeded_input
 
 KWARGS = {
     "in_channels": 1,
@@ -33,25 +34,8 @@ STRIDE = 4  # the reference keeps every 4th voxel of the logits (and their per-c
 OUTPUT = Path(__file__).with_suffix(".npz")
 
 
-def publisher_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A state dict for ``module``: parameters drawn per name, buffers kept as the module made them."""
-    state = dict(module.state_dict())
-    for name, parameter in module.named_parameters():
-        rng = np.random.default_rng(zlib.crc32(name.encode()))
-        shape = tuple(parameter.shape)
-        noise = rng.standard_normal(shape).astype(np.float32)
-        if len(shape) > 1:
-            values = noise / np.sqrt(np.prod(shape[1:]))
-        elif "norm" in name and name.endswith("weight"):
-            values = 1.0 + 0.1 * noise
-        else:
-            values = 0.1 * noise
-        state[name] = torch.from_numpy(values.astype(np.float32))
-    return state
-
-
 def reference_input() -> torch.Tensor:
-    return torch.from_numpy(np.random.default_rng(0).random((1, 1, *WINDOW), dtype=np.float32))
+    return seeded_input(WINDOW)
 
 
 def main() -> None:
