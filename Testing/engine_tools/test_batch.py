@@ -246,6 +246,13 @@ def test_list_input_and_reference_dice(cohort, first_run, cache, tmp_path, capsy
     assert float(table["sub-02/anat/sub-02_T1w.nii.gz"]["Grey Matter Dice"]) == pytest.approx(expected)
 
 
+def test_a_reference_pattern_with_an_unknown_placeholder_fails_before_any_work(cohort, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ("--input", str(cohort["inputs"]), "--output-dir", str(out), "--reference", "{subject}.nii.gz")
+    code, events = _segment(cohort, *args, capsys=capsys)
+    assert code == 1 and "{stem}" in events[-1]["message"] and not out.exists()
+
+
 def test_refuses_a_folder_that_is_not_a_batch_output(cohort, cache, tmp_path, capsys):
     out = tmp_path / "theirs"
     target = out / "sub-01" / "anat" / "sub-01_T1w.nii.gz"

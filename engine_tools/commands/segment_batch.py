@@ -59,6 +59,13 @@ def run_batch_command(args: argparse.Namespace, progress: Progress) -> dict[str,
         from engine_tools.cluster import parse_local
 
         parse_local(args.cluster)  # a typo fails before the engine is built
+    if args.reference:
+        try:
+            args.reference.format(stem="", scan="", parent="")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(
+                f"--reference {args.reference!r}: unknown placeholder {exc}; use {{stem}}, {{scan}} or {{parent}}"
+            ) from exc
     scans, found_warnings = collect_scans(source, output_dir)
     for warning in found_warnings:
         progress.warning(warning)
