@@ -59,6 +59,10 @@ def test_card_is_complete(cards, model_id: str) -> None:
     for key, value in card.network["kwargs"].items():
         if isinstance(value, dict) and "weights_file" in value:
             assert value["weights_file"] in names, f"network.kwargs.{key} names a file the card does not list"
+    kwargs = card.network["kwargs"]
+    if "patch_size" in kwargs:  # checked against the published plans: must be the card's own values
+        assert list(kwargs["patch_size"]) == list(card.window_size)
+        assert list(kwargs["spacing"]) == list(card.preprocessing["spacing"])
     checkpoint = card.network.get("checkpoint", {}).get("file")
     assert checkpoint is None or checkpoint in names
     if card.quantization.get("model_type") == "transformer":
