@@ -60,7 +60,7 @@ def test_card_is_complete(cards, model_id: str) -> None:
         if isinstance(value, dict) and "weights_file" in value:
             assert value["weights_file"] in names, f"network.kwargs.{key} names a file the card does not list"
     kwargs = card.network["kwargs"]
-    if "patch_size" in kwargs:  # checked against the published plans: must be the card's own values
+    if "plans_file" in kwargs:  # patch size and spacing are checked against the published plans
         assert list(kwargs["patch_size"]) == list(card.window_size)
         assert list(kwargs["spacing"]) == list(card.preprocessing["spacing"])
     checkpoint = card.network.get("checkpoint", {}).get("file")
