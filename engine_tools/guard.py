@@ -16,8 +16,10 @@ recorded in the report's ``attempts``:
 
 A backend takes part through a small :class:`QuantizationAdapter`: ``quantize(excluded layers)`` gives
 a candidate, ``run(candidate)`` its logits (``run(None)`` strict FP32), ``keep_layers`` un-quantizes
-layers of a candidate. OpenVINO (NNCF) and ONNX Runtime (``quantize_static``) implement it; a
-TensorRT/ModelOpt adapter keeps layers unquantized through ``nodes_to_exclude`` in its Q/DQ ONNX.
+layers of a candidate. OpenVINO (NNCF, :mod:`engine_tools.engines.openvino.quantize`), ONNX Runtime
+(``quantize_static``, :mod:`engine_tools.engines.onnxruntime.quantize`) and TensorRT (ModelOpt, keeping
+layers out of its Q/DQ ONNX through ``nodes_to_exclude``, :mod:`engine_tools.engines.tensorrt.quantize`)
+implement it.
 
 Why not ``nncf.quantize_with_accuracy_control``: it serves NNCF's own backends only, ranks and
 reverts layers by its own metric until a maximum *drop* is reached, and reports little of what it

@@ -264,3 +264,28 @@ def test_tensorrt_int8_onnx_follows_the_card_options(decoder_onnx: Path, tmp_pat
     assert qdq["excluded_nodes"] == ["/head/a+b(c)[0]/Conv", "/x/Conv"]
     assert qdq["excluded_op_types"] == ["ConvTranspose"]
     assert set(qdq["quantized_nodes"]) == {"/x/Conv_1", "/x/Conv_2"}
+
+
+def test_accuracy_guard_keeps_layers_out_of_the_modelopt_qdq_onnx(meshnet: dict, tmp_path: Path) -> None:
+    """The TensorRT path takes part in the same accuracy guard: ModelOpt quantizes, ONNX Runtime runs
+    the Q/DQ arithmetic on the CPU, and a kept layer is left out of the Q/DQ ONNX by name."""
+    from engine_tools.engines.tensorrt.quantize import ModelOptAdapter
+    from engine_tools.guard import AccuracyGuard
+    from engine_tools.progress import SilentProgress
+
+    adapter = ModelOptAdapter(meshnet["onnx"], meshnet["calibration"], WINDOW, tmp_path, SilentProgress())
+    guard = AccuracyGuard(
+        adapter, meshnet["holdout"], meshnet["calibration"], {"target_dice": 0.5}, SilentProgress()
+    )
+    model, report = guard.run()
+    assert (
+        report.met_target
+        and report.kept_in_higher_precision == []
+        and report.attempts[0]["step"] == "initial"
+    )
+    quantized = adapter.quantized_layers(model)
+    assert report.int8_layers == len(quantized) >= 5
+    assert 0.5 < report.int8_compute_fraction < 1.0  # the 1-channel input convolution stays float
+    kept = adapter.keep_layers(model, quantized[:1])
+    assert adapter.quantized_layers(kept) == quantized[1:]
+    assert adapter.keep_layers(model, adapter.layers()) == adapter.onnx_path  # fully higher precision
