@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from engine_tools.label_stats import reference_on_grid
 from engine_tools.machine import machine_description, unsupported_reason
 from engine_tools.measure import PeakMemory, centre_window, time_engine
 from engine_tools.progress import Progress, SilentProgress
@@ -38,23 +39,6 @@ def _label_array(image: Any) -> np.ndarray:
     import SimpleITK as sitk
 
     return sitk.GetArrayViewFromImage(image).astype(np.int64, copy=False)
-
-
-def _reference_on_grid(reference: Any, image: Any) -> Any:
-    """Reference labels resampled (nearest neighbour) onto the input grid when their grids differ."""
-    import SimpleITK as sitk
-
-    same = (
-        reference.GetSize() == image.GetSize()
-        and np.allclose(reference.GetSpacing(), image.GetSpacing(), atol=1e-4)
-        and np.allclose(reference.GetOrigin(), image.GetOrigin(), atol=1e-3)
-        and np.allclose(reference.GetDirection(), image.GetDirection(), atol=1e-4)
-    )
-    if same:
-        return reference
-    return sitk.Resample(
-        reference, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0, reference.GetPixelID()
-    )
 
 
 def _num_label_values(card: Any) -> int:
@@ -244,7 +228,7 @@ def compare_precisions(
     measurement = Measurement(
         batch=centre_window(np.asarray(prep.array, dtype=np.float32), card.window_size)[None],
         image=image,
-        reference_labels=None if reference is None else _label_array(_reference_on_grid(reference, image)),
+        reference_labels=None if reference is None else _label_array(reference_on_grid(reference, image)[0]),
         overlap=overlap,
         # whole-volume logits SQNR only where FP32's logits fit comfortably in memory
         keep_logits=card.num_classes * int(np.prod(prep.array.shape[1:])) * 4 <= MAX_KEPT_LOGITS_BYTES,

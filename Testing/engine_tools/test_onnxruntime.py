@@ -52,3 +52,25 @@ def test_int8_qdq_runs_quantized_convolutions() -> None:
     agreement = logits_agreement(reference, logits)
     assert agreement["mean"] > 0.5, agreement  # real segmentation, not noise (ORT is the secondary engine)
     assert np.isfinite(agreement["sqnr_db"])
+
+
+def test_guard_adapter_keeps_a_layer_float_and_all_layers_is_fp32(tmp_path: Path) -> None:
+    """The ONNX Runtime adapter of the accuracy guard: a kept layer is re-quantized out of the QDQ
+    graph (its Relu survives), and keeping every layer is the FP32 model itself."""
+    from engine_tools.engines.onnxruntime.quantize import QDQAdapter
+    from engine_tools.networks import export_onnx
+    from engine_tools.progress import SilentProgress
+
+    card = small_card("brainchop-model11_gw_ae", WINDOW)
+    windows = foreground_windows(shared_path("data", "mri", "t1_crop.nii.gz"), card, 3, seed=0)
+    onnx_path = Path(export_onnx(card, shared_path("models", "brainchop")))
+    adapter = QDQAdapter(onnx_path, windows[:2], card.window_size, tmp_path, SilentProgress())
+    plain = adapter.quantize([], adapter.recipe({}))
+    layers = adapter.quantized_layers(plain)
+    assert layers == adapter.layers()  # every convolution takes INT8 input
+    kept = adapter.keep_layers(plain, layers[-1:])
+    assert adapter.quantized_layers(kept) == layers[:-1]
+    reference = adapter.run(None, windows[2:])
+    agreement = logits_agreement(reference, adapter.run(kept, windows[2:]))
+    assert agreement["mean"] > 0.9, agreement  # a dropped Relu would break the segmentation
+    assert adapter.keep_layers(plain, layers) == onnx_path

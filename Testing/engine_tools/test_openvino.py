@@ -77,21 +77,28 @@ def eighteen_class() -> tuple[dict, object]:
     return card, calibration
 
 
-def test_guard_on_18_class_model_keeps_layers_and_reports(brainchop: Path, eighteen_class: tuple) -> None:
-    """The 18-class MeshNet, calibrated on one subject, with a target above what plain INT8 reaches
-    and at most 2 kept layers allowed below target: the guard measures per-layer sensitivity, keeps
-    the top-ranked layers in higher precision, never ends below where it started, and reports the
-    layers, attempts, INT8 share of compute and speed against strict FP32."""
+def _guarded(brainchop: Path, eighteen_class: tuple, allow_below_target: bool) -> object:
+    """The 18-class model's INT8 engine, target 0.995 (above plain INT8), at most 2 kept layers before
+    escalating."""
     card, calibration = eighteen_class
-    engine = prepare_engine(
+    return prepare_engine(
         card,
         backend="openvino",
         precision="int8",
         calibration=calibration,
         weights_dir=brainchop,
         target_dice=0.995,
-        options={"max_kept_layers": 2, "calibration_budget_s": 0, "allow_below_target": True},
+        allow_below_target=allow_below_target,
+        options={"max_kept_layers": 2, "calibration_budget_s": 0},
     )
+
+
+def test_guard_on_18_class_model_keeps_layers_and_reports(brainchop: Path, eighteen_class: tuple) -> None:
+    """The 18-class MeshNet, calibrated on one subject, with a target above what plain INT8 reaches
+    and at most 2 kept layers allowed below target: the guard measures per-layer sensitivity, keeps
+    the top-ranked layers in higher precision, never ends below where it started, and reports the
+    layers, attempts, INT8 share of compute and speed against strict FP32."""
+    engine = _guarded(brainchop, eighteen_class, allow_below_target=True)
     guard = engine.describe()["accuracy_guard"]
     steps = [attempt["step"] for attempt in guard["attempts"]]
     assert steps[0] == "initial" and "sensitivity" in steps and "keep-1" in steps, steps
@@ -112,16 +119,7 @@ def test_guard_escalates_until_the_target_is_met(brainchop: Path, eighteen_class
     """The same model and target without ``allow_below_target``: two kept layers are not enough, so
     the guard keeps more until the held-out agreement reaches the target, and says how much of the
     compute stays INT8."""
-    card, calibration = eighteen_class
-    engine = prepare_engine(
-        card,
-        backend="openvino",
-        precision="int8",
-        calibration=calibration,
-        weights_dir=brainchop,
-        target_dice=0.995,
-        options={"max_kept_layers": 2, "calibration_budget_s": 0},
-    )
+    engine = _guarded(brainchop, eighteen_class, allow_below_target=False)
     guard = engine.describe()["accuracy_guard"]
     steps = [attempt["step"] for attempt in guard["attempts"]]
     assert any(step.startswith("escalate") for step in steps), steps

@@ -202,6 +202,8 @@ class QDQAdapter:
         return self.quantize(kept, recipe)
 
     def quantized_layers(self, candidate: Path) -> list[str]:
+        """Compute nodes whose weights come quantized (an excluded node may still read a Q/DQ input
+        produced for its neighbours, but runs float weights: not an INT8 kernel)."""
         import onnx
 
         model = onnx.load(str(candidate))
@@ -211,7 +213,7 @@ class QDQAdapter:
         return [
             node.name
             for node in model.graph.node
-            if node.op_type in COMPUTE_OPS and node.input and node.input[0] in dequantized
+            if node.op_type in COMPUTE_OPS and len(node.input) > 1 and node.input[1] in dequantized
         ]
 
     def run(
