@@ -283,6 +283,43 @@ def collect_windows(
                 progress.update("calibration", 1.0, f"{len(cached)} cached windows")
             return cached
 
+    pools, skipped = _sample_pools(candidates, card, window, settings, progress, messages)
+    if not pools:
+        reasons = "; ".join(f"{s['file']}: {s['reason']}" for s in skipped)
+        raise CalibrationError(f"{folder}: no usable scan for calibration ({reasons})")
+    picked = _pick(folder, pools, skipped, num_windows, whole_volume)
+    windows = np.stack([pool["windows"][rank][0] for pool, rank in picked]).astype(np.float32, copy=False)
+    result = CalibrationSet(
+        windows=np.ascontiguousarray(windows),
+        sources=[pool["relative"] for pool, _ in picked],
+        corners=[pool["windows"][rank][1] for pool, rank in picked],
+        foreground=[pool["windows"][rank][2] for pool, rank in picked],
+        warnings=messages,
+        fingerprint=fingerprint,
+        settings=settings,
+        files_used=sorted({pool["relative"] for pool, _ in picked}),
+        skipped=skipped,
+    )
+    if cache_path is not None:
+        _store(result, cache_path)
+    if progress is not None:
+        progress.update("calibration", 1.0, f"{len(result)} windows from {len(pools)} scan(s)")
+        for message in messages:
+            progress.warning(message)
+    return result
+
+
+def _sample_pools(
+    candidates: list[Scan],
+    card: Any,
+    window: tuple[int, ...],
+    settings: dict[str, Any],
+    progress: Progress | None,
+    messages: list[str],
+) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    """Candidate windows of each usable scan (``pools``) and the scans skipped with their reason."""
+    num_windows, seed, whole_volume = settings["num_windows"], settings["seed"], settings["whole_volume"]
+    min_foreground = settings["min_foreground"]
     pools: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
     for index, candidate in enumerate(candidates):
@@ -301,10 +338,17 @@ def collect_windows(
         else:  # keep only what the final allocation can use (memory stays near 2 x num_windows windows)
             for pool_item, allowed in zip(pools, _allocation(num_windows, len(pools)), strict=True):
                 del pool_item["windows"][allowed:]
-    if not pools:
-        reasons = "; ".join(f"{s['file']}: {s['reason']}" for s in skipped)
-        raise CalibrationError(f"{folder}: no usable scan for calibration ({reasons})")
+    return pools, skipped
 
+
+def _pick(
+    folder: Path,
+    pools: list[dict[str, Any]],
+    skipped: list[dict[str, str]],
+    num_windows: int,
+    whole_volume: bool,
+) -> list[tuple[dict[str, Any], int]]:
+    """``(pool, rank)`` of every window used: round-robin over the scans (or one whole volume each)."""
     if whole_volume:
         pools.sort(key=lambda item: item["relative"])
         shapes = {p["windows"][0][0].shape for p in pools}
@@ -329,25 +373,7 @@ def collect_windows(
             f"{folder}: only {len(picked)} calibration window(s) from usable scans, {needed} needed "
             f"(skipped: {reasons})"
         )
-    windows = np.stack([pool["windows"][rank][0] for pool, rank in picked]).astype(np.float32, copy=False)
-    result = CalibrationSet(
-        windows=np.ascontiguousarray(windows),
-        sources=[pool["relative"] for pool, _ in picked],
-        corners=[pool["windows"][rank][1] for pool, rank in picked],
-        foreground=[pool["windows"][rank][2] for pool, rank in picked],
-        warnings=messages,
-        fingerprint=fingerprint,
-        settings=settings,
-        files_used=sorted({pool["relative"] for pool, _ in picked}),
-        skipped=skipped,
-    )
-    if cache_path is not None:
-        _store(result, cache_path)
-    if progress is not None:
-        progress.update("calibration", 1.0, f"{len(result)} windows from {len(pools)} scan(s)")
-        for message in messages:
-            progress.warning(message)
-    return result
+    return picked
 
 
 def _sample_scan(
