@@ -120,6 +120,8 @@ def make_user_card(
     size = [int(window)] * 3 if isinstance(window, int) else [int(s) for s in window]
     entries = _labels(labels, num_classes, where)
     network["num_classes"] = len(entries)
+    if fmt == "onnx":
+        check_output_channels(path, network.get("in_channels", 1), size, len(entries))
     model_id = model_id or f"user-{slug(path.stem)}"
     return {
         "id": model_id,
@@ -181,3 +183,23 @@ def add_user_model(
     ``overlap``, ``num_classes``, ``licence`` (see :func:`make_user_card`)."""
     card = make_user_card(model_file, **card_fields)
     return write_user_card(card, Path(cards_dir) if cards_dir else user_cards_dir(), overwrite=overwrite)
+
+
+def check_output_channels(path: Path, in_channels: int, window: list[int], num_classes: int) -> None:
+    """Run the ONNX network once on a zero window and refuse it when its output channels differ from
+    the labels given (``--labels`` / ``--num-classes``), so the mistake shows at registration."""
+    import numpy as np
+    import onnxruntime as ort
+
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        feed = np.zeros((1, int(in_channels), *window), dtype=np.float32)
+        output = session.run(None, {session.get_inputs()[0].name: feed})[0]
+    except Exception as exc:  # onnxruntime raises its own types
+        raise CardError(f"{path}: the network does not run on a {window} window ({exc})") from exc
+    if output.ndim != 5 or output.shape[1] != num_classes:
+        raise CardError(
+            f"{path}: the network outputs {output.shape[1] if output.ndim > 1 else '?'} channels "
+            f"(output shape {list(output.shape)}) but {num_classes} labels/classes were given; "
+            "fix --labels / --num-classes"
+        )
