@@ -122,6 +122,8 @@ def prepare_engine(
     """
     progress = progress or SilentProgress()
     spec = replace(spec or EngineSpec(), **fields)
+    for stale in remove_stale_partials(cache_root()):
+        progress.log(f"removed the leftover of an interrupted write: {stale}")
     if isinstance(card, str):
         card = get_card(card)
     backend, reason = select_backend(spec.backend)
@@ -157,8 +159,6 @@ def prepare_engine(
         # another process may have built this key while we waited for the lock
         if not spec.rebuild and not was_cached and _reuse_cached(engine, destination, progress):
             return engine
-        for stale in remove_stale_partials(cache_root()):
-            progress.log(f"removed the leftover of an interrupted write: {stale}")
         _build(
             engine,
             key,

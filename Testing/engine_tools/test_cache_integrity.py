@@ -1,0 +1,171 @@
+"""The engine cache under damage, signals, concurrency and killed builds (`medquant build`, jsonl).
+
+A cached engine is reused only when ``engine.json`` is readable and every artifact file still has its
+recorded SHA-256; otherwise a warning says why and it is rebuilt. SIGTERM/SIGINT end with one
+``Cancelled`` error event and no partial files; two builds of one key do the work once; builds killed
+with SIGKILL at random points never leave anything that a later build reuses or that stays behind.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from bad_input_helpers import (
+    REPO,
+    build_args,
+    calibration_folder,
+    cli_env,
+    medquant_command,
+    parse_events,
+    partial_files,
+    run_cli,
+    tiny_card,
+    warnings_of,
+)
+
+from engine_tools.cache import hash_problem
+
+METADATA = "engine.json"
+
+
+@pytest.fixture
+def setup(tmp_path):
+    return {
+        "card": tiny_card(tmp_path),
+        "cache": tmp_path / "cache",
+        "calibration": calibration_folder(tmp_path / "calibration"),
+    }
+
+
+def _build(setup, *extra: str) -> tuple[int, list[dict]]:
+    args = build_args(setup["card"], "--calibration", str(setup["calibration"]), *extra)
+    return run_cli(*args, cache=setup["cache"])
+
+
+def _engine_dirs(cache: Path) -> list[Path]:
+    folder = cache / "engines"
+    return (
+        sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if folder.exists()
+        else []
+    )
+
+
+def _assert_clean_cache(cache: Path) -> None:
+    """Nothing partial; every engine and export present verifies against its recorded SHA-256."""
+    assert not partial_files(cache), partial_files(cache)
+    for folder in _engine_dirs(cache):
+        recorded = json.loads((folder / METADATA).read_text())["artifact_sha256"]
+        assert hash_problem(folder, recorded, (METADATA,)) is None, folder
+
+
+def _flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: max(1, path.stat().st_size // 3)])
+
+
+DAMAGES = {
+    "one weight changed, same size": (lambda d: _flip_byte(d / "model.bin"), "SHA-256 differs): model.bin"),
+    "model.bin truncated": (lambda d: _truncate(d / "model.bin"), "SHA-256 differs): model.bin"),
+    "engine.json truncated": (lambda d: _truncate(d / METADATA), "engine.json is missing or unreadable"),
+}
+
+
+def test_damaged_cached_engine_is_rebuilt_with_the_reason(setup):
+    code, events = _build(setup)
+    assert code == 0 and events[-1]["data"]["engine"]["cache"] == "built"
+    for name, (damage, expected) in DAMAGES.items():
+        (folder,) = _engine_dirs(setup["cache"])
+        damage(folder)
+        code, events = _build(setup)
+        assert code == 0, (name, events[-1])
+        reasons = [w for w in warnings_of(events) if "is not usable" in w and "rebuilding" in w]
+        assert len(reasons) == 1 and expected in reasons[0], (name, warnings_of(events))
+        assert events[-1]["data"]["engine"]["cache"] == "built", name
+        _assert_clean_cache(setup["cache"])
+    code, events = _build(setup)
+    assert events[-1]["data"]["engine"]["cache"] == "hit" and not any(
+        "not usable" in w for w in warnings_of(events)
+    )
+
+
+def test_truncated_onnx_export_is_exported_again_with_or_without_rebuild(setup):
+    assert _build(setup)[0] == 0
+    (export,) = (setup["cache"] / "exports").glob("*.onnx")
+    for flag in ((), ("--rebuild",)):
+        _truncate(export)
+        code, events = _build(setup, *flag)
+        assert code == 0, events[-1]
+        if not flag:
+            assert any(f"cached ONNX export {export.name} is not usable" in w for w in warnings_of(events))
+        _assert_clean_cache(setup["cache"])
+
+
+def _start_build(setup, *extra: str) -> subprocess.Popen:
+    args = build_args(setup["card"], "--calibration", str(setup["calibration"]), *extra)
+    return subprocess.Popen(
+        medquant_command(*args), cwd=REPO, env=cli_env(setup["cache"]), stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+
+
+def _wait_for_stage(proc: subprocess.Popen, stage: str) -> list[str]:
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if json.loads(line).get("stage") == stage:
+            return lines
+    raise AssertionError(f"the build ended before stage {stage!r}: {lines[-1:]}")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_during_build_ends_in_one_cancelled_event_and_no_partial_files(setup, sig):
+    proc = _start_build(setup)
+    lines = _wait_for_stage(proc, "calibrate")
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=120)
+    events = parse_events("".join(lines) + out)
+    assert proc.returncode == 130
+    assert events[-1]["event"] == "error" and events[-1]["error_type"] == "Cancelled"
+    assert signal.Signals(sig).name in events[-1]["message"]
+    assert not partial_files(setup["cache"]) and not _engine_dirs(setup["cache"])
+
+
+def test_two_builds_of_one_engine_do_the_work_once(setup):
+    assert _build(setup, "--precision", "fp32")[0] == 0  # export and calibration cached: race the build
+    first, second = _start_build(setup), _start_build(setup)
+    results = [parse_events(proc.communicate(timeout=300)[0]) for proc in (first, second)]
+    assert first.returncode == 0 and second.returncode == 0, [r[-1] for r in results]
+    assert sorted(r[-1]["data"]["engine"]["cache"] for r in results) == ["built", "hit"]
+    assert len(_engine_dirs(setup["cache"])) == 2  # the fp32 and the int8 engine
+    _assert_clean_cache(setup["cache"])
+
+
+def test_builds_killed_at_random_points_never_poison_the_cache(setup):
+    """20 builds SIGKILLed at random moments (export, calibration, quantization, guard, the final
+    rename): afterwards every build succeeds, nothing stale stays and no reused engine fails its hash."""
+    rng = random.Random(20)
+    assert _build(setup)[0] == 0
+    for trial in range(20):
+        proc = _start_build(setup, "--rebuild", "--seed", str(trial % 3))
+        time.sleep(rng.uniform(0.3, 6.0))
+        proc.kill()
+        proc.wait(timeout=60)
+        if trial % 5 == 4:  # the next build after kills succeeds and reuses only verified artifacts
+            code, events = _build(setup, "--seed", str(trial % 3))
+            assert code == 0, events[-1]
+            _assert_clean_cache(setup["cache"])
+    code, events = _build(setup)
+    assert code == 0 and events[-1]["data"]["engine"]["cache"] in ("hit", "built")
+    _assert_clean_cache(setup["cache"])
