@@ -10,7 +10,8 @@ With ``--progress jsonl`` every line on stdout is one JSON object (UTF-8, no emb
 ``{"event": "result", "data": {...}, "elapsed": float}``
     Exactly one on success, last line; ``data`` is the command's JSON result.
 ``{"event": "error", "message": str, "error_type": str, "elapsed": float}``
-    Exactly one on failure, last line; the process then exits with status 1.
+    Exactly one on failure, last line; the process then exits with status 1 (2 for a command-line
+    usage error, 130 when cancelled by SIGINT/SIGTERM: ``error_type`` ``"Cancelled"``).
 
 With ``--progress human`` (default) the same events are rendered as a progress bar on stderr and the
 result is printed as text. :data:`EVENT_SCHEMA` is the machine-readable form of the above and is
