@@ -153,16 +153,25 @@ def test_two_builds_of_one_engine_do_the_work_once(setup):
 
 
 def test_builds_killed_at_random_points_never_poison_the_cache(setup):
-    """20 builds SIGKILLed at random moments (export, calibration, quantization, guard, the final
-    rename): afterwards every build succeeds, nothing stale stays and no reused engine fails its hash."""
+    """20 builds SIGKILLed at random moments: half after a random event of a build's stream (export,
+    calibration, quantization, guard, the final rename), half at a random moment of the engine write.
+    Afterwards every build succeeds, nothing stale stays and no reused engine fails its hash."""
     rng = random.Random(20)
-    assert _build(setup)[0] == 0
+    code, events = _build(setup, "--rebuild")
+    assert code == 0
+    timeline = len(events)  # kill points are spread over a whole build's events
     interrupted = 0
     for trial in range(20):
         proc = _start_build(setup, "--rebuild", "--seed", str(trial % 3))
-        time.sleep(rng.uniform(1.0, 6.0))
+        stop_after = rng.randrange(1, timeline)
+        for seen, line in enumerate(proc.stdout, start=1):
+            # odd trials: a random moment of the engine write (quantization to the final rename)
+            if seen >= stop_after if trial % 2 == 0 else '"stage": "quantize"' in line:
+                break
+        time.sleep(rng.uniform(0.0, 0.3 if trial % 2 == 0 else 1.0))
         proc.kill()
         proc.wait(timeout=60)
+        proc.stdout.close()
         interrupted += bool(partial_files(setup["cache"]))
         if trial % 5 == 4:  # the next build after kills succeeds and reuses only verified artifacts
             code, events = _build(setup, "--seed", str(trial % 3))
@@ -171,4 +180,4 @@ def test_builds_killed_at_random_points_never_poison_the_cache(setup):
     code, events = _build(setup)
     assert code == 0 and events[-1]["data"]["engine"]["cache"] in ("hit", "built")
     _assert_clean_cache(setup["cache"])
-    assert interrupted >= 3, "the kills should interrupt cache writes, not only start-up"
+    assert interrupted >= 3, f"only {interrupted} of 20 kills interrupted a cache write"

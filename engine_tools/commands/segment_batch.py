@@ -51,10 +51,12 @@ def is_batch(args: argparse.Namespace) -> bool:
 def run_batch_command(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
     from engine_tools.batch import collect_scans, engine_ref
     from engine_tools.batch_run import run_batch
+    from engine_tools.checks import check_writable_folder
     from engine_tools.pipeline import prepare_engine
     from engine_tools.registry import ModelCard, get_card
 
     source, output_dir = Path(args.input), Path(args.output_dir)
+    check_writable_folder(output_dir)  # before any work
     if args.cluster:
         from engine_tools.cluster import parse_local
 
