@@ -181,3 +181,24 @@ def test_builds_killed_at_random_points_never_poison_the_cache(setup):
     assert code == 0 and events[-1]["data"]["engine"]["cache"] in ("hit", "built")
     _assert_clean_cache(setup["cache"])
     assert interrupted >= 3, f"only {interrupted} of 20 kills interrupted a cache write"
+
+
+def test_stale_partial_writes_are_removed_and_live_ones_kept(tmp_path):
+    import os
+    import tempfile
+
+    from engine_tools.cache import remove_stale_partials
+
+    gone = subprocess.Popen(["true"])  # a process id that has ended
+    gone.wait()
+    engines = tmp_path / "engines"
+    engines.mkdir()
+    of_gone = Path(tempfile.mkdtemp(prefix=f".partial-key1.{gone.pid}.", dir=engines))
+    (of_gone / "model.bin").write_bytes(b"half")
+    of_live = Path(tempfile.mkdtemp(prefix=f".partial-key2.{os.getpid()}.", dir=engines))
+    old_live = Path(tempfile.mkdtemp(prefix=f".partial-key3.{os.getpid()}.", dir=engines))
+    two_days_ago = time.time() - 2 * 24 * 3600
+    os.utime(old_live, (two_days_ago, two_days_ago))
+    removed = remove_stale_partials(tmp_path)
+    assert sorted(removed) == sorted([of_gone, old_live])
+    assert of_live.exists() and not of_gone.exists() and not old_live.exists()
