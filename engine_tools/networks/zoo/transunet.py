@@ -119,17 +119,5 @@ class TransUNet3D(nn.Module):
         return self.final_conv(d1)
 
 
-def transunet3d(
-    img_size: Sequence[int] = (96, 96, 96),
-    in_channels: int = 1,
-    num_classes: int = 14,
-    base_channels: int = 16,
-    embed_dim: int = 768,
-    mlp_dim: int = 3072,
-    num_heads: int = 12,
-    num_layers: int = 12,
-) -> TransUNet3D:
-    """Builder used by the ``transunet-btcv`` card (dropout only matters in training)."""
-    return TransUNet3D(
-        img_size, in_channels, num_classes, base_channels, embed_dim, mlp_dim, num_heads, num_layers
-    )
+#: The builder the ``transunet-btcv`` card names: the class itself (dropout only matters in training).
+transunet3d = TransUNet3D

@@ -271,15 +271,5 @@ class UNesT(nn.Module):
         return self.out(self.decoder1(dec, enc0))
 
 
-def unest(
-    in_channels: int = 1,
-    out_channels: int = 133,
-    img_size: int = 96,
-    feature_size: int = 16,
-    patch_size: int = 4,
-    depths: Sequence[int] = (2, 2, 8),
-    embed_dim: Sequence[int] = (128, 256, 512),
-    num_heads: Sequence[int] = (4, 8, 16),
-) -> UNesT:
-    """Builder used by the ``unest-wholebrain`` card."""
-    return UNesT(in_channels, out_channels, img_size, feature_size, patch_size, depths, embed_dim, num_heads)
+#: The builder the ``unest-wholebrain`` card names: the class itself.
+unest = UNesT
