@@ -443,14 +443,17 @@ def _store(result: CalibrationSet, path: Path) -> None:
     meta.update(sources=result.sources, corners=result.corners, foreground=result.foreground)
     with atomic_directory(path) as tmp:
         np.save(tmp / "windows.npy", result.windows)
+        meta["windows_sha256"] = sha256_file(tmp / "windows.npy")
         (tmp / "meta.json").write_text(json.dumps(meta, default=str))
 
 
 def _load_cached(path: Path, fingerprint: str) -> CalibrationSet | None:
     try:
         meta = json.loads((path / "meta.json").read_text())
+        if meta.get("windows_sha256") != sha256_file(path / "windows.npy"):
+            return None  # changed or truncated since it was stored: sample again
         windows = np.load(path / "windows.npy")
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):
         return None
     if meta.get("fingerprint") != fingerprint or windows.shape[0] != meta.get("num_windows"):
         return None

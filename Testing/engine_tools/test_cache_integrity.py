@@ -202,3 +202,18 @@ def test_stale_partial_writes_are_removed_and_live_ones_kept(tmp_path):
     removed = remove_stale_partials(tmp_path)
     assert sorted(removed) == sorted([of_gone, old_live])
     assert of_live.exists() and not of_gone.exists() and not old_live.exists()
+
+
+def test_changed_calibration_cache_is_sampled_again(setup, monkeypatch):
+    from engine_tools.calibration import collect_windows
+    from engine_tools.registry import get_card
+
+    monkeypatch.setenv("MEDQUANT_CACHE_DIR", str(setup["cache"]))
+    card = get_card(str(setup["card"]))
+    first = collect_windows(setup["calibration"], card, num_windows=4)
+    (stored,) = (setup["cache"] / "calibration").glob("*/windows.npy")
+    _flip_byte(stored)
+    again = collect_windows(setup["calibration"], card, num_windows=4)
+    assert not again.from_cache
+    assert (again.windows == first.windows).all()
+    assert collect_windows(setup["calibration"], card, num_windows=4).from_cache
