@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -211,31 +212,8 @@ def build_tfjs_module(
         if config.get("data_format", "channels_last") != "channels_last":
             raise TfjsFormatError(f"{where}: only channels_last layers are supported")
         if kind == "Conv3D":
-            kernel = tuple(int(k) for k in config["kernel_size"])
-            dilation = tuple(int(d) for d in config.get("dilation_rate", (1, 1, 1)))
-            stride = tuple(int(s) for s in config.get("strides", (1, 1, 1)))
-            groups = int(config.get("groups", 1))
-            filters = int(config["filters"])
-            padding_mode = config.get("padding", "valid")
-            if padding_mode == "same":
-                if stride != (1, 1, 1) or any(k % 2 == 0 for k in kernel):
-                    raise TfjsFormatError(f"{where}: 'same' padding only with stride 1 and odd kernels")
-                padding: tuple[int, ...] = tuple(
-                    d * (k - 1) // 2 for k, d in zip(kernel, dilation, strict=True)
-                )
-            elif padding_mode == "valid":
-                padding = (0, 0, 0)
-            else:
-                raise TfjsFormatError(f"{where}: unsupported padding {padding_mode!r}")
-            use_bias = bool(config.get("use_bias", True))
-            conv = nn.Conv3d(channels, filters, kernel, stride, padding, dilation, groups, bias=use_bias)
-            tf_kernel = take(name, "kernel", (*kernel, channels // groups, filters))
-            if tf_kernel is not None:
-                conv.weight.data.copy_(tf_kernel.permute(4, 3, 0, 1, 2))
-            if use_bias:
-                bias = take(name, "bias", (filters,))
-                if bias is not None:
-                    conv.bias.data.copy_(bias)
+            conv = _conv3d(config, channels, name, where, take)
+            filters = conv.out_channels
             modules[_module_name(name, taken)] = conv
             channels = filters
             if name_encoded_norm and name.endswith("_gn"):
@@ -244,39 +222,11 @@ def build_tfjs_module(
             if act is not None:
                 modules[_module_name(f"{name}_act", taken)] = act
         elif kind in ("Activation", "ReLU", "ELU", "Softmax", "LeakyReLU"):
-            if kind == "Activation":
-                act = _activation(config["activation"], where)
-            elif kind == "ReLU":
-                act = nn.ReLU()
-            elif kind == "ELU":
-                act = nn.ELU(alpha=float(config.get("alpha", 1.0)))
-            elif kind == "LeakyReLU":
-                act = nn.LeakyReLU(float(config.get("alpha", 0.3)))
-            else:
-                act = nn.Softmax(dim=1)
+            act = _activation_layer(kind, config, where)
             if act is not None:
                 modules[_module_name(name, taken)] = act
         elif kind == "BatchNormalization":
-            axis = config.get("axis", -1)
-            axis = axis[0] if isinstance(axis, list) else axis
-            if axis not in (-1, 4):
-                raise TfjsFormatError(f"{where}: BatchNormalization over axis {axis} (channels are axis -1)")
-            norm = nn.BatchNorm3d(
-                channels,
-                eps=float(config.get("epsilon", 1e-3)),
-                affine=bool(config.get("scale", True) or config.get("center", True)),
-            )
-            if not random_weights:
-                if config.get("scale", True):
-                    norm.weight.data.copy_(take(name, "gamma", (channels,)))
-                elif norm.weight is not None:
-                    norm.weight.data.fill_(1.0)
-                if config.get("center", True):
-                    norm.bias.data.copy_(take(name, "beta", (channels,)))
-                elif norm.bias is not None:
-                    norm.bias.data.zero_()
-                norm.running_mean.copy_(take(name, "moving_mean", (channels,)))
-                norm.running_var.copy_(take(name, "moving_variance", (channels,)))
+            norm = _batch_norm(config, channels, name, where, take, random_weights)
             modules[_module_name(name, taken)] = norm
         elif kind in ("Dropout", "SpatialDropout3D", "GaussianNoise"):
             continue  # inactive at inference
@@ -289,6 +239,81 @@ def build_tfjs_module(
         )
     module = nn.Sequential(modules)
     return module.float().eval()
+
+
+def _conv3d(
+    config: dict[str, Any], channels: int, name: str, where: str, take: Callable[..., torch.Tensor | None]
+) -> nn.Conv3d:
+    """A Conv3D layer with its TF.js kernel (``D, H, W, in, out``) and bias."""
+    kernel = tuple(int(k) for k in config["kernel_size"])
+    dilation = tuple(int(d) for d in config.get("dilation_rate", (1, 1, 1)))
+    stride = tuple(int(s) for s in config.get("strides", (1, 1, 1)))
+    groups = int(config.get("groups", 1))
+    filters = int(config["filters"])
+    padding_mode = config.get("padding", "valid")
+    if padding_mode == "same":
+        if stride != (1, 1, 1) or any(k % 2 == 0 for k in kernel):
+            raise TfjsFormatError(f"{where}: 'same' padding only with stride 1 and odd kernels")
+        padding: tuple[int, ...] = tuple(d * (k - 1) // 2 for k, d in zip(kernel, dilation, strict=True))
+    elif padding_mode == "valid":
+        padding = (0, 0, 0)
+    else:
+        raise TfjsFormatError(f"{where}: unsupported padding {padding_mode!r}")
+    use_bias = bool(config.get("use_bias", True))
+    conv = nn.Conv3d(channels, filters, kernel, stride, padding, dilation, groups, bias=use_bias)
+    tf_kernel = take(name, "kernel", (*kernel, channels // groups, filters))
+    if tf_kernel is not None:
+        conv.weight.data.copy_(tf_kernel.permute(4, 3, 0, 1, 2))
+    if use_bias:
+        bias = take(name, "bias", (filters,))
+        if bias is not None:
+            conv.bias.data.copy_(bias)
+    return conv
+
+
+def _activation_layer(kind: str, config: dict[str, Any], where: str) -> nn.Module | None:
+    """The module of a standalone activation layer (``None`` for a linear one)."""
+    if kind == "Activation":
+        return _activation(config["activation"], where)
+    if kind == "ReLU":
+        return nn.ReLU()
+    if kind == "ELU":
+        return nn.ELU(alpha=float(config.get("alpha", 1.0)))
+    if kind == "LeakyReLU":
+        return nn.LeakyReLU(float(config.get("alpha", 0.3)))
+    return nn.Softmax(dim=1)
+
+
+def _batch_norm(
+    config: dict[str, Any],
+    channels: int,
+    name: str,
+    where: str,
+    take: Callable[..., torch.Tensor | None],
+    random_weights: bool,
+) -> nn.BatchNorm3d:
+    """A BatchNormalization layer over the channel axis with its moving statistics."""
+    axis = config.get("axis", -1)
+    axis = axis[0] if isinstance(axis, list) else axis
+    if axis not in (-1, 4):
+        raise TfjsFormatError(f"{where}: BatchNormalization over axis {axis} (channels are axis -1)")
+    norm = nn.BatchNorm3d(
+        channels,
+        eps=float(config.get("epsilon", 1e-3)),
+        affine=bool(config.get("scale", True) or config.get("center", True)),
+    )
+    if not random_weights:
+        if config.get("scale", True):
+            norm.weight.data.copy_(take(name, "gamma", (channels,)))
+        elif norm.weight is not None:
+            norm.weight.data.fill_(1.0)
+        if config.get("center", True):
+            norm.bias.data.copy_(take(name, "beta", (channels,)))
+        elif norm.bias is not None:
+            norm.bias.data.zero_()
+        norm.running_mean.copy_(take(name, "moving_mean", (channels,)))
+        norm.running_var.copy_(take(name, "moving_variance", (channels,)))
+    return norm
 
 
 def describe_tfjs(model_json: str | Path) -> dict[str, Any]:
