@@ -44,9 +44,11 @@ class EngineOptions:
     windows: int = 32
     method: str = "minmax"
     rebuild: bool = False
+    #: never touch the network (``--offline``): weights must be cached or in a weights folder
+    offline: bool = False
 
     def arguments(self, with_precision: bool = True) -> list[str]:
-        args = ["--backend", self.backend]
+        args = ["--backend", self.backend, *(["--offline"] if self.offline else [])]
         if with_precision:
             args += ["--precision", self.precision]
         if self.calibration_folder:

@@ -98,7 +98,7 @@ class Panel:
         ui.modelComboBox.currentIndexChanged.connect(lambda *a: self.on_model_changed())
         for combo in (ui.backendComboBox, ui.precisionComboBox, ui.methodComboBox):
             combo.currentIndexChanged.connect(lambda *a: self.save_parameters())
-        for check in (ui.rebuildCheckBox, ui.compareCheckBox, ui.replaceCheckBox):
+        for check in (ui.rebuildCheckBox, ui.offlineCheckBox, ui.compareCheckBox, ui.replaceCheckBox):
             check.toggled.connect(lambda *a: self.save_parameters())
         ui.windowsSpinBox.valueChanged.connect(lambda *a: self.save_parameters())
         ui.calibrationPathLineEdit.currentPathChanged.connect(lambda *a: self.save_parameters())
@@ -128,6 +128,7 @@ class Panel:
             backend=BACKENDS.get(str(prop(ui.backendComboBox, "currentText")), "auto"),
             precision=PRECISIONS.get(str(prop(ui.precisionComboBox, "currentText")), "int8"),
             rebuild=bool(prop(ui.rebuildCheckBox, "checked")),
+            offline=bool(prop(ui.offlineCheckBox, "checked")),
             compare_fp32=bool(prop(ui.compareCheckBox, "checked")),
             replace_previous=bool(prop(ui.replaceCheckBox, "checked")),
             card_dirs=self.logic.extra_env.get(CARDS_ENV, ""),
@@ -135,7 +136,9 @@ class Panel:
 
     def engine_options(self) -> EngineOptions:
         s = self.settings()
-        return EngineOptions(s.backend, s.precision, s.calibration_folder, s.windows, s.method, s.rebuild)
+        return EngineOptions(
+            s.backend, s.precision, s.calibration_folder, s.windows, s.method, s.rebuild, s.offline
+        )
 
     def save_parameters(self) -> None:
         if self._restoring or self.parameter_node is None:
@@ -161,6 +164,7 @@ class Panel:
             self._select_text(ui.backendComboBox, _key_for(BACKENDS, settings.backend))
             self._select_text(ui.precisionComboBox, _key_for(PRECISIONS, settings.precision))
             ui.rebuildCheckBox.setChecked(settings.rebuild)
+            ui.offlineCheckBox.setChecked(settings.offline)
             ui.compareCheckBox.setChecked(settings.compare_fp32)
             ui.replaceCheckBox.setChecked(settings.replace_previous)
             if settings.card_dirs:

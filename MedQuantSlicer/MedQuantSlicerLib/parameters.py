@@ -22,6 +22,7 @@ class Settings:
     backend: str = "auto"
     precision: str = "int8"
     rebuild: bool = False
+    offline: bool = False
     compare_fp32: bool = False
     replace_previous: bool = False
     card_dirs: str = ""
