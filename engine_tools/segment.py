@@ -32,6 +32,7 @@ from engine_tools.volumes import (
     to_input_geometry,
     write_image,
 )
+from engine_tools.whole_volume import Crop, place_indices, plan_crop, whole_volume_applies
 
 if TYPE_CHECKING:
     from engine_tools.engines.base import Engine
@@ -81,6 +82,7 @@ def segment_image(
     batch_size: int | None = None,
     keep_logits: bool = False,
     predictor: Callable[[Any], Any] | None = None,
+    whole_volume: bool | None = None,
 ) -> SegmentationResult:
     """Segment ``image`` (SimpleITK image, path, or an already :class:`Preprocessed` volume).
 
@@ -88,26 +90,35 @@ def segment_image(
     smaller than the window is padded as ``window.padding_mode`` says (``constant`` zeros by default,
     ``replicate`` for edge replication as MONAI's ``SlidingWindowInferer``). ``predictor``
     replaces ``engine.predictor()`` (any callable from a torch ``N, C, D, H, W`` batch to logits).
+    ``whole_volume`` (default: where :func:`whole_volume_applies`) runs one pass over the head's
+    bounding box grown by the receptive-field radius instead of sliding windows; ``logits`` then
+    cover that crop (``timings["crop"]``).
     """
-    import torch
-
     started = time.perf_counter()
     prep, warnings = _preprocessed(image, card, progress)
     preprocessed = time.perf_counter()
     roi, overlap, batch_size = _window_settings(card, overlap, batch_size)
     latencies: list[float] = []
-    logits, done = _sliding_logits(
-        predictor or engine.predictor(), prep, card, roi, overlap, batch_size, latencies, progress
-    )
-    logits = logits[0]
+    crop = None
+    if whole_volume_applies(card, engine) if whole_volume is None else whole_volume:
+        crop = plan_crop(card, prep.array)
+        run = engine.run if predictor is None else _numpy_network(predictor)
+        logits, done = _crop_logits(run, prep, crop, latencies, progress)
+        logits = logits[0]
+    else:
+        network = predictor or engine.predictor()
+        logits, done = _sliding_logits(network, prep, card, roi, overlap, batch_size, latencies, progress)
+        logits = logits[0].float().numpy()
     if logits.shape[0] != card.num_classes:
         raise ValueError(
             f"{card.id}: the network returned {logits.shape[0]} channels but the card lists "
             f"{card.num_classes} classes"
         )
-    indices = torch.argmax(logits, dim=0).numpy()
-    kept = np.ascontiguousarray(logits.float().numpy()) if keep_logits else None
+    indices = logits.argmax(axis=0)
+    kept = np.ascontiguousarray(logits, dtype=np.float32) if keep_logits else None
     del logits
+    if crop is not None:
+        indices = place_indices(indices, crop, prep.spatial_shape)
     network_labels = class_values(card)[indices] if _needs_lookup(card) else indices
     inferred = time.perf_counter()
     if progress is not None:
@@ -120,6 +131,8 @@ def segment_image(
         "resample_s": round(finished - inferred, 4),
         "total_s": round(finished - started, 4),
         "num_windows": done,
+        "mode": "windows" if crop is None else "whole_volume",
+        "crop": None if crop is None else crop.to_json(),
         "batch_size": batch_size,
         "overlap": overlap,
         "window": list(roi),
@@ -181,6 +194,35 @@ def _sliding_logits(
             cval=0.0,
         )
     return logits, done
+
+
+def _crop_logits(
+    network: Callable[[np.ndarray], np.ndarray],
+    prep: Preprocessed,
+    crop: Crop,
+    latencies: list[float],
+    progress: Progress | None,
+) -> tuple[Any, int]:
+    """Logits ``1, K, d, h, w`` of one pass of ``network`` (numpy in and out, as ``Engine.run``) over
+    ``crop`` of the preprocessed volume."""
+    if progress is not None:
+        progress.update("segment", 0.0, f"one pass over {'x'.join(map(str, crop.shape))} voxels")
+    volume = np.ascontiguousarray(prep.array[(slice(None), *crop.slices)], dtype=np.float32)[None]
+    tick = time.perf_counter()
+    logits = np.asarray(network(volume), dtype=np.float32)
+    latencies.append(time.perf_counter() - tick)
+    return logits, 1
+
+
+def _numpy_network(predictor: Callable[[Any], Any]) -> Callable[[np.ndarray], np.ndarray]:
+    """A torch predictor as a numpy function (``N, C, D, H, W`` in, logits out)."""
+    import torch
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return predictor(torch.from_numpy(batch)).float().numpy()
+
+    return run
 
 
 def _preprocessed(

@@ -33,6 +33,12 @@ def register(
     add_engine_arguments(parser)
     parser.add_argument("--overlap", type=float, default=None, help="sliding-window overlap (card default)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    parser.add_argument(
+        "--sliding-windows",
+        action="store_true",
+        help="run overlapping windows even where the card's network is fully convolutional "
+        "(default there: one pass over the head's bounding box)",
+    )
     add_batch_arguments(parser)
     parser.set_defaults(func=run, render=render)
     return parser
@@ -67,7 +73,14 @@ def run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
         engine = prepare_engine(card, spec, progress)
     prepared = time.perf_counter()
     with progress.span(0.5, 0.95):
-        result = segment_image(engine, card, image, progress=progress, overlap=args.overlap)
+        result = segment_image(
+            engine,
+            card,
+            image,
+            progress=progress,
+            overlap=args.overlap,
+            whole_volume=False if args.sliding_windows else None,
+        )
     segmented = time.perf_counter()
     progress.update("write", 0.97, f"writing {output}")
     written = write_segmentation(result, output, overwrite=args.overwrite)

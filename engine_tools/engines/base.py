@@ -57,6 +57,8 @@ class Engine(ABC):
     backend: ClassVar[str]
     supported_precisions: ClassVar[tuple[str, ...]]
     default_device: ClassVar[str] = "cpu"
+    #: :meth:`run` accepts any spatial shape (one pass over a whole volume), not only the window's
+    any_spatial_shape: ClassVar[bool] = False
 
     def __init__(self, precision: str = "fp32", device: str | None = None) -> None:
         if precision not in self.supported_precisions:

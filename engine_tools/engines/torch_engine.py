@@ -22,6 +22,7 @@ WEIGHTS_FILE = "model.pt"
 class TorchEngine(Engine):
     backend = "torch"
     supported_precisions = ("fp32", "bf16")
+    any_spatial_shape = True
 
     def __init__(self, precision: str = "fp32", device: str | None = None) -> None:
         super().__init__(precision, device)

@@ -33,9 +33,20 @@ MODEL_BIN = "model.bin"
 PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
 
 
+def _core() -> Any:
+    """An OpenVINO core whose compiled blobs are cached in the user cache (``CACHE_DIR``), so a
+    cached engine is not compiled again on the next start."""
+    from engine_tools.cache import cache_dir
+
+    core = _ov().Core()
+    core.set_property({"CACHE_DIR": str(cache_dir("openvino-compiled"))})
+    return core
+
+
 class OpenVINOEngine(Engine):
     backend = "openvino"
     supported_precisions = ("fp32", "bf16", "fp16", "int8")
+    any_spatial_shape = True
 
     def __init__(self, precision: str = "fp32", device: str | None = None) -> None:
         super().__init__(precision, device)
@@ -45,6 +56,9 @@ class OpenVINOEngine(Engine):
         self._compiled: Any = None
         self._request: Any = None
         self._input_shape: tuple[int, ...] | None = None
+        self._model: Any = None
+        #: the most recent other input shape and its infer request (a whole-volume pass)
+        self._reshaped: tuple[tuple[int, ...], Any] | None = None
 
     # ------------------------------------------------------------------ availability / versions
     @classmethod
@@ -118,22 +132,32 @@ class OpenVINOEngine(Engine):
         return {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
 
     def load(self, artifact_dir: Path) -> None:
-        ov = _ov()
+        _ov()  # raises ImportError with the usual message when OpenVINO is missing
         artifact_dir = Path(artifact_dir)
         xml = artifact_dir / MODEL_XML
         if not xml.is_file():
             raise FileNotFoundError(f"OpenVINO engine artifact missing: {xml}")
-        core = ov.Core()
-        model = core.read_model(xml)
-        self._compiled = core.compile_model(model, "CPU", self.compile_config())
+        self._model = _core().read_model(xml)
+        self._compiled = _core().compile_model(self._model, "CPU", self.compile_config())
         self._request = self._compiled.create_infer_request()
         self._input_shape = tuple(int(d) for d in self._compiled.input(0).get_shape())
+        self._reshaped = None
         self.artifact_dir = artifact_dir
 
     def run(self, windows: np.ndarray) -> np.ndarray:
+        """Run ``N, C, D, H, W``; a spatial shape other than the window's (one pass over a whole volume
+        of a fully convolutional network) runs the same model reshaped to it."""
         if self._compiled is None:
             raise RuntimeError("engine not loaded")
-        return run_compiled(self._request, windows, self._input_shape)
+        shape = (1, *windows.shape[1:])
+        if self._input_shape is None or shape == self._input_shape:
+            return run_compiled(self._request, windows, self._input_shape)
+        if self._reshaped is None or self._reshaped[0] != shape:
+            model = self._model.clone()
+            model.reshape({model.input(0): _ov().PartialShape(list(shape))})
+            compiled = _core().compile_model(model, "CPU", self.compile_config())
+            self._reshaped = (shape, compiled.create_infer_request())
+        return run_compiled(self._reshaped[1], windows, shape)
 
     # ------------------------------------------------------------------ describe
     def describe(self) -> dict[str, Any]:

@@ -1,0 +1,118 @@
+"""One pass over the whole (cropped) volume for fully convolutional MeshNets: same labels as the
+sliding windows up to their border effects, exact to a direct PyTorch pass, crop-invariant, and the
+OpenVINO engine runs it reshaped with its compiled blobs cached."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from shared_data import shared_path
+
+from engine_tools.accuracy import agreement_dice
+from engine_tools.engines.torch_engine import TorchEngine
+from engine_tools.pipeline import prepare_engine
+from engine_tools.registry import ModelCard, get_card
+from engine_tools.segment import segment_image
+from engine_tools.volumes import preprocess, read_image
+from engine_tools.whole_volume import foreground_crop, plan_crop, whole_volume_applies
+
+SPACING = 2.5  # mm: the real T1 becomes ~103^3 voxels, small enough for a quick CPU test
+WINDOW = 80
+
+
+def coarse_card(**window: object) -> ModelCard:
+    """The real model11_gw_ae card (receptive field 49) on a coarser grid with a smaller window."""
+    card = get_card("brainchop-model11_gw_ae")
+    prep = {k: v for k, v in card.raw["preprocessing"].items() if k != "shape"}
+    raw = {
+        **card.raw,
+        "preprocessing": {**prep, "spacing": [SPACING] * 3},
+        "window": {**card.raw["window"], "size": [WINDOW] * 3, **window},
+    }
+    return ModelCard.from_dict(raw, card.path)
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    import os
+
+    os.environ["MEDQUANT_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+    card = coarse_card()
+    torch_engine = prepare_engine(
+        card, backend="torch", precision="fp32", weights_dir=shared_path("models", "brainchop")
+    )
+    image = read_image(shared_path("data", "mri", "t1_crop.nii.gz"))
+    # 60 mm of air around the head, as a scanner's field of view leaves it, for the crop to remove
+    prep = preprocess(sitk.ConstantPad(image, (60,) * 3, (60,) * 3, 0), card)
+    # native 1 mm, a 112^3 block from the middle of the head (tissue up to its faces: the hardest
+    # case for sliding windows, whose borders otherwise lie in air)
+    block = image[72:184, 72:184, 72:184]
+    native = get_card("brainchop-model11_gw_ae").raw
+    native = {**native, "preprocessing": {k: v for k, v in native["preprocessing"].items() if k != "shape"}}
+    prep_native = preprocess(block, ModelCard.from_dict(native))
+    return {"card": card, "torch": torch_engine, "prep": prep, "native": prep_native}
+
+
+def labels(result) -> np.ndarray:
+    return np.asarray(result.network_labels)
+
+
+def test_cards_say_which_networks_run_whole(case: dict) -> None:
+    assert whole_volume_applies(get_card("brainchop-model18cls"), case["torch"])
+    assert whole_volume_applies(get_card("brainchop-model21_104class"), case["torch"])
+    # per-window GroupNorm statistics (mindgrab) and whole-input z-scoring (deepbet) are not crop-invariant
+    assert not whole_volume_applies(get_card("brainchop-mindgrab"), case["torch"])
+    assert not whole_volume_applies(get_card("deepbet-brain"), case["torch"])
+
+
+def test_whole_volume_matches_windows_and_a_direct_torch_pass(case: dict) -> None:
+    import torch
+
+    card, engine, prep = case["card"], case["torch"], case["native"]
+    assert isinstance(engine, TorchEngine) and prep.spatial_shape == (112, 112, 112)
+    whole = segment_image(engine, coarse_card(crop_foreground=False), prep, whole_volume=True)
+    windows = segment_image(engine, card, prep, whole_volume=False)
+    assert whole.timings["mode"] == "whole_volume" and whole.timings["num_windows"] == 1
+    assert windows.timings["num_windows"] == 8
+    # windows of 80^3 are small against the receptive field (49): each window's outer 24 voxels see
+    # zeros instead of their context, and the Gaussian blend gives them a small, not zero, weight;
+    # away from the block's faces (where MONAI's clamped weights let those borders count fully) the
+    # labels agree closely, and one pass is exactly the network on the whole block
+    inner = (slice(16, -16),) * 3
+    agreement = agreement_dice(labels(windows)[inner], labels(whole)[inner], card.num_classes)
+    assert agreement["mean"] >= 0.985, agreement
+    with torch.inference_mode():
+        direct = engine._module(torch.from_numpy(prep.array[None])).argmax(1)[0].numpy()
+    np.testing.assert_array_equal(labels(whole), direct)
+
+
+def test_foreground_crop_keeps_the_labels(case: dict) -> None:
+    card, engine, prep = case["card"], case["torch"], case["prep"]
+    crop = plan_crop(card, prep.array)
+    assert np.prod(crop.shape) < 0.8 * np.prod(prep.spatial_shape), crop
+    assert foreground_crop(prep.array, 0).shape < crop.shape
+    cropped = segment_image(engine, card, prep)
+    full = segment_image(engine, coarse_card(crop_foreground=False), prep, whole_volume=True)
+    assert cropped.timings["crop"]["shape"] == list(crop.shape)
+    agreement = agreement_dice(labels(full), labels(cropped), card.num_classes)
+    assert agreement["mean"] >= 0.999, agreement
+
+
+def test_openvino_runs_the_whole_volume_reshaped_with_cached_blobs(case: dict) -> None:
+    pytest.importorskip("openvino", reason="OpenVINO not installed (pip install openvino nncf)")
+    from engine_tools.cache import cache_root
+
+    card, prep = case["card"], case["prep"]
+    engine = prepare_engine(
+        card, backend="openvino", precision="fp32", weights_dir=shared_path("models", "brainchop")
+    )
+    result = segment_image(engine, card, prep)
+    reference = segment_image(case["torch"], card, prep)
+    assert result.timings["mode"] == "whole_volume"
+    agreement = agreement_dice(labels(reference), labels(result), card.num_classes)
+    assert agreement["mean"] >= 0.999, agreement
+    blobs = list(Path(cache_root(), "openvino-compiled").glob("*.blob"))
+    assert len(blobs) >= 2  # the window-shaped and the crop-shaped compilation
