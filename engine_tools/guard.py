@@ -204,7 +204,8 @@ class AccuracyGuard:
 
     def _kept(self, step: str, base: Candidate, layers: list[str]) -> Candidate:
         start = time.perf_counter()
-        model = self.adapter.keep_layers(base.model, layers)
+        # the forced and pattern layers are already out of INT8; naming them lets "all layers" be seen
+        model = self.adapter.keep_layers(base.model, [*layers, *self.forced, *self.by_pattern])
         candidate = Candidate(model, self.evaluate(model), base.recipe, self.forced + layers)
         self._record(step, candidate, start)
         return candidate

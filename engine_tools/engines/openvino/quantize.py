@@ -178,6 +178,10 @@ class NNCFAdapter:
         )
 
     def keep_layers(self, candidate: Any, layers: Sequence[str]) -> Any:
+        """``candidate`` with ``layers`` back in float; all layers: the FP32 model itself (no
+        FakeQuantize left on other ops either, so a fully higher-precision engine really is one)."""
+        if set(self.layers()) <= set(layers):
+            return self.model.clone()
         return dequantize_layers(candidate, self.model, layers)
 
     def quantized_layers(self, candidate: Any) -> list[str]:
