@@ -48,6 +48,7 @@ import SimpleITK as sitk
 
 from engine_tools.cache import TMP_PREFIX
 from engine_tools.checks import non_finite_message, replace_non_finite, volume_warnings
+from engine_tools.conformed import already_conformed, scale_range
 from engine_tools.geometry import (
     _AXIS_LABELS,
     geometry_from_affine,
@@ -167,10 +168,6 @@ def preprocess(image: sitk.Image | str | Path, card: Any) -> Preprocessed:
 
     ``card`` is a :class:`engine_tools.registry.ModelCard` or a dict with a ``preprocessing`` entry.
     """
-    import torch
-    from monai.data import MetaTensor
-    from monai.transforms import Orientation, ResizeWithPadOrCrop, Spacing
-
     source = None
     if not isinstance(image, sitk.Image):
         source = str(image)
@@ -190,6 +187,23 @@ def preprocess(image: sitk.Image | str | Path, card: Any) -> Preprocessed:
     steps["warnings"] = [non_finite_message(non_finite, data.size)] if non_finite else []
     steps["warnings"] += volume_warnings(image, card) if not isinstance(card, dict) else []
     steps["non_finite_replaced"] = non_finite
+    if already_conformed(image, spec):  # nothing to resample: no PyTorch/MONAI import either
+        array, steps["intensity"] = scale_range(data, spec["intensity"])
+        steps.update(orientation=str(spec["orientation"]).upper(), conformed_input=True)
+        return Preprocessed(
+            array=np.ascontiguousarray(array, dtype=np.float32),
+            affine=affine,
+            input_size=tuple(image.GetSize()),  # type: ignore[arg-type]
+            input_origin=tuple(image.GetOrigin()),  # type: ignore[arg-type]
+            input_spacing=tuple(image.GetSpacing()),  # type: ignore[arg-type]
+            input_direction=tuple(image.GetDirection()),
+            steps=steps,
+            source=source,
+        )
+    import torch
+    from monai.data import MetaTensor
+    from monai.transforms import Orientation, ResizeWithPadOrCrop, Spacing
+
     tensor = MetaTensor(torch.from_numpy(np.ascontiguousarray(data)), affine=torch.from_numpy(affine))
 
     code = spec.get("orientation")
