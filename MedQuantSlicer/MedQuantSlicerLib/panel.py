@@ -37,6 +37,11 @@ def prop(widget: Any, name: str) -> Any:
     return widget.property(name)
 
 
+#: colour and tooltip of a result row whose INT8 engine ended below the accuracy guard's target
+BELOW_TARGET_COLOR = "#c62828"
+BELOW_TARGET_TIP = "Below the accuracy target: the INT8 engine agrees with FP32 less than asked"
+
+
 class Panel:
     """Widget bindings of the module (one instance per panel)."""
 
@@ -386,9 +391,14 @@ class Panel:
     def show_rows(self, rows: list[ResultRow]) -> None:
         table = self.ui.resultsTableWidget
         table.setRowCount(len(rows))
+        qt = self.host.qt
         for r, row in enumerate(rows):
             for c, text in enumerate(row.cells()):
-                table.setItem(r, c, self.host.qt.QTableWidgetItem(text))
+                item = qt.QTableWidgetItem(text)
+                if row.below_target:  # built with --allow-below-target: the guard missed its target
+                    item.setForeground(qt.QBrush(qt.QColor(BELOW_TARGET_COLOR)))
+                    item.setToolTip(BELOW_TARGET_TIP)
+                table.setItem(r, c, item)
         self.update_buttons()
 
     def on_show_chart(self) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from PySide6 import QtCore, QtWidgets
+from PySide6 import QtCore, QtGui, QtWidgets
 from PySide6.QtCore import Property, Signal
 from PySide6.QtUiTools import QUiLoader
 
@@ -149,6 +149,8 @@ class PySideHost:
             QTimer=QtCore.QTimer,
             QEventLoop=QtCore.QEventLoop,
             QTableWidgetItem=QtWidgets.QTableWidgetItem,
+            QBrush=QtGui.QBrush,
+            QColor=QtGui.QColor,
         )
         self.scene = scene
         self.card_file = card_file

@@ -17,7 +17,7 @@ pytest.importorskip("slicer", reason="slicer-core is needed for the MRML scene")
 
 from MedQuantSlicerLib import parameters, paths, support  # noqa: E402
 from MedQuantSlicerLib.logic import MedQuantLogic  # noqa: E402
-from MedQuantSlicerLib.panel import Panel  # noqa: E402
+from MedQuantSlicerLib.panel import BELOW_TARGET_COLOR, Panel  # noqa: E402
 from MedQuantSlicerLib.results import ResultRow  # noqa: E402
 from mrml_helpers import oblique_volume  # noqa: E402
 from pyside_host import PySideHost, load_panel_ui, spin  # noqa: E402
@@ -50,6 +50,21 @@ def test_scene_close_rereads_parameter_node_and_drops_stale_results(scene):
     panel.logic.set_rows(rows)
     assert panel.table_node is not old_table and panel.table_node.GetScene() is scene
     assert panel.chart_node.GetScene() is scene
+    panel.cleanup()
+
+
+def test_result_below_the_accuracy_target_is_shown_in_red(scene):
+    panel = _panel(scene)
+    rows = [
+        ResultRow("FP32", "openvino (cpu)", 1.0, 40.0, 8.0, 1.0),
+        ResultRow("INT8", "openvino (cpu)", 0.3, 20.0, 4.0, 0.95, below_target=True),
+    ]
+    panel.show_rows(rows)
+    table = panel.ui.resultsTableWidget
+    red = [table.item(1, c).foreground().color().name() for c in range(table.columnCount())]
+    assert set(red) == {BELOW_TARGET_COLOR}
+    assert "Below the accuracy target" in table.item(1, 0).toolTip()
+    assert table.item(0, 0).foreground().color().name() != BELOW_TARGET_COLOR
     panel.cleanup()
 
 
