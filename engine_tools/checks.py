@@ -44,18 +44,14 @@ def inspect_nifti(path: str | Path) -> int:
 
     Raises :class:`InputError` for an unreadable header, a corrupt gzip stream or a truncated file.
     """
-    import nibabel as nib
-
     path = Path(path)
     suffix = _suffix(path)
     if suffix not in (".nii", ".nii.gz") or not path.is_file():
         return 0
     try:
-        header = nib.load(str(path)).header
-        offset = int(header.get_data_offset())
-        dtype = header.get_data_dtype()
-        expected = math.prod(int(s) for s in header.get_data_shape()) * int(dtype.itemsize)
-    except Exception as exc:  # nibabel raises many types for corrupt headers
+        offset, dtype, shape = nifti_layout(path)
+        expected = math.prod(shape) * int(dtype.itemsize)
+    except Exception as exc:  # corrupt headers fail in many ways
         raise InputError(
             f"{path}: cannot read as an image (unreadable NIfTI header: {exc}); re-export or re-download it"
         ) from exc
@@ -74,6 +70,38 @@ def inspect_nifti(path: str | Path) -> int:
             f"({(expected - actual) / max(expected, 1):.0%} missing); re-export or re-download it"
         )
     return non_finite
+
+
+#: NIfTI datatype code -> numpy type (nifti1.h)
+_NIFTI_TYPES = {
+    2: "u1", 4: "i2", 8: "i4", 16: "f4", 32: "c8", 64: "f8", 128: "V3", 256: "i1", 512: "u2",
+    768: "u4", 1024: "i8", 1280: "u8", 1536: "f16", 1792: "c16", 2304: "V4",
+}  # fmt: skip
+
+
+def nifti_layout(path: Path) -> tuple[int, np.dtype, tuple[int, ...]]:
+    """``(data offset, voxel dtype, shape)`` from a NIfTI-1 or NIfTI-2 header (either byte order)."""
+    opener = gzip.open if _suffix(path) == ".nii.gz" else open
+    with opener(path, "rb") as stream:
+        header = stream.read(540)
+    for order in "<>":
+        size = int(np.frombuffer(header[:4], dtype=order + "i4")[0]) if len(header) >= 4 else 0
+        if size == 348 and len(header) >= 348:
+            dims = np.frombuffer(header[40:56], dtype=order + "i2")
+            code = int(np.frombuffer(header[70:72], dtype=order + "i2")[0])
+            offset = int(np.frombuffer(header[108:112], dtype=order + "f4")[0])
+            offset = max(offset, 352)
+            break
+        if size == 540 and len(header) >= 540:
+            code = int(np.frombuffer(header[12:14], dtype=order + "i2")[0])
+            dims = np.frombuffer(header[16:80], dtype=order + "i8")
+            offset = int(np.frombuffer(header[168:176], dtype=order + "i8")[0])
+            break
+    else:
+        raise ValueError("not a NIfTI-1 or NIfTI-2 header (sizeof_hdr is neither 348 nor 540)")
+    if code not in _NIFTI_TYPES or not 1 <= int(dims[0]) <= 7:
+        raise ValueError(f"unsupported NIfTI datatype {code} or dimension count {int(dims[0])}")
+    return offset, np.dtype(order + _NIFTI_TYPES[code]), tuple(int(d) for d in dims[1 : int(dims[0]) + 1])
 
 
 def _scan_voxels(stream: Any, offset: int, expected: int, dtype: np.dtype) -> tuple[int, int]:

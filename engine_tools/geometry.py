@@ -54,6 +54,11 @@ def ijk_array(image: sitk.Image) -> np.ndarray:
 
 def orientation_code(image: sitk.Image) -> str:
     """nibabel-style axis code (where each index axis points, e.g. ``"LPS"``) of an image."""
+    from engine_tools.fast_preprocess import axis_code
+
+    aligned = axis_code(ras_affine(image))
+    if aligned is not None:  # the common case, without importing nibabel
+        return aligned
     import nibabel as nib
 
     return "".join(nib.aff2axcodes(ras_affine(image)))

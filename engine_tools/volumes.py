@@ -49,6 +49,7 @@ import SimpleITK as sitk
 from engine_tools.cache import TMP_PREFIX
 from engine_tools.checks import non_finite_message, replace_non_finite, volume_warnings
 from engine_tools.conformed import already_conformed, scale_range
+from engine_tools.fast_preprocess import preprocess_without_monai
 from engine_tools.geometry import (
     _AXIS_LABELS,
     geometry_from_affine,
@@ -167,6 +168,8 @@ def preprocess(image: sitk.Image | str | Path, card: Any) -> Preprocessed:
     """Bring ``image`` into the card's network space (orientation, spacing, intensity, shape).
 
     ``card`` is a :class:`engine_tools.registry.ModelCard` or a dict with a ``preprocessing`` entry.
+    Conformed inputs (:mod:`engine_tools.conformed`) and inputs that need no resampling (cards without
+    foreground crop or z-score, :mod:`engine_tools.fast_preprocess`) are done in numpy (same result).
     """
     source = None
     if not isinstance(image, sitk.Image):
@@ -200,6 +203,9 @@ def preprocess(image: sitk.Image | str | Path, card: Any) -> Preprocessed:
             steps=steps,
             source=source,
         )
+    fast = preprocess_without_monai(data, affine, spec, in_channels, steps)
+    if fast is not None:  # reorientation and pad/crop only: numpy, no PyTorch/MONAI import
+        return Preprocessed(fast[0], fast[1], *_input_grid(image), steps=steps, source=source)
     import torch
     from monai.data import MetaTensor
     from monai.transforms import Orientation, ResizeWithPadOrCrop, Spacing
@@ -240,6 +246,16 @@ def preprocess(image: sitk.Image | str | Path, card: Any) -> Preprocessed:
         input_direction=tuple(image.GetDirection()),
         steps=steps,
         source=source,
+    )
+
+
+def _input_grid(image: sitk.Image) -> tuple[Any, Any, Any, Any]:
+    """Size, origin, spacing and direction of the input (where labels go back to)."""
+    return (
+        tuple(image.GetSize()),
+        tuple(image.GetOrigin()),
+        tuple(image.GetSpacing()),
+        tuple(image.GetDirection()),
     )
 
 

@@ -6,19 +6,26 @@ Every engine starts from this file: input ``input`` ``[batch, C, D, H, W]``, out
 from __future__ import annotations
 
 import io
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from engine_tools.cache import atomic_file, cache_dir, sha256_file, sha256_json
-from engine_tools.networks.loaders import NetworkError, card_file, module_from_files, network_files
+from engine_tools.networks.files import NetworkError, card_file, network_files
 from engine_tools.progress import Progress, SilentProgress
 from engine_tools.registry import ModelCard
 from engine_tools.weights import WeightsUnavailable, ensure_weights
 
 ONNX_OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
+
+
+def exporter_version() -> str:
+    """The installed PyTorch version (part of the export key), read without importing PyTorch."""
+    try:
+        return version("torch")
+    except PackageNotFoundError:
+        return "none"
 
 
 def _weights_fingerprint(files: dict[str, Path] | None) -> dict[str, str]:
@@ -34,7 +41,7 @@ def export_key(card: ModelCard, files: dict[str, Path] | None, random_weights: b
             "in_channels": card.in_channels,
             "weights": _weights_fingerprint(files),
             "random_weights": random_weights,
-            "torch": torch.__version__,
+            "torch": exporter_version(),
             "opset": ONNX_OPSET,
         }
     )
@@ -250,6 +257,10 @@ def export_onnx(
     if _usable_export(target, progress, rebuild):
         progress.update("export", 1.0, f"{card.id}: ONNX export found in cache")
         return target
+    import torch
+
+    from engine_tools.networks.loaders import module_from_files
+
     module = module_from_files(card, files, random_weights)
     window = card.window_size
     # Pure convolution stacks (TF.js MeshNets) trace identically at any size: export with a small

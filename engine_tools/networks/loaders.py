@@ -36,18 +36,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine_tools.progress import Progress
+from engine_tools.networks.files import NetworkError, _where, card_file, network_files
 from engine_tools.registry import ModelCard
-from engine_tools.weights import ensure_weights, weight_entries
+from engine_tools.weights import weight_entries
 
 #: (card, weight files by name or None when random, random_weights) -> nn.Module
 Loader = Callable[[ModelCard, dict[str, Path] | None, bool], nn.Module]
 
 _LOADERS: dict[str, Loader] = {}
-
-
-class NetworkError(ValueError):
-    """The card's network cannot be built or exported; the message names the card and the field."""
 
 
 def register_format(name: str, loader: Loader) -> None:
@@ -75,22 +71,6 @@ class InputTransform(nn.Module):
             std = x.std(dim=[1, 2, 3, 4], keepdim=True).clamp_min(1e-6)
             x = (x - mean) / std
         return self.network(x * self.scale + self.shift)
-
-
-def _where(card: ModelCard) -> str:
-    return str(card.path or card.id)
-
-
-def card_file(card: ModelCard, files: dict[str, Path], key: str = "file", name: str | None = None) -> Path:
-    """The weights file that ``network.<key>`` names (``name``: the value already read from there)."""
-    name = name or card.network.get(key)
-    if not name:
-        raise NetworkError(f"{_where(card)}: network.{key} must name one of the weights files")
-    if name not in files:
-        raise NetworkError(
-            f"{_where(card)}: network.{key} {name!r} is not among weights.files ({', '.join(files)})"
-        )
-    return files[name]
 
 
 def _load_tfjs(card: ModelCard, files: dict[str, Path] | None, random_weights: bool) -> nn.Module:
@@ -200,20 +180,6 @@ def _loader(card: ModelCard) -> Loader:
             f"{_where(card)}: unknown network.format {fmt!r} (known: {', '.join(network_formats())})"
         )
     return _LOADERS[fmt]
-
-
-def network_files(
-    card: ModelCard,
-    weights_dir: str | Path | None,
-    random_weights: bool,
-    progress: Progress | None = None,
-) -> dict[str, Path] | None:
-    """The card's weight files by name (mirror, cache or download); ``None`` when none are needed
-    (random weights; a TF.js network still needs its topology file)."""
-    _loader(card)  # unknown formats fail before anything is downloaded
-    if random_weights and card.network["format"] != "tfjs":
-        return None
-    return ensure_weights(card, weights_dir, progress=progress)
 
 
 def module_from_files(card: ModelCard, files: dict[str, Path] | None, random_weights: bool) -> nn.Module:

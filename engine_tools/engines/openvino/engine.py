@@ -72,10 +72,10 @@ class OpenVINOEngine(Engine):
     def versions(self) -> dict[str, str]:
         ov = _ov()
         found = {**super().versions(), "openvino": ov.get_version()}
-        if self.precision == "int8":
-            import nncf
+        if self.precision == "int8":  # read without importing NNCF (a cached engine never needs it)
+            from importlib.metadata import version
 
-            found["nncf"] = nncf.__version__
+            found["nncf"] = version("nncf")
         return found
 
     # ------------------------------------------------------------------ build
