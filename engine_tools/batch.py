@@ -265,7 +265,8 @@ def segment_scan(
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            row.update(_segment_and_write(engine, card, scan, progress, reference, timings))
+            sliding = bool(row.get("window", {}).get("sliding_windows"))
+            row.update(_segment_and_write(engine, card, scan, progress, reference, timings, sliding))
         row["warnings"] = list(dict.fromkeys(row.get("warnings", []) + [str(w.message) for w in caught]))
         row["status"] = "done"
     except (Cancelled, KeyboardInterrupt):
@@ -284,6 +285,7 @@ def _segment_and_write(
     progress: Progress,
     reference: Path | None,
     timings: dict[str, Any],
+    sliding_windows: bool = False,
 ) -> dict[str, Any]:
     from engine_tools.label_stats import dice_per_label, label_volumes, reference_on_grid
     from engine_tools.segment import segment_image, write_segmentation
@@ -295,10 +297,12 @@ def _segment_and_write(
         raise ValueError(f"{scan.output} is the input itself; choose another --output-dir")
     image = read_image(scan.path, series_uid=scan.series_uid)
     timings["read_s"] = round(time.perf_counter() - tick, 4)
-    result = segment_image(engine, card, image, progress=progress)
-    for key in ("preprocess_s", "inference_s", "resample_s"):
-        timings[key] = result.timings[key]
-    timings["num_windows"] = result.timings["num_windows"]
+    result = segment_image(
+        engine, card, image, progress=progress, whole_volume=False if sliding_windows else None
+    )
+    for key in ("preprocess_s", "inference_s", "resample_s", "num_windows", "mode"):
+        if key in result.timings:
+            timings[key] = result.timings[key]
     tick = time.perf_counter()
     progress.update("write", 1.0, "writing the labelmap and label tables")
     written = write_segmentation(result, scan.output, overwrite=True)

@@ -66,17 +66,24 @@ def _check_output_folder(
                 )
 
 
-def sliding_window_settings(card: ModelCard) -> dict[str, Any]:
-    """The card's window settings that change the labels (part of what makes a scan "done")."""
-    return {key: card.window.get(key) for key in ("size", "overlap", "blend")}
+def sliding_window_settings(card: ModelCard, sliding_windows: bool = False) -> dict[str, Any]:
+    """The window settings that change the labels (part of what makes a scan "done"): the card's size,
+    overlap and blend, and whether sliding windows are forced where one whole-volume pass would run."""
+    settings = {key: card.window.get(key) for key in ("size", "overlap", "blend")}
+    return {**settings, "sliding_windows": sliding_windows}
 
 
 def plan(
-    scans: list[BatchScan], manifest: Manifest, engine_key: str, card: ModelCard, progress: Progress
+    scans: list[BatchScan],
+    manifest: Manifest,
+    engine_key: str,
+    card: ModelCard,
+    progress: Progress,
+    sliding_windows: bool = False,
 ) -> list[tuple[BatchScan, dict[str, Any]]]:
     """Hash every input; record ``skipped`` rows for scans done earlier with the same engine, window
     settings and input (and ``failed`` rows for unreadable files); return the scans left to segment."""
-    settings = sliding_window_settings(card)
+    settings = sliding_window_settings(card, sliding_windows)
     todo = []
     for index, scan in enumerate(scans):
         progress.update("hash", None, f"hashing {index + 1}/{len(scans)}: {scan.scan}")
@@ -129,28 +136,53 @@ def run_batch(
     client: Any = None,
     cores_per_worker: int | None = None,
     overwrite: bool = False,
+    sliding_windows: bool = False,
 ) -> dict[str, Any]:
     """Segment ``scans`` into ``output_dir`` and keep its manifest and ``volumes.csv`` up to date.
 
     ``client``: a ``dask.distributed.Client`` (scans become tasks on its workers), else this process.
     ``reference``: a pattern of reference labelmaps (see :func:`engine_tools.batch.reference_path`).
+    ``sliding_windows``: overlapping windows even where one whole-volume pass would run.
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     with output_folder_lock(output_dir):
-        return _run_locked(
-            engine,
-            card,
-            ref,
-            scans,
-            output_dir,
-            progress,
-            input_root,
-            reference,
-            client,
-            cores_per_worker,
-            overwrite,
+        started = time.perf_counter()
+        leftovers = remove_stale_partials(output_dir)  # of a killed earlier run (its process is gone)
+        if leftovers:
+            progress.log(f"removed {len(leftovers)} half-written file(s) of an interrupted earlier run")
+        manifest = Manifest.load(output_dir, {**engine.describe(), "key": ref.key, "model": card.id})
+        _check_output_folder(output_dir, scans, manifest, overwrite)
+        labels = [(label.value, label.name) for label in card.labels if label.value != 0]
+        todo = plan(scans, manifest, ref.key, card, progress, sliding_windows)
+        manifest.save(labels, with_dice=reference is not None)
+        root = input_root or Path(scans[0].path).parent
+        references = {s.scan: reference_path(reference, s, root) if reference else None for s in scans}
+        progress.log(
+            f"{len(scans)} scans: {manifest.counts()['skipped']} already done, {len(todo)} to segment"
+            + (f" on {client}" if client is not None else "")
         )
+        processed_at = time.perf_counter()
+        if client is None:
+            rows = _segment_here(engine, card, todo, references, progress)
+        else:
+            from engine_tools.cluster import segment_on_dask
+
+            rows = segment_on_dask(client, ref, todo, references, cores_per_worker, progress)
+        for done, row in enumerate(rows, start=1):
+            manifest.record(row)
+            manifest.save(labels, with_dice=reference is not None)
+            _report(progress, row, done, len(todo), time.perf_counter() - processed_at)
+        wall = time.perf_counter() - processed_at
+        return {
+            **_summary(output_dir, manifest, len(scans), ref.key),
+            "timings": {
+                "segment_wall_s": round(wall, 3),
+                "batch_wall_s": round(time.perf_counter() - started, 3),
+                "scans_per_hour": round(len(todo) / wall * 3600, 2) if todo and wall > 0 else None,
+            },
+            "executor": "dask" if client is not None else "local",
+        }
 
 
 @contextmanager
@@ -171,67 +203,20 @@ def output_folder_lock(output_dir: Path) -> Iterator[None]:
         lock.release()
 
 
-def _run_locked(
-    engine: Any,
-    card: ModelCard,
-    ref: EngineRef,
-    scans: list[BatchScan],
-    output_dir: Path,
-    progress: Progress,
-    input_root: Path | None,
-    reference: str | None,
-    client: Any,
-    cores_per_worker: int | None,
-    overwrite: bool,
-) -> dict[str, Any]:
-    started = time.perf_counter()
-    leftovers = remove_stale_partials(output_dir)  # of a killed earlier run (its process is gone)
-    if leftovers:
-        progress.log(f"removed {len(leftovers)} half-written file(s) of an interrupted earlier run")
-    engine_info = {**engine.describe(), "key": ref.key, "model": card.id}
-    manifest = Manifest.load(output_dir, engine_info)
-    _check_output_folder(output_dir, scans, manifest, overwrite)
-    labels = [(label.value, label.name) for label in card.labels if label.value != 0]
-    todo = plan(scans, manifest, ref.key, card, progress)
-    manifest.save(labels, with_dice=reference is not None)
-    root = input_root or Path(scans[0].path).parent
-    references = {s.scan: reference_path(reference, s, root) if reference else None for s in scans}
-    progress.log(
-        f"{len(scans)} scans: {manifest.counts()['skipped']} already done, {len(todo)} to segment"
-        + (f" on {client}" if client is not None else "")
-    )
-    processed_at = time.perf_counter()
-    if client is None:
-        rows = _segment_here(engine, card, todo, references, progress)
-    else:
-        from engine_tools.cluster import segment_on_dask
-
-        rows = segment_on_dask(client, ref, todo, references, cores_per_worker, progress)
-    for done, row in enumerate(rows, start=1):
-        manifest.record(row)
-        manifest.save(labels, with_dice=reference is not None)
-        _report(progress, row, done, len(todo), time.perf_counter() - processed_at)
-    counts = manifest.counts()
-    wall = time.perf_counter() - processed_at
+def _summary(output_dir: Path, manifest: Manifest, num_scans: int, engine_key: str) -> dict[str, Any]:
     return {
         "output_dir": str(output_dir),
         "manifest": str(output_dir / MANIFEST_JSON),
         "manifest_csv": str(output_dir / MANIFEST_CSV),
         "volumes": str(output_dir / VOLUMES_CSV),
-        "scans": len(scans),
-        "counts": counts,
-        "engine_key": ref.key,
+        "scans": num_scans,
+        "counts": manifest.counts(),
+        "engine_key": engine_key,
         "failed": [
             {"scan": r["scan"], "error": r["error"]}
             for r in manifest.rows.values()
             if r["status"] == "failed"
         ],
-        "timings": {
-            "segment_wall_s": round(wall, 3),
-            "batch_wall_s": round(time.perf_counter() - started, 3),
-            "scans_per_hour": round(len(todo) / wall * 3600, 2) if todo and wall > 0 else None,
-        },
-        "executor": "dask" if client is not None else "local",
     }
 
 

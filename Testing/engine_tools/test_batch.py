@@ -199,12 +199,15 @@ def test_rerun_skips_what_is_done_and_retries_the_failed(cohort, first_run, cach
     assert events[-1]["data"]["counts"] == {"done": 0, "failed": 1, "skipped": 3}
     after = {s: Path(first_run / s.replace(".nrrd", ".nii.gz")).stat().st_mtime_ns for s in SCANS}
     assert after == before  # nothing rewritten
-    for overlap in ("0.25", None):  # another window overlap is another result: segmented again
-        extra = ("--overlap", overlap) if overlap else ()
+    # another overlap, or sliding windows where one whole-volume pass would run, is another result
+    for extra in (("--overlap", "0.25"), ("--sliding-windows",), ()):
         args = ("--input", str(cohort["inputs"]), "--output-dir", str(first_run), *extra)
         code, events = _segment(cohort, *args, capsys=capsys)
         assert code == 0 and events[-1]["data"]["counts"] == {"done": 3, "failed": 1, "skipped": 0}
-        assert _manifest(first_run)[SCANS[0]]["window"]["overlap"] == float(overlap or 0.5)
+        row = _manifest(first_run)[SCANS[0]]
+        assert row["window"]["overlap"] == (0.25 if "--overlap" in extra else 0.5)
+        assert row["window"]["sliding_windows"] == ("--sliding-windows" in extra)
+        assert row["timings"]["mode"] == ("windows" if "--sliding-windows" in extra else "whole_volume")
 
 
 def test_list_input_and_reference_dice(cohort, first_run, cache, tmp_path, capsys):

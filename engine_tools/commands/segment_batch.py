@@ -85,6 +85,7 @@ def run_batch_command(args: argparse.Namespace, progress: Progress) -> dict[str,
         input_root=source if source.is_dir() else None,
         reference=args.reference,
         overwrite=args.overwrite,
+        sliding_windows=args.sliding_windows,
     )
     with progress.span(0.3, 1.0):
         if args.scheduler or args.cluster:
