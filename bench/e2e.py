@@ -115,7 +115,7 @@ def measure_case(model: str, scan: str, cache: Path, out: Path, torch: bool) -> 
         (calibration / other).symlink_to(MRI / other)
     case: dict[str, Any] = {"model": model, "scan": scan, "calibrated_on": other, "precisions": {}}
     labels: dict[str, np.ndarray] = {}
-    runs = [("openvino", p) for p in PRECISIONS] + ([("torch", "fp32")] if torch else [])
+    runs = [("openvino", p) for p in ("int8", "fp32", "bf16")] + ([("torch", "fp32")] if torch else [])
     for backend, precision in runs:
         name = precision if backend == "openvino" else "pytorch_fp32_eager"
         row: dict[str, Any] = {"backend": backend, "precision": precision}

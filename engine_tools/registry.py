@@ -15,11 +15,14 @@ the extension; ``$MEDQUANT_MODEL_CARDS`` adds more folders, ``os.pathsep``-separ
         "shape": [256, 256, 256] | null,       # conform to this grid (centre crop / pad), optional
         "intensity": {"rule": "quantile" | "window" | "zscore" | "none", ...}
       },
-      "window": {"size": [96, 96, 96], "overlap": 0.5, "blend": "gaussian", "batch": 1},
+      "window": {"size": [96, 96, 96], "overlap": 0.5, "blend": "gaussian", "batch": 1,
+                 "crop_foreground": true},    # whole-volume pass: crop to the head first (default)
       "network": {"format": "monai" | "torch" | "tfjs" | "onnx" | "torchscript",
                   "builder": "monai.networks.nets.UNet", "kwargs": {...},   # monai/torch
                   "file": "model.json", "channels_last": true, ...,         # file formats
-                  "in_channels": 1, "num_classes": 18},
+                  "in_channels": 1, "num_classes": 18,
+                  "receptive_field": 93,       # voxels; the crop margin of a whole-volume pass
+                  "fully_convolutional": true},  # same logits at any input size: one pass, no windows
       "weights": {"files": [{"name": "...", "url": "...", "sha256": "..." | null, "size": int | null,
                              "member": "path inside an archive"?}],
                   "licence": "MIT", "source": "where the publisher documents it", "notes": "..."},
