@@ -86,9 +86,12 @@ def measure_precisions(
     """One row per precision (FP32 first) on the backend of ``spec``: engine size, latency of
     ``measurement.batch``, and, with ``measurement.image``, a whole segmentation with its time, peak
     memory and agreement with FP32. A precision that cannot run here is a row with the reason."""
+    from engine_tools.end_to_end import cached_load_s, end_to_end, worker_startup_s
+
     rows: dict[str, dict[str, Any]] = {}
     baseline = Baseline()
     precisions = ordered_precisions(precisions)
+    startup = worker_startup_s(spec.backend)
     step = 1.0 / len(precisions)
     for index, precision in enumerate(precisions):
         with progress.span(index * step, (index + 1) * step):
@@ -97,6 +100,11 @@ def measure_precisions(
                 _measure_row(engine, card, rows[precision], measurement, baseline, progress)
                 del engine
                 gc.collect()
+                row = rows[precision]
+                if "write_s" in row:  # command start to labelmap written, with the engine cached
+                    load = cached_load_s(card, spec.for_precision(precision))
+                    row["end_to_end"] = end_to_end(startup, load, row["segment_timings"], row["write_s"])
+                    gc.collect()
         progress.update("compare", (index + 1) * step, f"{precision}: done")
     return rows
 
@@ -150,6 +158,7 @@ def _measure_row(
 ) -> None:
     """Time, segment and compare one precision's engine; FP32 becomes the ``baseline``."""
     from engine_tools.accuracy import agreement_dice, json_ready, sqnr_db
+    from engine_tools.end_to_end import write_seconds
     from engine_tools.segment import segment_image
 
     precision, num_values = row["precision"], _num_label_values(card)
@@ -169,6 +178,7 @@ def _measure_row(
                 )
             row["segment_seconds"] = round(time.perf_counter() - started, 3)
             row["segment_timings"] = getattr(result, "timings", None)
+            row["write_s"] = write_seconds(result)
         progress.update("compare", 0.85, f"{precision}: timing {measurement.repeats} runs of one window")
         row["latency"] = time_engine(
             engine, measurement.batch, warmup=measurement.warmup, repeats=measurement.repeats
@@ -250,6 +260,10 @@ def compare_precisions(
         "calibration": _calibration_summary(spec.calibration),
         "reference": None if reference is None else "given",
     }
+    from engine_tools.end_to_end import pytorch_one_pass
+
+    progress.update("compare", 1.0, "PyTorch FP32 eager baseline (one pass)")
+    report["pytorch_fp32_eager"] = pytorch_one_pass(card, prep, spec)
     report["ratios"] = ratios(rows)
     report["findings"] = findings(report)
     return report

@@ -152,6 +152,7 @@ def summary_table(report: dict[str, Any]) -> str:
         "latency / window (ms)",
         "speed-up vs FP32",
         "segmentation (s)",
+        "end to end (s)",
         "peak RSS (MiB)",
         "mean Dice vs FP32",
         "worst label Dice",
@@ -175,6 +176,7 @@ def summary_table(report: dict[str, Any]) -> str:
             _fmt(row["latency_ms_per_window"], ".1f"),
             "1.00x" if precision == "fp32" else _fmt(r.get("speedup"), ".2f") + "x",
             _fmt(row["segment_seconds"], ".2f"),
+            _fmt((row.get("end_to_end") or {}).get("total_s"), ".2f"),
             _fmt(row["memory"]["peak_rss_mib"], ".0f"),
             "(baseline)" if precision == "fp32" else _fmt(agreement.get("mean"), ".4f"),
             "" if precision == "fp32" else _fmt(worst, ".4f"),
@@ -209,6 +211,35 @@ def per_label_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def end_to_end_lines(report: dict[str, Any]) -> list[str]:
+    """End to end per precision (stages) and the PyTorch FP32 eager baseline, as markdown lines."""
+    lines = [
+        "End to end = worker start-up + cached engine load + preprocessing + inference + resampling + "
+        "writing the labelmap (command start to labelmap written, engine cached):",
+        "",
+    ]
+    for precision, row in _ordered_rows(report).items():
+        stages = row.get("end_to_end")
+        if stages:
+            parts = ", ".join(f"{k[:-2]} {_fmt(v, '.2f')}" for k, v in stages.items() if k.endswith("_s"))
+            lines.append(f"- {precision.upper()} ({stages.get('mode') or 'windows'}): {parts} s")
+    torch = report.get("pytorch_fp32_eager") or {}
+    if "one_pass_s" in torch:
+        int8 = (report["rows"].get("int8") or {}).get("end_to_end") or {}
+        versus = (
+            f"; INT8 end to end is {torch['one_pass_s'] / int8['total_s']:.1f}x faster"
+            if int8.get("total_s")
+            else ""
+        )
+        lines.append(
+            f"- PyTorch FP32 eager, one pass over {'x'.join(map(str, torch['shape']))} voxels (network "
+            f"call only, {torch['threads']} threads): {torch['one_pass_s']:.2f} s{versus}"
+        )
+    elif torch:
+        lines.append(f"- PyTorch FP32 eager baseline: {torch.get('skipped')}")
+    return [*lines, ""]
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """The whole report as markdown (machine, table, findings, accuracy guard, per-label Dice)."""
     machine = report["machine"]
@@ -227,6 +258,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         summary_table(report),
         "",
+        *end_to_end_lines(report),
         "## Findings",
         "",
         *[f"- {line}" for line in report["findings"]],

@@ -105,10 +105,20 @@ def test_compare_reports_int8_smaller_with_per_label_agreement(
     # the reference is the FP32 segmentation written by `segment`: FP32 matches it exactly, INT8 as above
     assert fp32["dice_vs_reference"]["mean"] == pytest.approx(1.0)
     assert int8["dice_vs_reference"]["mean"] == pytest.approx(int8["agreement_vs_fp32"]["mean"], abs=1e-4)
+    # end to end: start-up + cached load + segmentation stages + writing, beside the window latency
+    for row in (fp32, int8):
+        stages = row["end_to_end"]
+        assert stages["startup_s"] > 0 and stages["engine_load_s"] > 0 and stages["write_s"] > 0
+        parts = [v for k, v in stages.items() if k.endswith("_s") and k != "total_s"]
+        assert stages["total_s"] == pytest.approx(sum(parts), abs=0.01)
+        assert stages["total_s"] > row["segment_timings"]["inference_s"]
+    torch_pass = report["pytorch_fp32_eager"]  # the card's MeshNet is fully convolutional: one pass
+    assert torch_pass["one_pass_s"] > 0 and len(torch_pass["shape"]) == 3
     # BF16 is either measured or skipped with the reason (CPUs without native BF16)
     assert rows["bf16"]["status"] == "ok" or "BF16" in rows["bf16"]["reason"]
     markdown = (out / "report.md").read_text()
     assert "| INT8 |" in markdown and "| FP32 |" in markdown and report["machine"]["cpu"] in markdown
+    assert "end to end (s)" in markdown and "PyTorch FP32 eager, one pass" in markdown
     png = (out / "chart.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
