@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from unittest import mock
 
@@ -22,13 +23,22 @@ from engine_tools.pipeline import prepare_engine
 from engine_tools.registry import ModelCard, get_card
 
 HEAVY = ("torch", "nncf", "onnx", "onnxruntime", "monai", "nibabel")
+PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
 
 RUN = f"""
 import json, sys
 from engine_tools.cli import main
 code = main(sys.argv[1:])
-print(json.dumps({{"code": code, "heavy": [m for m in {HEAVY!r} if m in sys.modules]}}))
+tops = {{m.split(".")[0] for m in sys.modules}} - set(sys.stdlib_module_names)
+print(json.dumps({{"code": code, "heavy": [m for m in {HEAVY!r} if m in sys.modules], "tops": sorted(tops)}}))
 """
+
+
+def run_only_modules() -> set[str]:
+    """Top-level modules the run-only distributions may bring (openvino imports its telemetry and
+    packaging), plus what Python and the editable install themselves put in ``sys.modules``."""
+    declared = tomllib.loads(PYPROJECT.read_text())["tool"]["medquant"]["install"]["run-only"]
+    return {*declared, "openvino_telemetry", "packaging", "engine_tools", "__main__", "__mp_main__"}
 
 
 @pytest.mark.parametrize("scan", ["t1_crop.nii.gz", "mni152_2009_t1.nii.gz"])
@@ -79,7 +89,9 @@ def test_cached_engine_segments_without_torch_monai_nncf_onnx(tmp_path):
         [sys.executable, "-c", RUN, *args], env=env, capture_output=True, text=True, timeout=300
     )
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result == {"code": 0, "heavy": []}, done.stderr[-2000:]
+    assert result["code"] == 0 and result["heavy"] == [], done.stderr[-2000:]
+    infrastructure = {m for m in result["tops"] if m.startswith(("_", "swig_runtime_data"))}
+    assert set(result["tops"]) - infrastructure <= run_only_modules(), result["tops"]
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "labels.nii.gz")))
     assert labels.shape == (96, 96, 96) and set(np.unique(labels)) == {0, 1, 2}
     assert any((tmp_path / "cache" / "openvino-compiled").iterdir())  # compiled blobs cached
