@@ -97,7 +97,16 @@ def batch(engine: Any, card: Any, scans: list[Any], out: Path, progress: Any, cl
         "mean_scan_s": round(float(np.mean(per_scan)), 2),
         "inference_s": [r["timings"]["inference_s"] for r in rows],
         "workers": sorted({r["worker"] for r in rows}),
+        "modes": run_modes(out),
     }
+
+
+def run_modes(out: Path) -> list[str]:
+    """How the scans of a batch ran: ``whole_volume`` (one pass) or ``windows`` (sliding windows)."""
+    import json
+
+    rows = json.loads((out / "manifest.json").read_text())["rows"]
+    return sorted({str(r["timings"].get("mode", "windows")) for r in rows})
 
 
 def agreement(first: Path, second: Path, card: Any) -> list[float]:
@@ -183,7 +192,7 @@ def render(results: dict[str, Any]) -> str:
     machine = results["machine"]
     flags = ", ".join(f for f, on in machine["cpu_flags"].items() if on) or "none of interest"
     lines = [
-        f"# Cohort throughput: {results['model']} (window {'x'.join(map(str, results['window']))})",
+        f"# Cohort throughput: {results['model']} (card window {'x'.join(map(str, results['window']))})",
         "",
         f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory_gib']} GiB; CPU flags: {flags}.",
         f"Load average at start {results['load_average']['start']}, at end {results['load_average']['end']}.",
@@ -200,8 +209,8 @@ def render(results: dict[str, Any]) -> str:
         lines += ["", f"**Run conditions:** {results['note']}"]
     lines += [
         "",
-        "| run | scans | engine prepare (s) | batch wall (s) | scans/hour | mean s/scan | extra |",
-        "|---|---|---|---|---|---|---|",
+        "| run | mode | scans | engine prepare (s) | batch wall (s) | scans/hour | mean s/scan | extra |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, run in sorted(results["runs"].items(), key=lambda item: ("dask" in item[0], item[0])):
         extra = ""
@@ -211,7 +220,7 @@ def render(results: dict[str, Any]) -> str:
                 f"overhead vs one process {run['overhead_vs_one_process_s']:+.1f} s"
             )
         lines.append(
-            f"| {name} | {run['scans']} | {run.get('engine_prepare_s', '–')} | {run['wall_s']} | "
+            f"| {name} | {', '.join(run.get('modes', ['windows']))} | {run['scans']} | {run.get('engine_prepare_s', '–')} | {run['wall_s']} | "
             f"{run['scans_per_hour']} | {run['mean_scan_s']} | {extra} |"
         )
     lines += [
