@@ -289,3 +289,36 @@ def test_accuracy_guard_keeps_layers_out_of_the_modelopt_qdq_onnx(meshnet: dict,
     kept = adapter.keep_layers(model, quantized[:1])
     assert adapter.quantized_layers(kept) == quantized[1:]
     assert adapter.keep_layers(model, adapter.layers()) == adapter.onnx_path  # fully higher precision
+
+
+def test_tensorrt_int8_build_chooses_its_qdq_onnx_through_the_shared_guard(
+    meshnet: dict, tmp_path: Path
+) -> None:
+    """The TensorRT backend's INT8 ONNX comes from the same accuracy guard as every other backend (its
+    escalation is tested on OpenVINO and ONNX Runtime; one ModelOpt calibration here keeps this fast)."""
+    import onnx
+
+    from engine_tools.engines.base import BuildRequest
+    from engine_tools.engines.tensorrt.runner import TensorRTEngine
+    from engine_tools.progress import SilentProgress
+
+    request = BuildRequest(
+        "meshnet",
+        meshnet["onnx"],
+        WINDOW,
+        1,
+        int(_run(meshnet["onnx"], meshnet["holdout"][:1]).shape[1]),
+        calibration=meshnet["calibration"],
+        validation=meshnet["holdout"],
+        options={"calibration_method": "minmax", "target_dice": 0.5},
+    )
+    report: dict = {}
+    path, kind, calibration_hash = TensorRTEngine("int8")._typed_onnx(
+        request, tmp_path, report, SilentProgress()
+    )
+    guard = report["accuracy_guard"]
+    assert kind == "qdq" and calibration_hash and path.is_file()
+    assert guard["met_target"] and guard["attempts"][0]["step"] == "initial"
+    assert report["kept_in_higher_precision"] == guard["kept_in_higher_precision"] == []
+    dequantized = [n for n in onnx.load(str(path)).graph.node if n.op_type == "DequantizeLinear"]
+    assert len(dequantized) >= 5 and guard["int8_layers"] >= 5

@@ -15,6 +15,9 @@ from typing import Any
 from engine_tools.engines.onnxruntime.quantize import QDQAdapter
 from engine_tools.engines.tensorrt.modelopt_qdq import CALIBRATION_METHODS, quantize_qdq
 
+#: the product's calibration-method names that ModelOpt spells differently
+METHOD_ALIASES = {"minmax": "max"}
+
 
 class ModelOptAdapter(QDQAdapter):
     """The accuracy guard's view of an FP32 ONNX model quantized by ModelOpt for TensorRT."""
@@ -23,6 +26,7 @@ class ModelOptAdapter(QDQAdapter):
 
     def recipe(self, options: dict[str, Any]) -> dict[str, Any]:
         method = str(options.get("modelopt_calibration_method", "max"))
+        method = METHOD_ALIASES.get(method, method)
         if method not in CALIBRATION_METHODS:
             raise ValueError(
                 f"ModelOpt calibration method must be one of {CALIBRATION_METHODS}, not {method!r}"
@@ -31,6 +35,7 @@ class ModelOptAdapter(QDQAdapter):
             "calibration_method": method,
             "high_precision_dtype": str(options.get("high_precision_dtype", "fp16")),
             "keep_higher_precision": list(options.get("keep_higher_precision_patterns", [])),
+            "quantize_conv_transpose": bool(options.get("quantize_conv_transpose", False)),
         }
 
     def better_recipes(self, recipe: dict[str, Any]) -> list[dict[str, Any]]:
@@ -48,6 +53,7 @@ class ModelOptAdapter(QDQAdapter):
             high_precision_dtype=recipe["high_precision_dtype"],
             keep_higher_precision=recipe["keep_higher_precision"],
             nodes_to_exclude=list(excluded),
+            quantize_conv_transpose=recipe.get("quantize_conv_transpose", False),
             progress=self.progress,
         )
         return destination

@@ -23,6 +23,7 @@ with NVTX markers lowered to layer names, optionally replayed from a captured CU
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -196,6 +197,11 @@ class TensorRTEngine(Engine):
             raise ValueError(f"calibration_method {method!r} unknown for TensorRT; use max or entropy")
         recipe = str(options.get("tensorrt_recipe", modelopt_qdq.DEFAULT_RECIPE))
         high_precision = str(options.get("high_precision_dtype", modelopt_qdq.recipe_dtype(recipe)))
+        if request.validation is not None and len(request.validation) > 0:
+            with progress.span(0.0, 0.3):
+                path = self._guarded_qdq(request, tmp, _METHODS[method], high_precision, report, progress)
+            report["qdq"] = {**report.get("qdq", {}), "recipe": recipe}
+            return path, "qdq", _array_hash(request.calibration)
         with progress.span(0.0, 0.3):
             result = modelopt_qdq.quantize_qdq(
                 request.onnx_path,
@@ -213,6 +219,37 @@ class TensorRTEngine(Engine):
         for note in result.notes:
             progress.warning(note)
         return result.path, "qdq", _array_hash(request.calibration)
+
+    @staticmethod
+    def _guarded_qdq(
+        request: BuildRequest,
+        tmp: Path,
+        method: str,
+        high_precision: str,
+        report: dict[str, Any],
+        progress: Progress,
+    ) -> Path:
+        """The Q/DQ ONNX chosen by the shared accuracy guard (ModelOpt quantizes, layers the guard keeps
+        are left out through ``nodes_to_exclude``; candidates are checked on ONNX Runtime's CPU)."""
+        from engine_tools.engines.tensorrt.quantize import ModelOptAdapter
+        from engine_tools.guard import AccuracyGuard
+
+        assert request.onnx_path is not None and request.calibration is not None
+        options = {
+            **request.options,
+            "modelopt_calibration_method": method,
+            "high_precision_dtype": high_precision,
+        }
+        adapter = ModelOptAdapter(
+            Path(request.onnx_path), request.calibration, request.window_shape, tmp, progress
+        )
+        guard = AccuracyGuard(adapter, request.validation, request.calibration, options, progress)
+        chosen, guard_report = guard.run()
+        destination = tmp / "model_qdq_guarded.onnx"
+        shutil.copyfile(chosen, destination)
+        report["accuracy_guard"] = guard_report.to_json()
+        report["kept_in_higher_precision"] = guard_report.kept_in_higher_precision
+        return destination
 
     # -- load / run -------------------------------------------------------------------------------------
     def expect(self, **fields: Any) -> None:
