@@ -73,9 +73,12 @@ class OpenVINOEngine(Engine):
         ov = _ov()
         found = {**super().versions(), "openvino": ov.get_version()}
         if self.precision == "int8":  # read without importing NNCF (a cached engine never needs it)
-            from importlib.metadata import version
+            from importlib.metadata import PackageNotFoundError, version
 
-            found["nncf"] = version("nncf")
+            try:
+                found["nncf"] = version("nncf")
+            except PackageNotFoundError:  # a run-only install: INT8 engines cannot be built here
+                found["nncf"] = "not installed"
         return found
 
     # ------------------------------------------------------------------ build
