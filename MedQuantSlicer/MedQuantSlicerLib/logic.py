@@ -80,6 +80,8 @@ class MedQuantLogic:
         self.rows: list[ResultRow] = []
         self.table_node: Any = None
         self.chart_node: Any = None
+        #: per-label volumes (mL, voxels) of the last segmentation, a ``vtkMRMLTableNode``
+        self.volumes_table_node: Any = None
 
     def getParameterNode(self) -> Any:  # noqa: N802 - Slicer's name (ScriptedLoadableModuleLogic)
         """The module's parameter node in the scene (Slicer's class overrides this with its own)."""
@@ -204,6 +206,7 @@ class MedQuantLogic:
     def forget_results(self) -> None:
         """After a scene close: the table/chart nodes are gone, the next result makes new ones."""
         self.rows, self.table_node, self.chart_node = [], None, None
+        self.volumes_table_node = None
 
     # -- tasks ----------------------------------------------------------------------------------------
     def _task(
@@ -303,6 +306,10 @@ class MedQuantLogic:
             if task.callbacks.on_segmentation:
                 task.callbacks.on_segmentation(node, result)
             task.rows = self.set_rows([row_from_segment(result)], merge=True)
+            if result.get("volumes"):
+                self.volumes_table_node = mrml_io.label_volumes_table(
+                    self.scene, result["volumes"], f"{node.GetName()} volumes"
+                )
             if task.callbacks.on_rows:
                 task.callbacks.on_rows(task.rows)
             cache = (result.get("engine") or {}).get("cache")

@@ -341,6 +341,31 @@ def results_table(
     return table_node, chart
 
 
+VOLUME_COLUMNS = (
+    ("value", "Label value"),
+    ("name", "Name"),
+    ("voxels", "Voxels"),
+    ("volume_ml", "Volume (mL)"),
+)
+
+
+def label_volumes_table(scene: Any, volumes: Sequence[dict[str, Any]], name: str) -> Any:
+    """A new ``vtkMRMLTableNode`` with one row per label: value, name, voxel count and volume in mL
+    (the ``volumes`` of a ``segment`` result, counted by the worker on the labelmap it wrote)."""
+    import vtk
+
+    table_node = scene.AddNewNodeByClass("vtkMRMLTableNode", scene.GenerateUniqueName(name))
+    table = table_node.GetTable()
+    for key, title in VOLUME_COLUMNS:
+        array = vtk.vtkStringArray() if key == "name" else vtk.vtkDoubleArray()
+        array.SetName(title)
+        for entry in volumes:
+            array.InsertNextValue(str(entry[key]) if key == "name" else float(entry[key]))
+        table.AddColumn(array)
+    table_node.Modified()
+    return table_node
+
+
 def table_rows(table_node: Any) -> list[dict[str, Any]]:
     """The table node's content as dicts keyed by column title (tests, scripting)."""
     table = table_node.GetTable()

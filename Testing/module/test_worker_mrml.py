@@ -76,6 +76,14 @@ def test_oblique_volume_segmentation_lands_in_world_space(scene, shared, tmp_pat
     names = [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
     assert names == [e["name"] for e in card_labels]
     np.testing.assert_array_equal(__import__("slicer").util.arrayFromVolume(volume), before)
+    # per-label volumes in the scene, checked against the segments' own voxels on the input grid
+    volume_rows = {row["Name"]: row for row in mrml_io.table_rows(logic.volumes_table_node)}
+    voxel_ml = float(np.prod(volume.GetSpacing())) / 1000.0
+    for entry in card_labels:
+        mask = mrml_io.segment_array(node, segmentation.GetSegmentIdBySegmentName(entry["name"]), volume)
+        row = volume_rows[entry["name"]]
+        assert int(row["Voxels"]) == int((mask > 0).sum()) > 0
+        assert abs(float(row["Volume (mL)"]) - row["Voxels"] * voxel_ml) < 1e-6 * max(1.0, row["Voxels"])
 
     # reference: segment the axis-aligned original directly, bring its labels onto the oblique grid
     reference_out = tmp_path / "reference_labels.nrrd"
