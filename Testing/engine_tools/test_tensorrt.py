@@ -131,6 +131,19 @@ def test_availability_gives_a_reason() -> None:
         assert "tensorrt" in reason.lower() or "gpu" in reason.lower()
 
 
+def test_a_folder_named_tensorrt_is_not_taken_for_the_package(tmp_path, monkeypatch) -> None:
+    """A directory called ``tensorrt`` on ``sys.path`` (a checkout, a cache folder) imports as an empty
+    namespace package: availability must say so instead of failing on ``__version__``."""
+    import sys
+
+    (tmp_path / "tensorrt").mkdir()
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "tensorrt", raising=False)
+    ok, reason = TensorRTEngine.availability()
+    assert not ok and "is not NVIDIA's TensorRT package" in reason
+    monkeypatch.delitem(sys.modules, "tensorrt", raising=False)
+
+
 # -- real TensorRT (GPU machines only) -----------------------------------------------------------------
 trt_ok, trt_reason = TensorRTEngine.availability()
 needs_trt = pytest.mark.skipif(not trt_ok, reason=f"TensorRT engine not runnable here: {trt_reason}")

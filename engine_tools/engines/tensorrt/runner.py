@@ -51,6 +51,9 @@ _METHODS = {"minmax": "max", "max": "max", "entropy": "entropy"}
 def _trt() -> Any:
     import tensorrt
 
+    if not hasattr(tensorrt, "__version__"):  # a folder named tensorrt on sys.path, not the package
+        where = list(getattr(tensorrt, "__path__", [])) or getattr(tensorrt, "__file__", "?")
+        raise ImportError(f"'tensorrt' at {where} is not NVIDIA's TensorRT package")
     return tensorrt
 
 
