@@ -40,16 +40,21 @@ def already_conformed(image: sitk.Image, spec: dict[str, Any]) -> bool:
     )
 
 
+def quantile_range(array: np.ndarray, rule: dict[str, Any]) -> tuple[float, float]:
+    """``(a_min, a_max)`` of the ``quantile`` rule: the ``lower``/``upper`` quantiles (fractions, or
+    percentiles when above 1) of ``array``, widened to a range of 1 when the volume is constant."""
+    lower, upper = float(rule.get("lower", 0.02)), float(rule.get("upper", 0.98))
+    if lower > 1 or upper > 1:  # given as percentiles
+        lower, upper = lower / 100, upper / 100
+    a_min, a_max = (float(v) for v in np.quantile(array, [lower, upper]))
+    return a_min, (a_max if a_max > a_min else a_min + 1.0)
+
+
 def scale_range(array: np.ndarray, rule: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
     """The ``quantile`` or ``window`` rule: ``a_min..a_max`` to ``b_min..b_max`` (clipped), float32."""
     b_min, b_max = float(rule.get("b_min", 0.0)), float(rule.get("b_max", 1.0))
     if rule["rule"] == "quantile":
-        lower, upper = float(rule.get("lower", 0.02)), float(rule.get("upper", 0.98))
-        if lower > 1 or upper > 1:  # given as percentiles
-            lower, upper = lower / 100, upper / 100
-        a_min, a_max = (float(v) for v in np.quantile(array, [lower, upper]))
-        if a_max <= a_min:
-            a_max = a_min + 1.0
+        a_min, a_max = quantile_range(array, rule)
     else:
         a_min, a_max = float(rule["a_min"]), float(rule["a_max"])
     scaled = (array - np.float32(a_min)) / np.float32(a_max - a_min)

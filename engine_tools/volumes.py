@@ -48,7 +48,7 @@ import SimpleITK as sitk
 
 from engine_tools.cache import TMP_PREFIX
 from engine_tools.checks import non_finite_message, replace_non_finite, volume_warnings
-from engine_tools.conformed import already_conformed, scale_range
+from engine_tools.conformed import already_conformed, quantile_range, scale_range
 from engine_tools.fast_preprocess import preprocess_without_monai
 from engine_tools.geometry import (
     _AXIS_LABELS,
@@ -193,16 +193,8 @@ def preprocess(image: sitk.Image | str | Path, card: Any) -> Preprocessed:
     if already_conformed(image, spec):  # nothing to resample: no PyTorch/MONAI import either
         array, steps["intensity"] = scale_range(data, spec["intensity"])
         steps.update(orientation=str(spec["orientation"]).upper(), conformed_input=True)
-        return Preprocessed(
-            array=np.ascontiguousarray(array, dtype=np.float32),
-            affine=affine,
-            input_size=tuple(image.GetSize()),  # type: ignore[arg-type]
-            input_origin=tuple(image.GetOrigin()),  # type: ignore[arg-type]
-            input_spacing=tuple(image.GetSpacing()),  # type: ignore[arg-type]
-            input_direction=tuple(image.GetDirection()),
-            steps=steps,
-            source=source,
-        )
+        array = np.ascontiguousarray(array, dtype=np.float32)
+        return Preprocessed(array, affine, *_input_grid(image), steps=steps, source=source)
     fast = preprocess_without_monai(data, affine, spec, in_channels, steps)
     if fast is not None:  # reorientation and pad/crop only: numpy, no PyTorch/MONAI import
         return Preprocessed(fast[0], fast[1], *_input_grid(image), steps=steps, source=source)
@@ -237,16 +229,8 @@ def preprocess(image: sitk.Image | str | Path, card: Any) -> Preprocessed:
         out_affine = np.asarray(resized.affine, dtype=np.float64)
         array = np.asarray(resized.as_tensor().numpy(), dtype=np.float32)
         steps["shape"] = shape
-    return Preprocessed(
-        array=np.ascontiguousarray(array, dtype=np.float32),
-        affine=out_affine,
-        input_size=tuple(image.GetSize()),  # type: ignore[arg-type]
-        input_origin=tuple(image.GetOrigin()),  # type: ignore[arg-type]
-        input_spacing=tuple(image.GetSpacing()),  # type: ignore[arg-type]
-        input_direction=tuple(image.GetDirection()),
-        steps=steps,
-        source=source,
-    )
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    return Preprocessed(array, out_affine, *_input_grid(image), steps=steps, source=source)
 
 
 def _input_grid(image: sitk.Image) -> tuple[Any, Any, Any, Any]:
@@ -308,12 +292,7 @@ def _apply_intensity_rule(array: np.ndarray, rule: dict[str, Any]) -> tuple[np.n
     if name == "none":
         return array, {"rule": "none"}
     if name == "quantile":
-        lower, upper = float(rule.get("lower", 0.02)), float(rule.get("upper", 0.98))
-        if lower > 1 or upper > 1:  # given as percentiles
-            lower, upper = lower / 100, upper / 100
-        a_min, a_max = (float(v) for v in np.quantile(array, [lower, upper]))
-        if a_max <= a_min:
-            a_max = a_min + 1.0
+        a_min, a_max = quantile_range(array, rule)
         scaled = ScaleIntensityRange(a_min, a_max, b_min, b_max, clip=clip)(array)
         return np.asarray(scaled, np.float32), {"rule": name, "a_min": a_min, "a_max": a_max}
     if name == "window":
