@@ -88,7 +88,13 @@ def _renamed_onnx(source: Path, destination: Path, info: dict[str, Any]) -> Path
     """Copy of ``source`` whose input/first output are named ``input``/``logits`` (atomic write)."""
     import onnx
 
-    model = onnx.load(str(source))
+    return _save_renamed(onnx.load(str(source)), info, destination)
+
+
+def _save_renamed(model: Any, info: dict[str, Any], destination: Path) -> Path:
+    """Name ``model``'s input/first output ``input``/``logits``, check it, write it atomically."""
+    import onnx
+
     renames = {info["input"]: INPUT_NAME, info["outputs"][0]: OUTPUT_NAME}
     for node in model.graph.node:
         node.input[:] = [renames.get(n, n) for n in node.input]
@@ -133,16 +139,7 @@ def _published_onnx(card: ModelCard, source: Path, destination: Path) -> Path:
                 f"{source}: the ONNX input has a fixed batch of {batch}; set window.batch <= {batch}"
             )
         onnx.helper.set_model_props(model, {"medquant.batch": str(batch), "medquant.source": source.name})
-    renames = {info["input"]: INPUT_NAME, info["outputs"][0]: OUTPUT_NAME}
-    for node in model.graph.node:
-        node.input[:] = [renames.get(n, n) for n in node.input]
-        node.output[:] = [renames.get(n, n) for n in node.output]
-    for value in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
-        value.name = renames.get(value.name, value.name)
-    onnx.checker.check_model(model)
-    with atomic_file(destination) as stream:
-        stream.write(model.SerializeToString())
-    return destination
+    return _save_renamed(model, info, destination)
 
 
 def _published_onnx_export(
