@@ -226,6 +226,30 @@ class MedQuantLogic:
             workdir,
         )
 
+    def _task_for_input(
+        self,
+        name: str,
+        input_node: Any,
+        model: str,
+        options: EngineOptions,
+        callbacks: TaskCallbacks | None,
+        factory: WorkerFactory | None,
+    ) -> Task:
+        """A task whose work folder holds ``input_node`` exported; ``ValueError`` at once for an input
+        that cannot be segmented (nothing is written then)."""
+        problem = mrml_io.input_problem(input_node)
+        if problem is not None:
+            raise ValueError(problem)
+        workdir = self.new_workdir()
+        try:
+            input_path = self.export_input(input_node, workdir)
+        except Exception:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
+        task = self._task(name, callbacks, factory, workdir)
+        task.context = {"input": input_node, "input_path": input_path, "model": model, "options": options}
+        return task
+
     def start_models(
         self, callbacks: TaskCallbacks | None = None, factory: WorkerFactory | None = None
     ) -> Task:
@@ -286,17 +310,8 @@ class MedQuantLogic:
 
         Raises ``ValueError`` at once, before any worker starts, for an input that cannot be segmented.
         """
-        problem = mrml_io.input_problem(input_node)
-        if problem is not None:
-            raise ValueError(problem)
-        workdir = self.new_workdir()
-        try:
-            input_path = self.export_input(input_node, workdir)
-        except Exception:
-            shutil.rmtree(workdir, ignore_errors=True)
-            raise
-        task = self._task("segment", callbacks, factory, workdir)
-        task.context = {"input": input_node, "input_path": input_path, "model": model, "options": options}
+        task = self._task_for_input("segment", input_node, model, options, callbacks, factory)
+        workdir, input_path = task.workdir, task.context["input_path"]
 
         def segmented(result: dict[str, Any]) -> Any:
             # the worker's files live in workdir, which goes away: keep the label table itself
@@ -338,17 +353,7 @@ class MedQuantLogic:
         factory: WorkerFactory | None = None,
     ) -> Task:
         """FP32 vs the selected precision on ``input_node``; rows go to the results table."""
-        problem = mrml_io.input_problem(input_node)
-        if problem is not None:
-            raise ValueError(problem)
-        workdir = self.new_workdir()
-        try:
-            input_path = self.export_input(input_node, workdir)
-        except Exception:
-            shutil.rmtree(workdir, ignore_errors=True)
-            raise
-        task = self._task("compare", callbacks, factory, workdir)
-        task.context = {"input": input_node, "input_path": input_path, "model": model, "options": options}
+        task = self._task_for_input("compare", input_node, model, options, callbacks, factory)
         self._compare_step(task, reference_node, label_table or [])
         return task
 

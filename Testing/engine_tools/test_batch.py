@@ -59,22 +59,25 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"inputs": inputs, "card": card_file, "weights": shared_path("models", "brainchop")}
 
 
+def _segment_args(cohort: dict[str, Path], progress: str, *extra: str) -> list[str]:
+    """``medquant segment`` of the cohort's card: FP32 OpenVINO, the shared weights, ``extra`` options."""
+    return [
+        "segment",
+        str(cohort["card"]),
+        "--precision",
+        "fp32",
+        "--backend",
+        "openvino",
+        "--weights-dir",
+        str(cohort["weights"]),
+        "--progress",
+        progress,
+        *extra,
+    ]
+
+
 def _segment(cohort: dict[str, Path], *extra: str, capsys: pytest.CaptureFixture) -> tuple[int, list[dict]]:
-    code = main(
-        [
-            "segment",
-            str(cohort["card"]),
-            "--precision",
-            "fp32",
-            "--backend",
-            "openvino",
-            "--weights-dir",
-            str(cohort["weights"]),
-            "--progress",
-            "jsonl",
-            *extra,
-        ]
-    )
+    code = main(_segment_args(cohort, "jsonl", *extra))
     events = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
     return code, events
 
@@ -108,24 +111,7 @@ def first_run(cohort, tmp_path_factory, session_cache) -> Path:
 
 
 def _first_run(cohort: dict[str, Path], out: Path) -> int:
-    return main(
-        [
-            "segment",
-            str(cohort["card"]),
-            "--precision",
-            "fp32",
-            "--backend",
-            "openvino",
-            "--weights-dir",
-            str(cohort["weights"]),
-            "--progress",
-            "none",
-            "--input",
-            str(cohort["inputs"]),
-            "--output-dir",
-            str(out),
-        ]
-    )
+    return main(_segment_args(cohort, "none", "--input", str(cohort["inputs"]), "--output-dir", str(out)))
 
 
 @pytest.fixture

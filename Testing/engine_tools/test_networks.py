@@ -233,7 +233,9 @@ def _installed_deepbet(monkeypatch: pytest.MonkeyPatch) -> Path:
     try:
         return ensure_weights(get_card("deepbet-brain"), allow_download=False)["model.pt"]
     except WeightsError as exc:
-        require_installed("deepbet weights", f"run `bash .ci/install.sh` or `medquant fetch deepbet-brain` ({exc})")
+        require_installed(
+            "deepbet weights", f"run `bash .ci/install.sh` or `medquant fetch deepbet-brain` ({exc})"
+        )
         raise
 
 
