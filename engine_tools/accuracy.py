@@ -1,11 +1,13 @@
 """Agreement between two segmentations or two sets of logits (INT8 versus FP32, engine versus reference).
 
 Used by the accuracy guard of the INT8 builds and by ``medquant compare``. Label maps are integer arrays
-of any shape; logits are ``N, K, ...`` float arrays (classes on axis 1).
+of any shape; logits are ``N, K, ...`` float arrays (classes on axis 1), or sequences of them whose
+spatial shapes differ (whole cropped volumes).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -72,36 +74,59 @@ def agreement_dice(
 
 
 def logits_agreement(
-    reference_logits: np.ndarray,
-    test_logits: np.ndarray,
+    reference_logits: np.ndarray | Sequence[np.ndarray],
+    test_logits: np.ndarray | Sequence[np.ndarray],
     include_background: bool = True,
     min_voxels: int = 0,
 ) -> dict[str, Any]:
-    """:func:`agreement_dice` of the argmax of two logits arrays ``N, K, ...`` plus their SQNR."""
-    reference_logits = np.asarray(reference_logits)
-    num_classes = int(reference_logits.shape[1])
+    """:func:`agreement_dice` of the argmax of two sets of logits plus their SQNR.
+
+    Each is one ``N, K, ...`` array or a sequence of such arrays of differing spatial shapes (whole
+    cropped volumes). Voxels are pooled over all samples: one Dice per label over every voxel of every
+    sample (a large volume weighs more than a small one, as it does in a segmentation), and one SQNR
+    of all logits together.
+    """
+    references, tests = _samples(reference_logits), _samples(test_logits)
+    if len(references) != len(tests):
+        raise ValueError(f"{len(references)} reference samples but {len(tests)} test samples")
+    num_classes = int(references[0].shape[1])
     result = agreement_dice(
-        np.argmax(reference_logits, axis=1),
-        np.argmax(np.asarray(test_logits), axis=1),
+        np.concatenate([np.argmax(r, axis=1).ravel() for r in references]),
+        np.concatenate([np.argmax(t, axis=1).ravel() for t in tests]),
         num_classes,
         include_background=include_background,
         min_voxels=min_voxels,
     )
-    result["sqnr_db"] = sqnr_db(reference_logits, test_logits)
+    result["sqnr_db"] = sqnr_db(references, tests)
     return result
 
 
-def sqnr_db(reference: np.ndarray, test: np.ndarray) -> float:
-    """Signal-to-quantization-noise ratio in dB: ``10 log10(sum(ref^2) / sum((ref - test)^2))``.
+def _samples(logits: np.ndarray | Sequence[np.ndarray]) -> list[np.ndarray]:
+    """``N, K, ...`` arrays (an array, or a list of arrays with the class axis at 1)."""
+    if isinstance(logits, np.ndarray):
+        return [logits]
+    items = [np.asarray(item) for item in logits]
+    if not items:
+        raise ValueError("no logits to compare")
+    return items
+
+
+def sqnr_db(
+    reference: np.ndarray | Sequence[np.ndarray], test: np.ndarray | Sequence[np.ndarray]
+) -> float:
+    """Signal-to-quantization-noise ratio in dB: ``10 log10(sum(ref^2) / sum((ref - test)^2))``, summed
+    over every array of two equally long sequences (or two arrays).
 
     ``inf`` when the two are identical.
     """
-    reference = np.asarray(reference, dtype=np.float64)
-    test = np.asarray(test, dtype=np.float64)
-    if reference.shape != test.shape:
-        raise ValueError(f"shapes differ: {reference.shape} vs {test.shape}")
-    noise = float(np.sum((reference - test) ** 2))
-    signal = float(np.sum(reference**2))
+    pairs = zip(_samples(reference), _samples(test), strict=True)
+    signal = noise = 0.0
+    for ref, other in pairs:
+        ref, other = np.asarray(ref, dtype=np.float64), np.asarray(other, dtype=np.float64)
+        if ref.shape != other.shape:
+            raise ValueError(f"shapes differ: {ref.shape} vs {other.shape}")
+        noise += float(np.sum((ref - other) ** 2))
+        signal += float(np.sum(ref**2))
     if noise == 0.0:
         return float("inf")
     if signal == 0.0:

@@ -1,31 +1,37 @@
-"""INT8 calibration windows from a folder of unlabeled scans.
+"""INT8 calibration samples from a folder of unlabeled scans, and the hold-out for the accuracy guard.
 
-:func:`collect_windows` scans a folder recursively (image files and DICOM series folders), preprocesses
-each scan exactly as segmentation will (:func:`engine_tools.volumes.preprocess`), and samples windows of
-the card's window size whose voxels are mostly foreground, spread evenly over the scans, seeded and
-reproducible. Problems are reported per file and never stop the others: unreadable files, 2-D or 4-D
-images and scans with no foreground are skipped with a warning naming the file; intensities that do not
-fit the card's modality are warned about (the scan is still used); an empty folder, or one with no
-usable scan, is an error.
+:func:`collect_windows` scans a folder recursively (image files and DICOM series folders) and
+preprocesses each scan exactly as segmentation will (:func:`engine_tools.volumes.preprocess`). Then:
 
-Foreground: after preprocessing, voxels brighter than half-way between the 1st percentile (air or
-background) and the Otsu threshold, so that fat in CT and dark grey matter in MR count as tissue.
-A window is accepted when at least ``min_foreground`` (default 0.5) of its voxels are foreground; when
-the window is larger than the anatomy so that no window gets there (192^3 windows of a conformed 256^3
-head), windows with at least 80% of the best achievable fraction are used; a scan whose best window
-holds under 5% foreground is skipped as mostly air.
+* **windows** (default): windows of the card's window size whose voxels are mostly foreground
+  (:mod:`engine_tools.calibration_sampling`), spread evenly over the scans, seeded and reproducible:
+  each scan's candidate windows are shuffled with a generator seeded by ``seed`` and the scan's
+  relative path, scan ``i`` (sorted order) contributes the first ``N // n (+1)`` of them, and the
+  windows are ordered round-robin over scans;
+* **whole volumes** (automatic for cards whose ``network.fully_convolutional`` is true, or
+  ``whole_volume=True``): one sample per scan, its whole preprocessed volume cropped to the head's box
+  plus the receptive-field margin (:func:`engine_tools.whole_volume.plan_crop`), i.e. exactly what
+  segmentation runs in its one pass. Crops differ in shape between scans.
 
-Reproducibility: each scan's candidate windows are shuffled with a generator seeded by ``seed`` and the
-scan's relative path, scan ``i`` (sorted order) contributes the first ``N // n (+1)`` of them, and the
-windows are ordered round-robin over scans. The :attr:`CalibrationSet.fingerprint` hashes the files'
-relative paths, sizes and SHA-256, the card's preprocessing and window size, and the sampling settings;
-it keys the on-disk cache (``cache_dir("calibration")/<fingerprint>/windows.npy``, written atomically).
+Problems are reported per file and never stop the others: unreadable files, 2-D or 4-D images and
+scans with no foreground are skipped with a warning naming the file; intensities that do not fit the
+card's modality are warned about (the scan is still used); an empty folder, or one with no usable
+scan, is an error.
+
+Hold-out (:meth:`CalibrationSet.split_subjects`): the accuracy guard validates on whole scans that
+calibration never saw, a quarter of them (at least one), chosen by a seeded hash of their paths. With a
+single scan only its own held-out windows remain (:meth:`CalibrationSet.split`), and the build says
+that the estimate is optimistic. :func:`check_disjoint` keeps a separate validation folder's scans
+apart from the calibration scans by their files' SHA-256.
+
+The :attr:`CalibrationSet.fingerprint` hashes the files' relative paths, sizes and SHA-256, the card's
+preprocessing, window size and crop, and the sampling settings; it keys the on-disk cache
+(:mod:`engine_tools.calibration_store`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import warnings
 import zlib
@@ -35,17 +41,17 @@ from typing import Any
 
 import numpy as np
 
-from engine_tools.cache import atomic_directory, cache_dir, sha256_file, sha256_json
+from engine_tools.cache import cache_dir, sha256_json
+from engine_tools.calibration_sampling import cut_windows as _cut_windows
+from engine_tools.calibration_sampling import foreground_mask
+from engine_tools.calibration_sampling import pad_to as _pad_to
+from engine_tools.calibration_store import file_identity, load_cached, overlapping_scans, scan_hashes, store
 from engine_tools.progress import Progress
 from engine_tools.scans import IMAGE_SUFFIXES, Scan, VolumeError, find_scans, read_image
 from engine_tools.volumes import preprocess
 
 #: Bump when the sampling changes so cached sets are not reused across versions.
-SAMPLER_VERSION = 1
-#: A scan whose best window holds less tissue than this is skipped as "mostly air".
-MIN_BEST_FOREGROUND = 0.05
-#: When no window reaches ``min_foreground``, windows within this factor of the best one are used.
-NEAR_BEST = 0.8
+SAMPLER_VERSION = 2
 
 
 class CalibrationError(ValueError):
@@ -54,14 +60,17 @@ class CalibrationError(ValueError):
 
 @dataclass
 class CalibrationSet:
-    """Preprocessed windows for INT8 calibration.
+    """Preprocessed samples for INT8 calibration and for the accuracy guard's validation.
 
-    ``windows``: float32 ``(N, C, D, H, W)``, ordered round-robin over the scans. ``sources[n]`` is the
-    relative path (or DICOM folder) window ``n`` came from and ``corners[n]`` its start voxel in network
-    space (``(0, 0, 0)`` for whole volumes). ``warnings`` name the files that were skipped or look odd.
+    ``windows``: the samples, float32: one ``(N, C, D, H, W)`` array when they share a shape (windows),
+    else a list of ``(C, D, H, W)`` arrays (whole cropped volumes, one per scan); :attr:`samples` gives
+    both as a list. Windows are ordered round-robin over the scans. ``sources[n]`` is the relative path
+    (or DICOM folder) sample ``n`` came from and ``corners[n]`` its start voxel in network space.
+    ``warnings`` name the files that were skipped or look odd; ``scan_sha256`` maps each scan to the
+    SHA-256 of its files (to keep validation scans apart from calibration scans).
     """
 
-    windows: np.ndarray
+    windows: np.ndarray | list[np.ndarray]
     sources: list[str]
     corners: list[tuple[int, int, int]]
     foreground: list[float]
@@ -70,10 +79,34 @@ class CalibrationSet:
     settings: dict[str, Any] = field(default_factory=dict)
     files_used: list[str] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)
+    scan_sha256: dict[str, list[str]] = field(default_factory=dict)
     from_cache: bool = False
 
     def __len__(self) -> int:
-        return int(self.windows.shape[0])
+        return len(self.windows)
+
+    @staticmethod
+    def pack(samples: list[np.ndarray]) -> np.ndarray | list[np.ndarray]:
+        """One ``N, C, D, H, W`` array when the samples share a shape, else the list itself."""
+        samples = [np.ascontiguousarray(s, dtype=np.float32) for s in samples]
+        if len({s.shape for s in samples}) == 1:
+            return np.stack(samples)
+        return samples
+
+    @property
+    def samples(self) -> list[np.ndarray]:
+        """Every sample as a ``C, D, H, W`` array."""
+        return list(self.windows)
+
+    @property
+    def whole_volumes(self) -> bool:
+        """True when the samples are whole (cropped) volumes, one per scan, rather than windows."""
+        return bool(self.settings.get("whole_volume"))
+
+    @property
+    def subjects(self) -> list[str]:
+        """The scans the samples come from, in sorted order."""
+        return sorted(set(self.sources))
 
     @classmethod
     def from_windows(cls, windows: np.ndarray, source: str = "windows") -> CalibrationSet:
@@ -88,19 +121,25 @@ class CalibrationSet:
             foreground=[float("nan")] * len(windows),
             warnings=[],
             fingerprint=hashlib.sha256(windows.tobytes()).hexdigest(),
+            files_used=[source],
         )
 
-    def subset(self, indices: list[int], tag: str) -> CalibrationSet:
+    def subset(self, indices: list[int], tag: str, samples: list[np.ndarray] | None = None) -> CalibrationSet:
+        """The samples at ``indices`` (or the given ``samples`` made from them) as a set of their own."""
+        if samples is None:
+            samples = [self.samples[i] for i in indices]
+        used = sorted({self.sources[i] for i in indices})
         return CalibrationSet(
-            windows=np.ascontiguousarray(self.windows[indices]),
+            windows=self.pack(samples),
             sources=[self.sources[i] for i in indices],
             corners=[self.corners[i] for i in indices],
             foreground=[self.foreground[i] for i in indices],
             warnings=list(self.warnings),
             fingerprint=hashlib.sha256(f"{self.fingerprint}:{tag}".encode()).hexdigest(),
             settings={**self.settings, "subset": tag},
-            files_used=sorted({self.sources[i] for i in indices}),
+            files_used=used,
             skipped=list(self.skipped),
+            scan_sha256={k: v for k, v in self.scan_sha256.items() if k in used},
             from_cache=self.from_cache,
         )
 
@@ -115,11 +154,51 @@ class CalibrationSet:
         held = list(range(len(self) - n_holdout, len(self)))
         return self.subset(keep, f"calibration-{n_holdout}"), self.subset(held, f"holdout-{n_holdout}")
 
+    def split_subjects(self, seed: int = 0) -> tuple[CalibrationSet, CalibrationSet] | None:
+        """``(calibration, holdout)`` holding out whole scans, or ``None`` with fewer than 2 scans.
+
+        A quarter of the scans (at least 1) is held out: those ranked first by a SHA-256 of ``seed`` and
+        the scan's path, so the choice is reproducible and does not depend on the folder's order.
+        Every sample of a held-out scan is used for validation only, never for calibration.
+        """
+        subjects = self.subjects
+        if len(subjects) < 2:
+            return None
+        count = max(1, len(subjects) // 4)
+        held = set(sorted(subjects, key=lambda s: _rank(seed, s))[:count])
+        keep = [i for i, s in enumerate(self.sources) if s not in held]
+        out = [i for i, s in enumerate(self.sources) if s in held]
+        tag = f"subjects-{seed}-{count}"
+        return self.subset(keep, f"calibration-{tag}"), self.subset(out, f"holdout-{tag}")
+
+    def to_windows(self, window: tuple[int, int, int], per_sample: int, seed: int = 0) -> CalibrationSet:
+        """Windows of ``window`` cut from each whole-volume sample (for engines that run windows only):
+        ``per_sample`` of the most tissue-rich positions each, seeded, ordered round-robin over samples."""
+        cut: list[list[tuple[np.ndarray, tuple[int, int, int], float]]] = []
+        for index, sample in enumerate(self.samples):
+            rng = np.random.default_rng([seed, zlib.crc32(self.sources[index].encode())])
+            cut.append(
+                _cut_windows(
+                    _pad_to(sample, window), window, per_sample, self.settings.get("min_foreground", 0.5), rng
+                )[0]
+            )
+        order = [(i, r) for r in range(per_sample) for i in range(len(cut)) if r < len(cut[i])]
+        subset = self.subset(
+            [i for i, _ in order], f"windows-{list(window)}-{per_sample}", [cut[i][r][0] for i, r in order]
+        )
+        subset.corners = [cut[i][r][1] for i, r in order]
+        subset.foreground = [cut[i][r][2] for i, r in order]
+        subset.settings["whole_volume"] = False
+        return subset
+
     def describe(self) -> dict[str, Any]:
-        """JSON-ready summary (no arrays)."""
+        """JSON-ready summary (no arrays): the scans used (``subjects``) and what the samples are."""
+        shapes = [list(s.shape) for s in self.samples]
         return {
-            "num_windows": len(self),
-            "window_shape": list(self.windows.shape[1:]),
+            "num_samples": len(self),
+            "samples": "whole cropped volumes" if self.whole_volumes else "windows",
+            "sample_shapes": shapes if self.whole_volumes else shapes[:1],
+            "subjects": self.subjects,
             "fingerprint": self.fingerprint,
             "files_used": self.files_used,
             "skipped": self.skipped,
@@ -129,89 +208,16 @@ class CalibrationSet:
         }
 
 
-# -------------------------------------------------------------------------------------------- scanning
-
-
-# -------------------------------------------------------------------------------------------- sampling
-
-
-def foreground_mask(array: np.ndarray) -> np.ndarray:
-    """Tissue voxels of a preprocessed volume (half-way between the 1st percentile and Otsu)."""
-    values = array.ravel()[:: max(1, array.size // 1_000_000)]
-    low = float(np.percentile(values, 1))
-    if float(values.max()) <= low:  # no contrast at all (e.g. only air): nothing to calibrate on
-        return np.zeros(array.shape, dtype=bool)
-    threshold = max(_otsu(values), low)
-    return array > low + 0.5 * (threshold - low)
-
-
-def _otsu(values: np.ndarray, bins: int = 256) -> float:
-    hist, edges = np.histogram(values, bins=bins)
-    centers = (edges[:-1] + edges[1:]) / 2
-    weight_low = np.cumsum(hist)
-    weight_high = weight_low[-1] - weight_low
-    sum_low = np.cumsum(hist * centers)
-    mean_low = sum_low / np.maximum(weight_low, 1)
-    mean_high = (sum_low[-1] - sum_low) / np.maximum(weight_high, 1)
-    between = weight_low * weight_high * (mean_low - mean_high) ** 2
-    return float(centers[int(np.argmax(between))])
-
-
-def _pad_to(array: np.ndarray, window: tuple[int, int, int]) -> np.ndarray:
-    """Centre-pad ``(C, D, H, W)`` with zeros so every spatial axis is at least the window."""
-    pads = [(0, 0)]
-    for size, win in zip(array.shape[1:], window, strict=True):
-        extra = max(win - size, 0)
-        pads.append((extra // 2, extra - extra // 2))
-    return np.pad(array, pads) if any(p != (0, 0) for p in pads) else array
-
-
-def window_fractions(
-    mask: np.ndarray, window: tuple[int, int, int], stride: tuple[int, int, int]
-) -> tuple[np.ndarray, np.ndarray]:
-    """Foreground fraction of every window start on a ``stride`` grid (plus the last start per axis).
-
-    Returns ``(corners (M, 3), fractions (M,))`` computed from a summed-volume table.
-    """
-    table = np.zeros(tuple(s + 1 for s in mask.shape), dtype=np.int64)
-    table[1:, 1:, 1:] = mask.astype(np.int64).cumsum(0).cumsum(1).cumsum(2)
-    starts = []
-    for size, win, step in zip(mask.shape, window, stride, strict=True):
-        axis = list(range(0, size - win + 1, step))
-        if axis[-1] != size - win:
-            axis.append(size - win)
-        starts.append(np.asarray(axis))
-    a, b, c = np.meshgrid(*starts, indexing="ij")
-    a, b, c = a.ravel(), b.ravel(), c.ravel()
-    wa, wb, wc = window
-    total = (
-        table[a + wa, b + wb, c + wc]
-        - table[a, b + wb, c + wc]
-        - table[a + wa, b, c + wc]
-        - table[a + wa, b + wb, c]
-        + table[a, b, c + wc]
-        + table[a, b + wb, c]
-        + table[a + wa, b, c]
-        - table[a, b, c]
-    )
-    return np.stack([a, b, c], axis=1), total / float(wa * wb * wc)
-
-
-def _ordered_corners(
-    array: np.ndarray, window: tuple[int, int, int], min_foreground: float, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray, float]:
-    """Qualifying window starts in a seeded random order, their fractions, and the best fraction."""
-    mask = foreground_mask(array[0])
-    stride = tuple(max(1, w // 16) for w in window)
-    corners, fractions = window_fractions(mask, window, stride)  # type: ignore[arg-type]
-    best = float(fractions.max()) if fractions.size else 0.0
-    if best < MIN_BEST_FOREGROUND:
-        return corners[:0], fractions[:0], best
-    # a window larger than the anatomy (e.g. 192^3 in a conformed 256^3 head) cannot be mostly tissue:
-    # then take the windows holding nearly the most tissue possible
-    good = np.flatnonzero(fractions >= min(min_foreground, NEAR_BEST * best))
-    order = rng.permutation(good)
-    return corners[order], fractions[order], best
+def check_disjoint(calibration: CalibrationSet, validation: CalibrationSet) -> None:
+    """Raise :class:`CalibrationError` naming the scans that validation shares with calibration
+    (same file SHA-256): the guard's estimate would not be for unseen subjects."""
+    pairs = overlapping_scans(calibration.scan_sha256, validation.scan_sha256)
+    if pairs:
+        shown = "; ".join(f"validation {v} = calibration {c}" for c, v in pairs)
+        raise CalibrationError(
+            f"the validation scans must be other subjects than the calibration scans, but {len(pairs)} "
+            f"are the same files ({shown}); remove them from one of the two folders"
+        )
 
 
 def _rank(seed: int, relative: str) -> str:
@@ -232,21 +238,78 @@ def collect_windows(
     num_windows: int = 32,
     seed: int = 0,
     progress: Progress | None = None,
-    whole_volume: bool = False,
+    whole_volume: bool | None = None,
     min_foreground: float = 0.5,
     use_cache: bool = True,
 ) -> CalibrationSet:
     """Sample ``num_windows`` preprocessed windows (card window size) from the scans under ``folder``.
 
-    ``whole_volume=True`` takes each scan's whole preprocessed volume instead (conformed models; all
-    scans must then share one network shape), at most ``num_windows`` of them. Raises
-    ``FileNotFoundError`` for a missing folder and :class:`CalibrationError` when nothing is usable.
+    ``whole_volume`` (default: the card's ``network.fully_convolutional``) takes one sample per scan
+    instead, its whole preprocessed volume cropped as segmentation's one pass crops it, from at most
+    ``num_windows`` scans. Raises ``FileNotFoundError`` for a missing folder and
+    :class:`CalibrationError` when nothing is usable.
     """
     if num_windows < 1:
         raise ValueError(f"num_windows must be at least 1, got {num_windows}")
     if not 0.0 < min_foreground <= 1.0:
         raise ValueError(f"min_foreground must be in (0, 1], got {min_foreground}")
+    if whole_volume is None:
+        whole_volume = bool(card.network.get("fully_convolutional"))
     folder = Path(folder)
+    candidates, messages = _find(folder)
+    settings = {
+        "sampler_version": SAMPLER_VERSION,
+        "num_windows": int(num_windows),
+        "seed": int(seed),
+        "whole_volume": bool(whole_volume),
+        "min_foreground": float(min_foreground),
+        "window": [int(s) for s in card.window_size],
+        "preprocessing": card.preprocessing,
+        "modality": card.modality,
+        "crop": {
+            "network": card.network.get("receptive_field"),
+            "window": card.window.get("crop_foreground"),
+        },
+    }
+    identities = [file_identity(c, folder) for c in candidates]
+    fingerprint = sha256_json({"settings": settings, "files": identities})
+    cache_path = cache_dir("calibration") / fingerprint if use_cache else None
+    cached = load_cached(cache_path, fingerprint) if cache_path is not None else None
+    if cached is not None:
+        if progress is not None:
+            progress.update("calibration", 1.0, f"{len(cached)} cached samples")
+        return cached
+
+    pools, skipped = _sample_pools(candidates, card, settings, progress, messages)
+    if not pools:
+        reasons = "; ".join(f"{s['file']}: {s['reason']}" for s in skipped)
+        raise CalibrationError(f"{folder}: no usable scan for calibration ({reasons})")
+    picked = _pick(folder, pools, skipped, num_windows, whole_volume)
+    used = sorted({pool["relative"] for pool, _ in picked})
+    result = CalibrationSet(
+        windows=CalibrationSet.pack([pool["windows"][rank][0] for pool, rank in picked]),
+        sources=[pool["relative"] for pool, _ in picked],
+        corners=[pool["windows"][rank][1] for pool, rank in picked],
+        foreground=[pool["windows"][rank][2] for pool, rank in picked],
+        warnings=messages,
+        fingerprint=fingerprint,
+        settings=settings,
+        files_used=used,
+        skipped=skipped,
+        scan_sha256={k: v for k, v in scan_hashes(identities).items() if k in used},
+    )
+    if cache_path is not None:
+        store(result, cache_path)
+    if progress is not None:
+        kind = "whole cropped volumes" if whole_volume else "windows"
+        progress.update("calibration", 1.0, f"{len(result)} {kind} from {len(pools)} scan(s)")
+        for message in messages:
+            progress.warning(message)
+    return result
+
+
+def _find(folder: Path) -> tuple[list[Scan], list[str]]:
+    """The scans under ``folder`` and a warning about files that are not scans."""
     candidates, unrecognised = find_scans(folder)
     messages: list[str] = []
     if unrecognised:
@@ -261,72 +324,25 @@ def collect_windows(
             f"{folder}: no scans found (looked for {', '.join(s for s in IMAGE_SUFFIXES if s != '.dcm')} "
             f"files and DICOM series folders, recursively)"
         )
-    window = tuple(int(s) for s in card.window_size)
-    settings = {
-        "sampler_version": SAMPLER_VERSION,
-        "num_windows": int(num_windows),
-        "seed": int(seed),
-        "whole_volume": bool(whole_volume),
-        "min_foreground": float(min_foreground),
-        "window": list(window),
-        "preprocessing": card.preprocessing,
-        "modality": card.modality,
-    }
-    fingerprint = sha256_json(
-        {"settings": settings, "files": [_file_identity(c, folder) for c in candidates]}
-    )
-    cache_path = cache_dir("calibration") / fingerprint if use_cache else None
-    if cache_path is not None and (cache_path / "windows.npy").is_file():
-        cached = _load_cached(cache_path, fingerprint)
-        if cached is not None:
-            if progress is not None:
-                progress.update("calibration", 1.0, f"{len(cached)} cached windows")
-            return cached
-
-    pools, skipped = _sample_pools(candidates, card, window, settings, progress, messages)
-    if not pools:
-        reasons = "; ".join(f"{s['file']}: {s['reason']}" for s in skipped)
-        raise CalibrationError(f"{folder}: no usable scan for calibration ({reasons})")
-    picked = _pick(folder, pools, skipped, num_windows, whole_volume)
-    windows = np.stack([pool["windows"][rank][0] for pool, rank in picked]).astype(np.float32, copy=False)
-    result = CalibrationSet(
-        windows=np.ascontiguousarray(windows),
-        sources=[pool["relative"] for pool, _ in picked],
-        corners=[pool["windows"][rank][1] for pool, rank in picked],
-        foreground=[pool["windows"][rank][2] for pool, rank in picked],
-        warnings=messages,
-        fingerprint=fingerprint,
-        settings=settings,
-        files_used=sorted({pool["relative"] for pool, _ in picked}),
-        skipped=skipped,
-    )
-    if cache_path is not None:
-        _store(result, cache_path)
-    if progress is not None:
-        progress.update("calibration", 1.0, f"{len(result)} windows from {len(pools)} scan(s)")
-        for message in messages:
-            progress.warning(message)
-    return result
+    return candidates, messages
 
 
 def _sample_pools(
     candidates: list[Scan],
     card: Any,
-    window: tuple[int, ...],
     settings: dict[str, Any],
     progress: Progress | None,
     messages: list[str],
 ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
-    """Candidate windows of each usable scan (``pools``) and the scans skipped with their reason."""
+    """Candidate samples of each usable scan (``pools``) and the scans skipped with their reason."""
     num_windows, seed, whole_volume = settings["num_windows"], settings["seed"], settings["whole_volume"]
-    min_foreground = settings["min_foreground"]
     pools: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
     for index, candidate in enumerate(candidates):
         if progress is not None:
             progress.update("calibration", index / len(candidates), f"reading {candidate.relative}")
         need = math.ceil(num_windows / (len(pools) + 1))
-        pool = _sample_scan(candidate, card, window, need, seed, whole_volume, min_foreground, messages)
+        pool = _sample_scan(candidate, card, need, settings, messages)
         if isinstance(pool, str):
             skipped.append({"file": candidate.relative, "reason": pool})
             messages.append(f"{candidate.relative}: skipped: {pool}")
@@ -348,24 +364,17 @@ def _pick(
     num_windows: int,
     whole_volume: bool,
 ) -> list[tuple[dict[str, Any], int]]:
-    """``(pool, rank)`` of every window used: round-robin over the scans (or one whole volume each)."""
+    """``(pool, rank)`` of every sample used: round-robin over the scans (or one whole volume each)."""
     if whole_volume:
         pools.sort(key=lambda item: item["relative"])
-        shapes = {p["windows"][0][0].shape for p in pools}
-        if len(shapes) > 1:
-            raise CalibrationError(
-                f"{folder}: whole-volume calibration needs one network shape, got {sorted(shapes)}; "
-                f"use a card with preprocessing.shape (conformed) or window sampling"
-            )
-        picked = [(pool, 0) for pool in pools]
-    else:
-        allocation = _allocation(num_windows, len(pools))
-        picked = [
-            (pool, rank)
-            for rank in range(max(allocation))
-            for pool, n in zip(pools, allocation, strict=True)
-            if rank < n
-        ]
+        return [(pool, 0) for pool in pools]
+    allocation = _allocation(num_windows, len(pools))
+    picked = [
+        (pool, rank)
+        for rank in range(max(allocation))
+        for pool, n in zip(pools, allocation, strict=True)
+        if rank < n
+    ]
     needed = min(num_windows, 2)  # one to calibrate on and one held out for the accuracy guard
     if len(picked) < needed:
         reasons = "; ".join(f"{s['file']}: {s['reason']}" for s in skipped) or "too few scans"
@@ -377,16 +386,11 @@ def _pick(
 
 
 def _sample_scan(
-    candidate: Scan,
-    card: Any,
-    window: tuple[int, int, int],
-    need: int,
-    seed: int,
-    whole_volume: bool,
-    min_foreground: float,
-    messages: list[str],
+    candidate: Scan, card: Any, need: int, settings: dict[str, Any], messages: list[str]
 ) -> dict[str, Any] | str:
-    """Windows ``[(array, corner, fraction), ...]`` from one scan in sampling order, or why it is skipped."""
+    """Samples ``[(array, corner, fraction), ...]`` of one scan in sampling order, or why it is skipped."""
+    from engine_tools.whole_volume import plan_crop
+
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -403,85 +407,16 @@ def _sample_scan(
         for message in prep.steps.get("warnings", [])
     )
     del image
-    if whole_volume:
+    if settings["whole_volume"]:
         fraction = float(foreground_mask(prep.array[0]).mean())
-        return {"relative": candidate.relative, "windows": [(prep.array, (0, 0, 0), fraction)]}
-    array = _pad_to(prep.array, window)
-    rng = np.random.default_rng([seed, zlib.crc32(candidate.relative.encode())])
-    corners, fractions, best = _ordered_corners(array, window, min_foreground, rng)
-    if len(corners) == 0:
+        if fraction == 0.0:
+            return "no tissue in the volume; mostly air?"
+        crop = plan_crop(card, prep.array)
+        volume = np.ascontiguousarray(prep.array[(slice(None), *crop.slices)])
+        return {"relative": candidate.relative, "windows": [(volume, crop.start, round(fraction, 4))]}
+    window = tuple(settings["window"])
+    rng = np.random.default_rng([settings["seed"], zlib.crc32(candidate.relative.encode())])
+    items, best = _cut_windows(_pad_to(prep.array, window), window, need, settings["min_foreground"], rng)
+    if not items:
         return f"no window with tissue (best {best:.1%} foreground); mostly air?"
-    if len(corners) < need:  # few distinct positions (small scan): reuse them in order
-        repeat = np.resize(np.arange(len(corners)), need)
-        corners, fractions = corners[repeat], fractions[repeat]
-    items = []
-    for corner, fraction in zip(corners[:need], fractions[:need], strict=True):
-        a, b, c = (int(v) for v in corner)
-        crop = array[:, a : a + window[0], b : b + window[1], c : c + window[2]].copy()
-        items.append((crop, (a, b, c), round(float(fraction), 4)))
     return {"relative": candidate.relative, "windows": items}
-
-
-def _file_identity(candidate: Scan, root: Path) -> dict[str, Any]:
-    base = root if root.is_dir() else root.parent
-    return {
-        "scan": candidate.relative,
-        "series": candidate.series_uid,
-        "files": [
-            [
-                p.relative_to(base).as_posix() if p.is_relative_to(base) else p.name,
-                p.stat().st_size,
-                sha256_file(p),
-            ]
-            for p in candidate.files
-        ],
-    }
-
-
-def _store(result: CalibrationSet, path: Path) -> None:
-    meta = {k: v for k, v in result.describe().items() if k != "from_cache"}
-    meta.update(sources=result.sources, corners=result.corners, foreground=result.foreground)
-    with atomic_directory(path) as tmp:
-        np.save(tmp / "windows.npy", result.windows)
-        meta["windows_sha256"] = sha256_file(tmp / "windows.npy")
-        (tmp / "meta.json").write_text(json.dumps(meta, default=str))
-
-
-def _load_cached(path: Path, fingerprint: str) -> CalibrationSet | None:
-    try:
-        meta = json.loads((path / "meta.json").read_text())
-        if meta.get("windows_sha256") != sha256_file(path / "windows.npy"):
-            return None  # changed or truncated since it was stored: sample again
-        windows = np.load(path / "windows.npy")
-    except (OSError, ValueError, AttributeError):
-        return None
-    if meta.get("fingerprint") != fingerprint or windows.shape[0] != meta.get("num_windows"):
-        return None
-    return CalibrationSet(
-        windows=windows,
-        sources=list(meta["sources"]),
-        corners=[tuple(c) for c in meta["corners"]],
-        foreground=list(meta["foreground"]),
-        warnings=list(meta["warnings"]),
-        fingerprint=fingerprint,
-        settings=meta["settings"],
-        files_used=list(meta["files_used"]),
-        skipped=list(meta["skipped"]),
-        from_cache=True,
-    )
-
-
-def evenly_spaced_windows(array: np.ndarray, window: tuple[int, int, int], count: int) -> np.ndarray:
-    """``count`` windows of ``window`` placed evenly along the diagonal of a preprocessed ``C, D, H, W``
-    volume (zero-padded where it is smaller than a window): deterministic windows for tests and benchmarks."""
-    padded = np.pad(
-        array, [(0, 0)] + [(0, max(0, w - s)) for s, w in zip(array.shape[1:], window, strict=True)]
-    )
-    windows = []
-    for index in range(count):
-        start = [
-            int((s - w) * (index + 1) / (count + 1)) for s, w in zip(padded.shape[1:], window, strict=True)
-        ]
-        region = tuple(slice(b, b + w) for b, w in zip(start, window, strict=True))
-        windows.append(padded[(slice(None), *region)])
-    return np.stack(windows).astype(np.float32)

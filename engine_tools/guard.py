@@ -39,6 +39,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from engine_tools import accuracy
+from engine_tools.engines.base import as_samples
 from engine_tools.progress import Progress
 
 
@@ -74,9 +75,10 @@ class QuantizationAdapter(Protocol):
         """Layers of ``candidate`` that really take INT8 inputs."""
 
     def run(
-        self, candidate: Any | None, windows: np.ndarray, timings: list[float] | None = None
-    ) -> np.ndarray:
-        """Logits of ``candidate`` (``None``: strict FP32) on ``windows``; seconds per window into ``timings``."""
+        self, candidate: Any | None, windows: Sequence[np.ndarray], timings: list[float] | None = None
+    ) -> np.ndarray | list[np.ndarray]:
+        """Logits of ``candidate`` (``None``: strict FP32) on samples (windows or whole cropped volumes);
+        seconds per sample into ``timings``."""
 
 
 @dataclass
@@ -131,7 +133,9 @@ def _finite(value: float, cap: float = 200.0) -> float:
 class AccuracyGuard:
     """Quantize through ``adapter`` and keep INT8 within ``target_dice`` of strict FP32.
 
-    ``validation`` are held-out windows (``None``: the ``calibration`` windows, reported as such).
+    ``validation`` are held-out samples (``None``: the ``calibration`` samples, reported as such): an
+    ``N, C, D, H, W`` array or a list of ``C, D, H, W`` whole cropped volumes; ``validation_note``
+    (an option) says in the report what they are and which subjects they come from.
     Options: ``target_dice``, ``guard`` (False: quantize once and only measure), ``ignored_layers``,
     ``keep_higher_precision_patterns``, ``max_kept_layers``, ``sensitivity_windows``,
     ``calibration_budget_s``, ``allow_below_target``, ``min_label_voxels``.
@@ -140,8 +144,8 @@ class AccuracyGuard:
     def __init__(
         self,
         adapter: QuantizationAdapter,
-        validation: np.ndarray | None,
-        calibration: np.ndarray,
+        validation: np.ndarray | Sequence[np.ndarray] | None,
+        calibration: np.ndarray | Sequence[np.ndarray],
         options: dict[str, Any],
         progress: Progress,
     ) -> None:
@@ -153,11 +157,14 @@ class AccuracyGuard:
         self.allow_below_target = bool(options.get("allow_below_target", False))
         self.min_voxels = int(options.get("min_label_voxels", 1000))
         self.calibration_windows = len(calibration)
-        self.validation_source = "held-out windows"
+        # what the samples are and where they come from (the build pipeline says which subjects)
+        self.validation_source = str(options.get("validation_note", "held-out windows"))
         if validation is None or len(validation) == 0:
             validation = calibration
-            self.validation_source = "calibration windows (no held-out windows given)"
-        self.validation = np.ascontiguousarray(validation, dtype=np.float32)
+            self.validation_source = str(
+                options.get("validation_note", "calibration windows (no held-out windows given)")
+            )
+        self.validation = as_samples(validation)
         self.forced = list(options.get("ignored_layers", []))
         patterns = list(options.get("keep_higher_precision_patterns", []))
         self.by_pattern = [n for n in adapter.layers() if any(re.search(p, n) for p in patterns)]

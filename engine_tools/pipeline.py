@@ -4,7 +4,7 @@
 Built engines live in ``<cache>/engines/<key>/`` (written through
 :func:`engine_tools.cache.atomic_directory`, so a cancelled or killed build leaves nothing behind) with
 ``engine.json`` holding the key parts and the build report. The key covers the card, the weights, the
-calibration windows and method (INT8 only), the backend and its library versions, the precision, the
+calibration and validation samples and the calibration method (INT8 only), the backend and its library versions, the precision, the
 device and the accuracy-guard target, so any change rebuilds and nothing stale is reused.
 """
 
@@ -17,8 +17,6 @@ from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-import numpy as np
 
 from engine_tools.cache import (
     atomic_directory,
@@ -40,43 +38,104 @@ if TYPE_CHECKING:
     from engine_tools.calibration import CalibrationSet
 
 #: Bump when the artifact layout or build logic changes incompatibly (part of every cache key).
-PIPELINE_VERSION = 2
+PIPELINE_VERSION = 3
 
 
 def holdout_count(num_windows: int) -> int:
-    """Windows held out for the accuracy guard: a quarter, at least 1 and at most 8 (0 below 2 windows)."""
+    """Windows held out of a single scan's: a quarter, at least 1 and at most 8 (0 below 2 windows)."""
     if num_windows < 2:
         return 0
     return max(1, min(8, num_windows // 4))
 
 
-def _calibration_windows(
-    calibration: CalibrationSet, progress: Progress
-) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
-    """``(calibration windows, held-out windows or None, description)`` of a calibration set."""
+#: What the build and the guard's report say when no scan was left unseen by calibration.
+UNSEEN = (
+    "the estimate is optimistic because no unseen subject was available "
+    "(add scans to the calibration folder or pass --validation FOLDER)"
+)
+OPTIMISTIC = "INT8 accuracy guard: validating on {what}: " + UNSEEN
+
+
+def _checked(calibration: Any, option: str) -> CalibrationSet:
     from engine_tools.calibration import CalibrationSet
 
     if not isinstance(calibration, CalibrationSet):
         raise TypeError(
-            "calibration must be a CalibrationSet: engine_tools.calibration.collect_windows(folder, card) "
+            f"{option} must be a CalibrationSet: engine_tools.calibration.collect_windows(folder, card) "
             f"or CalibrationSet.from_windows(array), not {type(calibration).__name__}"
         )
+    return calibration
+
+
+def _calibration_samples(
+    spec: EngineSpec, engine: Engine, card: ModelCard, progress: Progress
+) -> tuple[CalibrationSet, CalibrationSet | None, dict[str, Any]]:
+    """``(calibration set, validation set or None, description)`` for an INT8 build.
+
+    Validation comes from ``spec.validation`` (other scans, checked by SHA-256), else from whole
+    calibration scans held out (:meth:`CalibrationSet.split_subjects`), else, with a single scan, from
+    held-out windows of it (or its own volume), with a warning that the estimate is optimistic. Whole
+    cropped volumes become windows for engines that only run the window's shape.
+    """
+    from engine_tools.calibration import check_disjoint
+
+    calibration = _checked(spec.calibration, "calibration")
     for warning in calibration.warnings:
         progress.warning(warning)
-    n_holdout = holdout_count(len(calibration))
-    if not n_holdout:
-        return (
-            calibration.windows,
-            None,
-            {"calibration": calibration.describe(), "fingerprint": calibration.fingerprint},
+    window = tuple(card.window_size)
+    to_windows = not engine.any_spatial_shape and any(
+        tuple(s.shape[1:]) != window for s in calibration.samples
+    )
+    kind = "whole cropped volume(s)" if calibration.whole_volumes and not to_windows else "window(s)"
+    per_volume = max(1, -(-int(calibration.settings.get("num_windows", 8)) // max(len(calibration), 1)))
+    if spec.validation is not None:
+        validation: CalibrationSet | None = _checked(spec.validation, "validation")
+        check_disjoint(calibration, validation)
+        holdout = "validation folder"
+        note = f"{kind} from the validation folder, subjects never used for calibration: "
+        note += ", ".join(validation.subjects)
+    elif split := calibration.split_subjects(spec.seed):
+        calibration, validation = split
+        holdout = "subjects"
+        note = f"{kind} of held-out subject(s) never used for calibration: {', '.join(validation.subjects)}"
+    else:
+        count = holdout_count(len(calibration))
+        calibration, validation = calibration.split(count) if count else (calibration, None)
+        only = ", ".join(calibration.subjects)
+        holdout = "windows of the only scan" if validation is not None else "none"
+        what = (
+            f"{kind} {'held out of' if validation is not None else 'of'} the only calibration scan ({only})"
         )
-    used, held = calibration.split(n_holdout)
+        if validation is None:
+            what += ", which calibration also used"
+        progress.warning(OPTIMISTIC.format(what=what))
+        note = f"{what}; {UNSEEN}"
+    if to_windows:
+        progress.log(f"{engine.backend} runs {list(window)} windows: cutting windows from the volumes")
+        calibration = calibration.to_windows(window, per_volume, spec.seed)
+        validation = validation.to_windows(window, per_volume, spec.seed) if validation else None
     info = {
-        "calibration": used.describe(),
-        "holdout": held.describe(),
+        "calibration": calibration.describe(),
+        "validation": None if validation is None else validation.describe(),
+        "holdout": holdout,
+        "validation_note": note,
         "fingerprint": calibration.fingerprint,
+        "validation_fingerprint": None if validation is None else validation.fingerprint,
     }
-    return used.windows, held.windows, info
+    return calibration, validation, info
+
+
+def _sample_report(info: dict[str, Any]) -> dict[str, Any]:
+    """The build report's ``calibration`` and ``validation`` entries: subjects and what the samples were."""
+    keys = ("subjects", "samples", "sample_shapes", "num_samples", "fingerprint")
+    report = {"calibration": {k: info["calibration"][k] for k in keys}}
+    validation = info.get("validation")
+    report["validation"] = {
+        **({k: validation[k] for k in keys} if validation else {"subjects": [], "samples": "none"}),
+        "holdout": info["holdout"],
+        "note": info["validation_note"],
+    }
+    return report
 
 
 def engine_key(parts: dict[str, Any]) -> str:
@@ -117,8 +176,9 @@ def prepare_engine(
     """A loaded engine for ``card`` as ``spec`` says, built (and cached) or taken from the cache.
 
     ``fields`` override single :class:`~engine_tools.spec.EngineSpec` fields (``precision="fp32"``,
-    ``options={...}``, ...). INT8 needs ``spec.calibration``; a quarter of its windows (at most 8) is
-    held out for the accuracy guard. ``engine.describe()["cache"]`` is ``"hit"`` or ``"built"``.
+    ``options={...}``, ...). INT8 needs ``spec.calibration``; the accuracy guard validates on
+    ``spec.validation`` or, without it, on a quarter of the calibration scans held out whole (see
+    :func:`_calibration_samples`). ``engine.describe()["cache"]`` is ``"hit"`` or ``"built"``.
     """
     progress = progress or SilentProgress()
     spec = replace(spec or EngineSpec(), **fields)
@@ -139,14 +199,17 @@ def prepare_engine(
     with progress.span(0.0, 0.15):
         factory, onnx_path = _network(card, spec, backend, progress)
     calibration_info: dict[str, Any] = {}
-    cal_windows = val_windows = None
+    cal_samples = val_samples = None
     if spec.precision == "int8":
         with progress.span(0.15, 0.3):
-            progress.update("calibrate", 0.0, "splitting calibration and held-out windows")
-            cal_windows, val_windows, calibration_info = _calibration_windows(spec.calibration, progress)
-            progress.update("calibrate", 1.0, f"{len(cal_windows)} calibration windows")
+            progress.update("calibrate", 0.0, "holding out validation subjects")
+            cal_set, val_set, calibration_info = _calibration_samples(spec, engine, card, progress)
+            cal_samples, val_samples = cal_set.windows, val_set.windows if val_set else None
+            progress.update("calibrate", 1.0, f"{len(cal_set)} calibration samples")
     build_options = card_build_options(card, spec.build_options())
     key_parts = _key_parts(card, spec, engine, backend, onnx_path, calibration_info, build_options)
+    if calibration_info:  # what the guard's report says it validated on (its samples are in the key)
+        build_options = {**build_options, "validation_note": calibration_info["validation_note"]}
     key = engine_key(key_parts)
     destination = cache_dir("engines") / key[:32]
     if factory is not None:
@@ -173,8 +236,8 @@ def prepare_engine(
                 "in_channels": card.in_channels,
                 "num_classes": card.num_classes,
                 "torch_module_factory": factory,
-                "calibration": cal_windows,
-                "validation": val_windows,
+                "calibration": cal_samples,
+                "validation": val_samples,
                 "options": build_options,
             },
         )
@@ -231,6 +294,7 @@ def _key_parts(
     if spec.precision == "int8":
         key_parts.update(
             calibration=calibration_info.get("fingerprint"),
+            validation=calibration_info.get("validation_fingerprint"),
             calibration_method=spec.calibration_method,
             target_dice=float(spec.target_dice),
             options={
@@ -304,6 +368,8 @@ def _build(
     request = BuildRequest(**request_fields)
     with progress.span(0.3, 0.95), atomic_directory(destination) as tmp:
         report = engine.build(request, tmp, progress)
+        if calibration_info:
+            report.update(_sample_report(calibration_info))
         metadata = {
             "key": key,
             "key_parts": key_parts,

@@ -20,8 +20,9 @@ if TYPE_CHECKING:
 class EngineSpec:
     """Backend, precision and device of an engine, and how an INT8 one is calibrated and guarded.
 
-    ``calibration``: the windows of a folder of unlabeled scans (INT8 only; a quarter, at most 8, is
-    held out for the accuracy guard). ``target_dice``: the guard's minimum mean agreement Dice with
+    ``calibration``: the samples of a folder of unlabeled scans (INT8 only). ``validation``: samples of
+    other scans (another folder) the accuracy guard validates on; without it a quarter of the
+    calibration scans is held out whole for the guard (with a single scan, some of its windows). ``target_dice``: the guard's minimum mean agreement Dice with
     FP32; ``allow_below_target`` lets a build end below it (its report then says ``below_target``).
     ``seed`` is the seed the calibration windows were sampled with. ``options`` are further backend
     settings (``preset``, ``max_kept_layers``, ...).
@@ -31,6 +32,7 @@ class EngineSpec:
     precision: str = "int8"
     device: str | None = None
     calibration: CalibrationSet | None = None
+    validation: CalibrationSet | None = None
     calibration_method: str = "minmax"
     target_dice: float = 0.97
     seed: int = 0
@@ -42,9 +44,13 @@ class EngineSpec:
     options: dict[str, Any] = field(default_factory=dict)
 
     def for_precision(self, precision: str) -> EngineSpec:
-        """The same spec at another precision (calibration kept for INT8 only)."""
+        """The same spec at another precision (calibration and validation kept for INT8 only)."""
+        int8 = precision == "int8"
         return replace(
-            self, precision=precision, calibration=self.calibration if precision == "int8" else None
+            self,
+            precision=precision,
+            calibration=self.calibration if int8 else None,
+            validation=self.validation if int8 else None,
         )
 
     def build_options(self) -> dict[str, Any]:

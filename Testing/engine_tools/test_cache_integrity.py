@@ -211,7 +211,7 @@ def test_changed_calibration_cache_is_sampled_again(setup, monkeypatch):
     monkeypatch.setenv("MEDQUANT_CACHE_DIR", str(setup["cache"]))
     card = get_card(str(setup["card"]))
     first = collect_windows(setup["calibration"], card, num_windows=4)
-    (stored,) = (setup["cache"] / "calibration").glob("*/windows.npy")
+    stored = sorted((setup["cache"] / "calibration").glob("*/sample-*.npy"))[0]
     _flip_byte(stored)
     again = collect_windows(setup["calibration"], card, num_windows=4)
     assert not again.from_cache

@@ -99,7 +99,7 @@ def test_cache_round_trip_is_atomic_and_identical(scans, isolated_cache):
     card = make_card()
     built = collect_windows(scans, card, num_windows=5)
     assert not built.from_cache
-    assert (cache_dir("calibration") / built.fingerprint / "windows.npy").is_file()
+    assert len(list((cache_dir("calibration") / built.fingerprint).glob("sample-*.npy"))) == 5
     cached = collect_windows(scans, card, num_windows=5)
     assert cached.from_cache
     np.testing.assert_array_equal(cached.windows, built.windows)
@@ -117,6 +117,57 @@ def test_split_holds_out_windows_from_several_scans(scans):
     for bad in (0, 9, 12):
         with pytest.raises(ValueError, match="hold out"):
             result.split(bad)
+
+
+def test_subject_holdout_never_mixes_scans(scans, tmp_path):
+    small_ball_scan(scans / "d.nii.gz", offset=(2, 2, -3))
+    result = collect_windows(scans, make_card(), num_windows=12, seed=5, use_cache=False)
+    assert len(result.subjects) == 4
+    calibration, holdout = result.split_subjects(seed=5)
+    assert len(holdout.subjects) == 1  # a quarter of 4 scans
+    assert not set(holdout.sources) & set(calibration.sources)
+    assert len(calibration) + len(holdout) == 12 and len(holdout) == 3
+    assert set(calibration.scan_sha256) == set(calibration.subjects)
+    # reproducible for one seed; other seeds hold out other scans
+    assert result.split_subjects(seed=5)[1].subjects == holdout.subjects
+    held = {tuple(result.split_subjects(seed=s)[1].subjects) for s in range(12)}
+    assert len(held) > 1
+    single = collect_windows(scans / "nested" / "deeper", make_card(), num_windows=4, use_cache=False)
+    assert single.split_subjects() is None
+
+
+def test_whole_cropped_volumes_are_ragged_and_cached(scans, isolated_cache):
+    """A fully convolutional card gets one sample per scan: its volume cropped to the tissue box plus the
+    receptive-field margin; the crops differ in shape and round-trip through the cache."""
+    card = make_card(window=(12, 12, 12))
+    raw = {**card.raw, "network": {**card.raw["network"], "fully_convolutional": True, "receptive_field": 5}}
+    card = ModelCard.from_dict(raw)
+    built = collect_windows(scans, card, num_windows=8)
+    assert built.whole_volumes and isinstance(built.windows, list) and len(built) == 3
+    shapes = [s.shape for s in built.samples]
+    assert len(set(shapes)) > 1 and all(s[0] == 1 and max(s[1:]) < 48 for s in shapes)
+    assert built.describe()["samples"] == "whole cropped volumes"
+    assert built.describe()["sample_shapes"] == [list(s) for s in shapes]
+    cached = collect_windows(scans, card, num_windows=8)
+    assert cached.from_cache and [s.shape for s in cached.samples] == shapes
+    windows = cached.to_windows((12, 12, 12), per_sample=2)
+    assert windows.windows.shape == (6, 1, 12, 12, 12) and not windows.whole_volumes
+    assert windows.sources[:3] == cached.sources and windows.fingerprint != cached.fingerprint
+
+
+def test_validation_scans_must_be_other_subjects(scans, tmp_path):
+    from engine_tools.calibration import check_disjoint
+
+    other = tmp_path / "validation"
+    other.mkdir()
+    (other / "copy_of_b.nrrd").write_bytes((scans / "nested" / "b.nrrd").read_bytes())
+    small_ball_scan(other / "new.nii.gz", offset=(1, 1, 1))
+    calibration = collect_windows(scans, make_card(), num_windows=6, use_cache=False)
+    validation = collect_windows(other, make_card(), num_windows=4, use_cache=False)
+    with pytest.raises(CalibrationError, match="validation copy_of_b.nrrd = calibration nested/b.nrrd"):
+        check_disjoint(calibration, validation)
+    (other / "copy_of_b.nrrd").unlink()
+    check_disjoint(calibration, collect_windows(other, make_card(), num_windows=4, use_cache=False))
 
 
 def test_whole_volume_mode_for_conformed_cards(scans):

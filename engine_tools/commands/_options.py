@@ -27,6 +27,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser, precision_default: str
         "--calibration", metavar="FOLDER", help="folder (searched recursively) of unlabeled scans for INT8"
     )
     parser.add_argument(
+        "--validation",
+        metavar="FOLDER",
+        help="folder of unlabeled scans of OTHER subjects the INT8 accuracy guard validates on (default: "
+        "a quarter of the --calibration scans, held out whole and not calibrated on)",
+    )
+    parser.add_argument(
         "--windows",
         type=int,
         default=None,
@@ -45,7 +51,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser, precision_default: str
         "--target-dice",
         type=float,
         default=0.97,
-        help="INT8 accuracy guard: minimum mean agreement Dice with FP32 on held-out windows (default 0.97)",
+        help="INT8 accuracy guard: minimum mean agreement Dice with FP32 on held-out subjects (default 0.97)",
     )
     parser.add_argument(
         "--allow-below-target",
@@ -83,21 +89,25 @@ def load_calibration(args: argparse.Namespace, card: Any, progress: Progress) ->
     return _collect_calibration(args, card, progress)
 
 
-def _collect_calibration(args: argparse.Namespace, card: Any, progress: Progress) -> Any:
-    if not args.calibration:
+def _collect_calibration(
+    args: argparse.Namespace, card: Any, progress: Progress, option: str = "calibration"
+) -> Any:
+    """The :class:`CalibrationSet` of ``--calibration`` (or ``--validation``); ``None`` when not given."""
+    value = getattr(args, option, None)
+    if not value:
         return None
     from engine_tools.calibration import collect_windows
 
-    folder = Path(args.calibration)
+    folder = Path(value)
     if not folder.is_dir():
-        raise FileNotFoundError(f"--calibration {folder}: not a folder of scans")
+        raise FileNotFoundError(f"--{option} {folder}: not a folder of scans")
     with progress.span(0.0, 0.2):
-        calibration = collect_windows(
+        samples = collect_windows(
             folder, card, num_windows=calibration_windows(args, card), seed=args.seed, progress=progress
         )
-    for warning in getattr(calibration, "warnings", []):
+    for warning in getattr(samples, "warnings", []):
         progress.warning(str(warning))
-    return calibration
+    return samples
 
 
 def require_input(path: str, option: str = "--input") -> Path:
@@ -117,18 +127,23 @@ def warn_random_weights(args: argparse.Namespace, progress: Progress) -> None:
 def engine_spec(
     args: argparse.Namespace, card: Any, progress: Progress, precision: str | None = None, **fields: Any
 ) -> EngineSpec:
-    """The :class:`EngineSpec` of the engine options on the command line (calibration windows loaded
-    once from ``--calibration``; only when the precision, or one of ``args.precisions``, is INT8)."""
+    """The :class:`EngineSpec` of the engine options on the command line (calibration and validation
+    samples loaded once from ``--calibration`` and ``--validation``; only when the precision, or one of
+    ``args.precisions``, is INT8)."""
     precision = precision or getattr(args, "precision", None) or "int8"
     wanted = [precision, *getattr(args, "precisions", [])]
     check_engine_arguments(args)
     warn_random_weights(args, progress)
+    if getattr(args, "validation", None) and not args.calibration:
+        raise ValueError("--validation needs --calibration (the folder INT8 is calibrated on)")
     calibration = _collect_calibration(args, card, progress) if "int8" in wanted else None
+    validation = _collect_calibration(args, card, progress, "validation") if "int8" in wanted else None
     return EngineSpec(
         backend=args.backend,
         precision=precision,
         device=args.device,
         calibration=calibration,
+        validation=validation,
         calibration_method=args.calibration_method,
         target_dice=args.target_dice,
         seed=args.seed,

@@ -57,7 +57,8 @@ def run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
             if path.exists():
                 raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
     input_path = require_input(args.input)
-    check_output_path(output, [input_path, *([args.calibration] if args.calibration else [])], args.overwrite)
+    inputs = [input_path, *(folder for folder in (args.calibration, args.validation) if folder)]
+    check_output_path(output, inputs, args.overwrite)
 
     from engine_tools.label_stats import label_volumes
     from engine_tools.pipeline import prepare_engine

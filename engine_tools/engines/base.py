@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import platform
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -35,9 +35,11 @@ class BuildRequest:
     """Everything an engine may need to build one artifact.
 
     ``onnx_path`` is the FP32 export (input ``"input"``, output ``"logits"``, dynamic batch).
-    ``calibration`` are preprocessed windows ``N, C, D, H, W`` for INT8; ``validation`` are held-out
-    windows the accuracy guard compares INT8 with FP32 on. ``options`` carries backend settings such as
-    ``calibration_method``, ``target_dice`` or ``ignored_layers``.
+    ``calibration`` are preprocessed samples for INT8 and ``validation`` held-out samples (scans that
+    calibration never saw, where there are any) the accuracy guard compares INT8 with FP32 on: either
+    ``N, C, D, H, W`` windows or, for fully convolutional networks on engines that run any spatial
+    shape, a list of ``C, D, H, W`` whole cropped volumes of differing shapes. ``options`` carries
+    backend settings such as ``calibration_method``, ``target_dice`` or ``ignored_layers``.
     """
 
     model_id: str
@@ -46,8 +48,8 @@ class BuildRequest:
     in_channels: int
     num_classes: int
     torch_module_factory: Callable[[], Any] | None = None
-    calibration: np.ndarray | None = None
-    validation: np.ndarray | None = None
+    calibration: np.ndarray | Sequence[np.ndarray] | None = None
+    validation: np.ndarray | Sequence[np.ndarray] | None = None
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -138,6 +140,15 @@ class Engine(ABC):
             return torch.from_numpy(logits)
 
         return predict
+
+
+def as_samples(windows: np.ndarray | Sequence[np.ndarray]) -> list[np.ndarray]:
+    """``C, D, H, W`` float32 samples of an ``N, C, D, H, W`` array or of a sequence of samples."""
+    samples = [np.ascontiguousarray(w, dtype=np.float32) for w in windows]
+    if (isinstance(windows, np.ndarray) and windows.ndim != 5) or any(s.ndim != 4 for s in samples):
+        shape = windows.shape if isinstance(windows, np.ndarray) else [s.shape for s in samples]
+        raise ValueError(f"expected windows N, C, D, H, W; got shape {shape}")
+    return samples
 
 
 def _progress(progress: Progress | None) -> Progress:

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from engine_tools.engines.base import as_samples
 from engine_tools.machine import cpu_has_vnni
 from engine_tools.progress import Progress
 
@@ -23,11 +24,14 @@ COMPUTE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 
 
 class WindowReader:
-    """A ``CalibrationDataReader`` over ``N, C, D, H, W`` windows (one window per batch)."""
+    """A ``CalibrationDataReader`` over ``N, C, D, H, W`` windows or a list of ``C, D, H, W`` samples
+    of differing shapes (one sample per batch; the min/max calibrators reduce each tensor per batch)."""
 
-    def __init__(self, input_name: str, windows: np.ndarray, progress: Progress) -> None:
+    def __init__(
+        self, input_name: str, windows: np.ndarray | Sequence[np.ndarray], progress: Progress
+    ) -> None:
         self.input_name = input_name
-        self.windows = windows
+        self.windows = as_samples(windows)
         self.progress = progress
         self.index = 0
 
@@ -35,7 +39,7 @@ class WindowReader:
         if self.index >= len(self.windows):
             return None
         self.progress.update("calibrate", self.index / len(self.windows), f"window {self.index + 1}")
-        window = np.ascontiguousarray(self.windows[self.index : self.index + 1], dtype=np.float32)
+        window = self.windows[self.index][None]
         self.index += 1
         return {self.input_name: window}
 
@@ -55,21 +59,21 @@ def session(model: str | Path, optimized_path: Path | None = None) -> Any:
     return ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
 
 
-def run_session(session: Any, windows: np.ndarray, timings: list[float] | None = None) -> np.ndarray:
-    """Logits of ``N, C, D, H, W`` windows, one window per call; seconds per window into ``timings``."""
+def run_session(
+    session: Any, windows: np.ndarray | Sequence[np.ndarray], timings: list[float] | None = None
+) -> np.ndarray | list[np.ndarray]:
+    """Logits of ``N, C, D, H, W`` windows (one array) or of a list of samples (a list of
+    ``1, K, D, H, W`` logits), one sample per call; seconds per sample into ``timings``."""
     import time
 
-    windows = np.ascontiguousarray(windows, dtype=np.float32)
-    if windows.ndim != 5:
-        raise ValueError(f"expected windows N, C, D, H, W; got shape {windows.shape}")
     name = session.get_inputs()[0].name
     outputs = []
-    for window in windows:
+    for window in as_samples(windows):
         start = time.perf_counter()
-        outputs.append(session.run(None, {name: window[None]})[0])
+        outputs.append(session.run(None, {name: window[None]})[0].astype(np.float32, copy=False))
         if timings is not None:
             timings.append(time.perf_counter() - start)
-    return np.concatenate(outputs, axis=0).astype(np.float32, copy=False)
+    return np.concatenate(outputs, axis=0) if isinstance(windows, np.ndarray) else outputs
 
 
 def _shape(info: Any) -> list[int] | None:
@@ -117,7 +121,7 @@ class QDQAdapter:
     def __init__(
         self,
         onnx_path: Path,
-        calibration: np.ndarray,
+        calibration: np.ndarray | Sequence[np.ndarray],
         window_shape: Sequence[int],
         scratch: Path,
         progress: Progress,
@@ -217,8 +221,11 @@ class QDQAdapter:
         ]
 
     def run(
-        self, candidate: Path | None, windows: np.ndarray, timings: list[float] | None = None
-    ) -> np.ndarray:
+        self,
+        candidate: Path | None,
+        windows: np.ndarray | Sequence[np.ndarray],
+        timings: list[float] | None = None,
+    ) -> np.ndarray | list[np.ndarray]:
         path = str(self.onnx_path if candidate is None else candidate)
         if path not in self._sessions:
             # strict FP32 stays loaded; of the candidates only the latest one

@@ -110,12 +110,13 @@ class OpenVINOEngine(Engine):
             raise ValueError(
                 f"{request.model_id}: INT8 needs calibration windows (a folder of unlabeled scans)"
             )
-        adapter = NNCFAdapter(model, request.calibration, dict(request.options))
+        adapter = NNCFAdapter(model, request.calibration, dict(request.options), request.validation)
         guard = AccuracyGuard(
             adapter, request.validation, request.calibration, dict(request.options), progress
         )
-        progress.update("quantize", 0.05, f"NNCF PTQ on {len(request.calibration)} windows")
+        progress.update("quantize", 0.05, f"NNCF PTQ on {len(request.calibration)} samples")
         quantized, guard_report = guard.run()
+        quantized = adapter.to_static(quantized)
         report = {
             **guard_report.recipe,
             "calibration_windows": len(request.calibration),

@@ -3,7 +3,9 @@
 :class:`NNCFAdapter` implements :class:`engine_tools.guard.QuantizationAdapter`: ``quantize`` runs
 :func:`nncf.quantize` with an ignored scope, ``keep_layers`` bypasses the FakeQuantize of a layer and
 restores its FP32 weights (no re-calibration), ``run`` compiles a candidate with the kept layers in
-``fallback`` precision.
+``fallback`` precision. Whole cropped volumes (one sample per scan, shapes differing) are handled on a
+clone of the model reshaped to ``[1, C, ?, ?, ?]``: NNCF collects its statistics over any spatial
+shape, and the result is reshaped back to the window (:meth:`NNCFAdapter.to_static`) before saving.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from engine_tools.engines.base import as_samples
 from engine_tools.engines.openvino.runtime import compile_model, run_compiled
 from engine_tools.machine import cpu_has_bf16
 
@@ -96,19 +99,45 @@ class NNCFAdapter:
 
     compute_measure = "multiply-accumulates"
 
-    def __init__(self, model: Any, calibration: np.ndarray, options: dict[str, Any]) -> None:
-        self.model = model
-        self.calibration = calibration
+    def __init__(
+        self,
+        model: Any,
+        calibration: np.ndarray | Sequence[np.ndarray],
+        options: dict[str, Any],
+        validation: np.ndarray | Sequence[np.ndarray] | None = None,
+    ) -> None:
+        self.static_model = model
+        self.calibration = as_samples(calibration)
         self.options = options
         self.fallback = str(options.get("int8_fallback", default_int8_fallback()))
+        self.model = model
+        #: whole cropped volumes (shapes other than the model's window): calibrate, validate and keep
+        #: layers on a clone of dynamic spatial shape; :meth:`to_static` fixes a result to the window
+        self.dynamic = any(
+            tuple(s.shape) != tuple(model.input(0).get_shape()[1:])
+            for s in [*self.calibration, *as_samples(validation if validation is not None else [])]
+        )
+        if self.dynamic:
+            from openvino import PartialShape
+
+            self.model = model.clone()
+            channels = int(model.input(0).get_shape()[1])
+            self.model.reshape({self.model.input(0): PartialShape([1, channels, -1, -1, -1])})
+
+    def to_static(self, candidate: Any) -> Any:
+        """``candidate`` reshaped to the window of the model given (a no-op when it already is)."""
+        if self.dynamic:
+            candidate.reshape({candidate.input(0): self.static_model.input(0).get_partial_shape()})
+        return candidate
 
     def layers(self) -> list[str]:
         return quantizable_layers(self.model)
 
     def layer_costs(self) -> dict[str, float]:
+        """Multiply-accumulates per layer at the window's shape (the dynamic clone has none)."""
         return {
             op.get_friendly_name(): multiply_accumulates(op)
-            for op in self.model.get_ordered_ops()
+            for op in self.static_model.get_ordered_ops()
             if op.get_type_name() in QUANTIZABLE_TYPES
         }
 
@@ -160,7 +189,7 @@ class NNCFAdapter:
             advanced.smooth_quant_alphas = AdvancedSmoothQuantParameters(
                 convolution=float(recipe["smooth_quant_alpha"])
             )
-        dataset = nncf.Dataset([np.ascontiguousarray(w[None], dtype=np.float32) for w in self.calibration])
+        dataset = nncf.Dataset([sample[None] for sample in self.calibration])
         patterns = list(self.options.get("keep_higher_precision_patterns", []))
         scope = None
         if excluded or patterns:
@@ -193,8 +222,11 @@ class NNCFAdapter:
         ]
 
     def run(
-        self, candidate: Any | None, windows: np.ndarray, timings: list[float] | None = None
-    ) -> np.ndarray:
+        self,
+        candidate: Any | None,
+        windows: np.ndarray | Sequence[np.ndarray],
+        timings: list[float] | None = None,
+    ) -> np.ndarray | list[np.ndarray]:
         compiled = (
             compile_model(self.model, "f32") if candidate is None else compile_model(candidate, self.fallback)
         )

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from engine_tools.engines.base import as_samples
 
 
 def _ov() -> Any:
@@ -35,27 +38,27 @@ def compile_model(model: Any, hint: str) -> Any:
 
 def run_compiled(
     request: Any,
-    windows: np.ndarray,
+    windows: np.ndarray | Sequence[np.ndarray],
     input_shape: tuple[int, ...] | None = None,
     timings: list[float] | None = None,
-) -> np.ndarray:
-    """Run ``N, C, D, H, W`` windows one at a time through an infer request (static batch 1); seconds
-    per window are appended to ``timings`` when given."""
-    windows = np.ascontiguousarray(windows, dtype=np.float32)
-    if windows.ndim != 5:
-        raise ValueError(f"expected windows N, C, D, H, W; got shape {windows.shape}")
-    if input_shape is not None and tuple(windows.shape[1:]) != tuple(input_shape[1:]):
+) -> np.ndarray | list[np.ndarray]:
+    """Run samples one at a time through an infer request (batch 1): an ``N, C, D, H, W`` array gives
+    ``N, K, D, H, W`` logits; a list of ``C, D, H, W`` samples of differing shapes (whole cropped
+    volumes, on a model of dynamic spatial shape) a list of ``1, K, D, H, W`` logits. Seconds per
+    sample are appended to ``timings`` when given."""
+    samples = as_samples(windows)
+    if input_shape is not None and any(tuple(s.shape) != tuple(input_shape[1:]) for s in samples):
         raise ValueError(
-            f"window shape {windows.shape[1:]} differs from the engine's {tuple(input_shape[1:])}"
+            f"window shape {samples[0].shape} differs from the engine's {tuple(input_shape[1:])}"
         )
     outputs = []
-    for window in windows:
+    for sample in samples:
         start = time.perf_counter()
-        result = request.infer({0: window[None]})
+        result = request.infer({0: sample[None]})
         if timings is not None:
             timings.append(time.perf_counter() - start)
         outputs.append(np.array(result[request.model_outputs[0]], dtype=np.float32, copy=True))
-    return np.concatenate(outputs, axis=0)
+    return np.concatenate(outputs, axis=0) if isinstance(windows, np.ndarray) else outputs
 
 
 def executed_kernels(compiled: Any) -> dict[str, Any]:
