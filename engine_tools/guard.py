@@ -224,7 +224,7 @@ class AccuracyGuard:
     def calibrate(self) -> Candidate:
         """Step 1: the requested recipe, then the backend's better recipes while below target."""
         recipe = self.adapter.recipe(self.options)
-        self.progress.update("calibrate", 0.1, f"quantizing on {self.calibration_windows} windows")
+        self.progress.update("calibrate", 0.1, f"quantizing on {self.calibration_windows} samples")
         best = self._quantized("initial", recipe, list(self.forced))
         budget = float(self.options.get("calibration_budget_s", 120.0))
         if not self.enabled or self.met(best) or self.attempts[0]["seconds"] > budget:

@@ -37,7 +37,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser, precision_default: str
         type=int,
         default=None,
         metavar="N",
-        help="calibration windows to sample (default: the model card's, 32 unless the card says otherwise)",
+        help="calibration windows to sample (default: the model card's, 32 unless the card says otherwise); "
+        "fully convolutional networks take one whole cropped volume per scan, from at most N scans",
     )
     parser.add_argument(
         "--calibration-method",
