@@ -113,7 +113,8 @@ def _calibration_samples(
     if to_windows:
         progress.log(f"{engine.backend} runs {list(window)} windows: cutting windows from the volumes")
         calibration = calibration.to_windows(window, per_volume, spec.seed)
-        validation = validation.to_windows(window, per_volume, spec.seed) if validation else None
+        if validation is not None and any(tuple(s.shape[1:]) != window for s in validation.samples):
+            validation = validation.to_windows(window, per_volume, spec.seed)
     info = {
         "calibration": calibration.describe(),
         "validation": None if validation is None else validation.describe(),
