@@ -59,3 +59,23 @@ def test_small_labels_can_be_left_out_of_the_mean() -> None:
     guarded = agreement_dice(a, b, 2, min_voxels=10)
     assert guarded["excluded_small"] == [1] and guarded["per_label"][1] == 0.0
     assert guarded["mean"] == pytest.approx(full["per_label"][0])
+
+
+def test_logits_of_samples_of_differing_shapes_pool_their_voxels() -> None:
+    """Whole cropped volumes differ in shape: one Dice per label over the voxels of all samples (a large
+    volume weighs more than a small one) and one SQNR over all logits, as if they were one volume."""
+    rng = np.random.default_rng(3)
+    reference = [rng.normal(size=(1, 3, 6, 5, 4)), rng.normal(size=(1, 3, 9, 7, 8))]
+    test = [r + rng.normal(scale=0.4, size=r.shape) for r in reference]
+    pooled = logits_agreement(reference, test)
+    flat_ref = np.concatenate([np.argmax(r, axis=1).ravel() for r in reference])
+    flat_test = np.concatenate([np.argmax(t, axis=1).ravel() for t in test])
+    assert pooled["mean"] == pytest.approx(agreement_dice(flat_ref, flat_test, 3)["mean"])
+    assert pooled["voxels"] == 6 * 5 * 4 + 9 * 7 * 8
+    signal = sum(float(np.sum(r**2)) for r in reference)
+    noise = sum(float(np.sum((r - t) ** 2)) for r, t in zip(reference, test, strict=True))
+    assert pooled["sqnr_db"] == pytest.approx(10 * math.log10(signal / noise))
+    # the small sample alone agrees differently: the pooled mean is not an average of per-sample means
+    assert pooled["mean"] != pytest.approx(logits_agreement(reference[:1], test[:1])["mean"])
+    with pytest.raises(ValueError, match="2 reference samples but 1 test"):
+        logits_agreement(reference, test[:1])
