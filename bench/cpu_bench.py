@@ -105,8 +105,10 @@ def bench_model(
     )[None]
     calibration = None
     if any(precision == "int8" for _, precision in rows):
+        # per-window latency is measured here, so INT8 is calibrated and guarded on windows too
+        # (fully convolutional cards otherwise take one whole cropped volume per scan)
         calibration = collect_windows(
-            calibration_folder(modality), card, num_windows=windows, progress=progress
+            calibration_folder(modality), card, num_windows=windows, progress=progress, whole_volume=False
         )
     result: dict[str, Any] = {
         "model": card.id,
