@@ -94,7 +94,7 @@ def standard_notes(machine_info: dict[str, Any]) -> list[str]:
 
 def calibration_windows(card: Any, count: int) -> np.ndarray:
     """``count`` windows from the real scan matching the card's modality, after the card's preprocessing."""
-    from engine_tools.calibration import evenly_spaced_windows
+    from engine_tools.calibration_sampling import evenly_spaced_windows
     from engine_tools.volumes import preprocess, read_image
 
     path = SHARED / (

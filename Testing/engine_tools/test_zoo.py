@@ -152,7 +152,7 @@ def mri_image():
 
 def _calibration_windows(array: np.ndarray, window: tuple[int, int, int], count: int = 2) -> np.ndarray:
     """``count`` real windows from a preprocessed volume (zero-padded when the volume is smaller)."""
-    from engine_tools.calibration import evenly_spaced_windows
+    from engine_tools.calibration_sampling import evenly_spaced_windows
 
     return evenly_spaced_windows(array, window, count)
 
