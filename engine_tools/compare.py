@@ -258,6 +258,7 @@ def compare_precisions(
         "rows": rows,
         "labels": {str(lab.value): lab.name for lab in card.labels},
         "calibration": _calibration_summary(spec.calibration),
+        "validation": _calibration_summary(spec.validation),
         "reference": None if reference is None else "given",
     }
     from engine_tools.end_to_end import pytorch_one_pass

@@ -102,6 +102,9 @@ def test_compare_reports_int8_smaller_with_per_label_agreement(
     assert 0.0 < int8["agreement_vs_fp32"]["mean"] <= 1.0
     assert int8["sqnr_db_window"] is not None and int8["sqnr_db_window"] > 0
     assert int8["kept_in_higher_precision"] is not None  # the accuracy guard reported its decision
+    # one calibration scan, no --validation: the report says the guard's estimate is optimistic
+    assert report["calibration"]["subjects"] == ["mni_crop.nii.gz"] and report["validation"] is None
+    assert any("optimistic because no unseen subject" in finding for finding in report["findings"])
     # the reference is the FP32 segmentation written by `segment`: FP32 matches it exactly, INT8 as above
     assert fp32["dice_vs_reference"]["mean"] == pytest.approx(1.0)
     assert int8["dice_vs_reference"]["mean"] == pytest.approx(int8["agreement_vs_fp32"]["mean"], abs=1e-4)
