@@ -4,8 +4,9 @@
 Built engines live in ``<cache>/engines/<key>/`` (written through
 :func:`engine_tools.cache.atomic_directory`, so a cancelled or killed build leaves nothing behind) with
 ``engine.json`` holding the key parts and the build report. The key covers the card, the weights, the
-calibration and validation samples and the calibration method (INT8 only), the backend and its library versions, the precision, the
-device and the accuracy-guard target, so any change rebuilds and nothing stale is reused.
+calibration and validation samples and the calibration method (INT8 only), the backend and its
+library versions, the precision, the device and the accuracy-guard target, so any change rebuilds and
+nothing stale is reused.
 """
 
 from __future__ import annotations
@@ -41,11 +42,15 @@ if TYPE_CHECKING:
 PIPELINE_VERSION = 3
 
 
+#: At most this many windows of the held-out scans are validated on (each costs guard time).
+MAX_HELD_OUT_WINDOWS = 8
+
+
 def holdout_count(num_windows: int) -> int:
     """Windows held out of a single scan's: a quarter, at least 1 and at most 8 (0 below 2 windows)."""
     if num_windows < 2:
         return 0
-    return max(1, min(8, num_windows // 4))
+    return max(1, min(MAX_HELD_OUT_WINDOWS, num_windows // 4))
 
 
 #: What the build and the guard's report say when no scan was left unseen by calibration.
@@ -96,6 +101,8 @@ def _calibration_samples(
         note += ", ".join(validation.subjects)
     elif split := calibration.split_subjects(spec.seed):
         calibration, validation = split
+        if len(validation) > MAX_HELD_OUT_WINDOWS and not validation.whole_volumes:  # round-robin order
+            validation = validation.subset(list(range(MAX_HELD_OUT_WINDOWS)), "first-held-out-windows")
         holdout = "subjects"
         note = f"{kind} of held-out subject(s) never used for calibration: {', '.join(validation.subjects)}"
     else:
