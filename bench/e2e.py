@@ -109,10 +109,17 @@ def agreement(reference: np.ndarray, other: np.ndarray) -> dict[str, float]:
 
 
 def measure_case(
-    model: str, scan: str, cache: Path, out: Path, torch: bool, quick: bool = False
+    model: str,
+    scan: str,
+    cache: Path,
+    out: Path,
+    torch: bool,
+    quick: bool = False,
+    precisions: tuple[str, ...] = PRECISIONS,
 ) -> dict[str, Any]:
     """Build, segment (twice; ``quick``: once, and one timed window) and time one model on one scan,
-    INT8 calibrated on the other scan."""
+    INT8 calibrated on the other scan; only ``precisions`` are run (labels of earlier runs in ``out``
+    are scored too)."""
     other = next(s for s in SCANS if s != scan)
     calibration = out / f"calibration_{other}"
     calibration.mkdir(exist_ok=True)
@@ -120,8 +127,9 @@ def measure_case(
         (calibration / other).symlink_to(MRI / other)
     case: dict[str, Any] = {"model": model, "scan": scan, "calibrated_on": other, "precisions": {}}
     labels: dict[str, np.ndarray] = {}
-    runs = [("openvino", p) for p in PRECISIONS if p != "int8"] + ([("torch", "fp32")] if torch else [])
-    runs.append(("openvino", "int8"))  # last: the INT8 build is the long one
+    runs = [("openvino", p) for p in PRECISIONS if p != "int8" and p in precisions]
+    runs += [("torch", "fp32")] if torch else []
+    runs += [("openvino", "int8")] if "int8" in precisions else []  # last: the INT8 build is the long one
     for backend, precision in runs:
         name = precision if backend == "openvino" else "pytorch_fp32_eager"
         row: dict[str, Any] = {"backend": backend, "precision": precision}
@@ -151,8 +159,12 @@ def measure_case(
             )
         case["precisions"][name] = row
         print(json.dumps({name: {k: row.get(k) for k in ("e2e_cached_s", "window_latency_s")}}), flush=True)
+    for name in ("fp32", "bf16", "int8", "pytorch_fp32_eager"):
+        earlier = out / f"{model}_{scan.split('.')[0]}_{name}_cached.nii.gz"
+        if name not in labels and earlier.exists():
+            labels[name] = label_array(earlier)
     for name, found in labels.items():
-        if name != "fp32":
+        if name != "fp32" and "fp32" in labels and name in case["precisions"]:
             case["precisions"][name]["agreement_vs_fp32"] = agreement(labels["fp32"], found)
     return case
 
@@ -222,11 +234,21 @@ def main() -> None:
     parser.add_argument("--conditions", default="", help="what else ran on the machine meanwhile")
     parser.add_argument("--cache", default=None, help="engine cache to use (default: a fresh one)")
     parser.add_argument("--output", default=str(RESULTS / "e2e_cpu"))
+    parser.add_argument(
+        "--precisions",
+        default=",".join(PRECISIONS),
+        help="OpenVINO precisions to run (rows of earlier runs stay)",
+    )
+    parser.add_argument(
+        "--workdir", default=None, help="folder for labelmaps, kept between runs (default: new)"
+    )
     args = parser.parse_args()
     from engine_tools.machine import machine_description
 
     cache = Path(args.cache or tempfile.mkdtemp(prefix="medquant-e2e-cache-"))
-    out = Path(tempfile.mkdtemp(prefix="medquant-e2e-"))
+    out = Path(args.workdir or tempfile.mkdtemp(prefix="medquant-e2e-"))
+    out.mkdir(parents=True, exist_ok=True)
+    precisions = tuple(p for p in args.precisions.split(",") if p)
     target = Path(args.output)
     previous = (
         json.loads(target.with_suffix(".json").read_text()) if target.with_suffix(".json").exists() else {}
@@ -234,7 +256,11 @@ def main() -> None:
     cases = {(c["model"], c["scan"]): c for c in previous.get("cases", [])}
     for model in args.models:
         for scan in args.scans:
-            case = measure_case(model, scan, cache, out, torch=not args.no_torch, quick=args.quick)
+            case = measure_case(
+                model, scan, cache, out, torch=not args.no_torch, quick=args.quick, precisions=precisions
+            )
+            earlier = cases.get((model, scan), {}).get("precisions", {})
+            case["precisions"] = {**earlier, **case["precisions"]}
             case["summary"] = summary(case)
             cases[(model, scan)] = case
     report = {
