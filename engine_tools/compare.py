@@ -142,6 +142,7 @@ def _prepare_row(
         cache=described.get("cache"),
         kept_in_higher_precision=described.get("kept_in_higher_precision"),
         accuracy_guard=described.get("accuracy_guard"),
+        build_stage_seconds=(engine.build_report or {}).get("stage_seconds"),
         kernels=described.get("kernels"),
         files=_artifact_files(described.get("artifact_dir")),
     )

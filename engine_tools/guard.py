@@ -4,10 +4,19 @@ An INT8 build promises agreement with strict FP32 (mean agreement Dice over labe
 on held-out windows. :class:`AccuracyGuard` keeps that promise in five steps, each a method and each
 recorded in the report's ``attempts``:
 
-1. **calibrate** — quantize with the requested recipe; below target, try the backend's better recipes.
-2. **rank** — put each quantized layer alone back into higher precision and rank the layers by the
-   logits SQNR (then Dice) this gives back.
-3. **keep** — keep the top-ranked layers in higher precision, fewest first, up to ``max_kept_layers``.
+1. **calibrate** — quantize with the requested recipe; when it misses the target by at most
+   ``recipe_margin`` (default 0.005), try the backend's better recipes. On the brainchop MeshNets no
+   alternative recipe raised agreement on an unseen subject (``bench/results/int8_recipes_recipes.md``:
+   full bias correction identical, overflow fix and percentile ranges lower), so a larger miss goes
+   straight to keeping layers instead of re-quantizing.
+2. **rank** — one-pass sensitivity (:mod:`engine_tools.sensitivity`) where the adapter can tap
+   intermediate outputs (``layer_taps``: OpenVINO, ONNX Runtime): one FP32 and one INT8 pass, layers
+   ranked by the noise each adds. Otherwise (TensorRT/ModelOpt) each quantized layer alone goes back to
+   higher precision and the layers are ranked by the logits SQNR (then Dice) this gives back. The
+   report's ``attempts`` say which method ran.
+3. **keep** — keep the top-ranked layers in higher precision, fewest first, up to ``max_kept_layers``;
+   the chosen set is confirmed by quantizing again without it (re-calibrated) only when the initial
+   quantization took at most ``confirm_budget_s`` (default 20 s).
 4. **escalate** — still below target: keep more (doubling) up to every layer, i.e. a fully
    higher-precision engine, and finally strict FP32 for the kept layers, until the target is met.
    With ``allow_below_target`` this step is skipped and the report says ``below_target``.
@@ -16,7 +25,7 @@ recorded in the report's ``attempts``:
 
 A backend takes part through a small :class:`QuantizationAdapter`: ``quantize(excluded layers)`` gives
 a candidate, ``run(candidate)`` its logits (``run(None)`` strict FP32), ``keep_layers`` un-quantizes
-layers of a candidate. OpenVINO (NNCF, :mod:`engine_tools.engines.openvino.quantize`), ONNX Runtime
+layers of a candidate, and optionally ``layer_taps`` gives intermediate activations. OpenVINO (NNCF, :mod:`engine_tools.engines.openvino.quantize`), ONNX Runtime
 (``quantize_static``, :mod:`engine_tools.engines.onnxruntime.quantize`) and TensorRT (ModelOpt, keeping
 layers out of its Q/DQ ONNX through ``nodes_to_exclude``, :mod:`engine_tools.engines.tensorrt.quantize`)
 implement it.
@@ -26,6 +35,17 @@ reverts layers by its own metric until a maximum *drop* is reached, and reports 
 did. The product needs the same guard for ONNX Runtime and TensorRT/ModelOpt, an agreement target on
 held-out windows (not a drop), escalation to a fully higher-precision engine, and a report a user
 can read; so the guard is written once here on top of each backend's plain PTQ call.
+
+Statistics are not shared between quantize calls: NNCF 3.4's public ``nncf.quantize`` takes no
+collected statistics (its ``statistics_path`` exists only for weight compression), and a different
+recipe or ignored scope needs different statistic points anyway. They are recomputed per call, which is
+cheap because a guarded build now quantizes once in the common case (better recipes only near the
+target, no confirmation re-quantization over budget, layers kept by editing the quantized model) and
+fully convolutional cards calibrate on one cropped whole volume per scan.
+
+Seconds per stage (FP32 reference, quantize calls, each step's INT8 evaluations, sensitivity, report)
+go into the report's ``stage_seconds``; the INT8 latency is timed on the final candidate's own
+evaluation pass, so measuring it costs no extra pass.
 """
 
 from __future__ import annotations
@@ -38,9 +58,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from engine_tools import accuracy
+from engine_tools import accuracy, sensitivity
 from engine_tools.engines.base import as_samples
 from engine_tools.progress import Progress
+from engine_tools.stage_clock import StageClock
 
 
 class BelowTargetError(RuntimeError):
@@ -80,6 +101,11 @@ class QuantizationAdapter(Protocol):
         """Logits of ``candidate`` (``None``: strict FP32) on samples (windows or whole cropped volumes);
         seconds per sample into ``timings``."""
 
+    # optional: adapters that can tap intermediate activations get the one-pass sensitivity
+    # def layer_taps(self, candidate, sample, layers) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    #     """Per layer, its float input (before any quantizer) and its output, for one ``C, D, H, W``
+    #     sample (``candidate`` None: strict FP32)."""
+
 
 @dataclass
 class GuardReport:
@@ -107,6 +133,9 @@ class GuardReport:
     latency: dict[str, Any] = field(default_factory=dict)
     attempts: list[dict[str, Any]] = field(default_factory=list)
     recipe: dict[str, Any] = field(default_factory=dict)
+    sensitivity_method: str = "not run"
+    quantize_calls: int = 0
+    stage_seconds: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -120,6 +149,7 @@ class Candidate:
     agreement: dict[str, Any]
     recipe: dict[str, Any]
     kept: list[str]
+    seconds_per_sample: list[float] = field(default_factory=list)
 
     @property
     def mean(self) -> float:
@@ -138,7 +168,8 @@ class AccuracyGuard:
     (an option) says in the report what they are and which subjects they come from.
     Options: ``target_dice``, ``guard`` (False: quantize once and only measure), ``ignored_layers``,
     ``keep_higher_precision_patterns``, ``max_kept_layers``, ``sensitivity_windows``,
-    ``calibration_budget_s``, ``allow_below_target``, ``min_label_voxels``.
+    ``calibration_budget_s``, ``allow_below_target``, ``min_label_voxels``, ``recipe_margin``,
+    ``confirm_budget_s``, ``sensitivity_crop``, ``fully_convolutional``.
     """
 
     def __init__(
@@ -173,19 +204,26 @@ class AccuracyGuard:
         self.sensitivity: list[dict[str, Any]] = []
         self.fp32_times: list[float] = []
         self._reference: np.ndarray | None = None
+        self.clock = StageClock()
+        self.quantize_calls = 0
+        self.sensitivity_method = "not run"
 
     # ------------------------------------------------------------------ measuring
-    def reference(self) -> np.ndarray:
+    def reference(self) -> list[np.ndarray]:
+        """Strict-FP32 logits of the validation samples, computed once (timed per sample)."""
         if self._reference is None:
-            self.adapter.run(None, self.validation[:1])  # warm-up
-            self._reference = self.adapter.run(None, self.validation, timings=self.fp32_times)
+            with self.clock.stage("reference_fp32"):
+                self._reference = self.adapter.run(None, self.validation, timings=self.fp32_times)
         return self._reference
 
-    def evaluate(self, model: Any, windows: int | None = None) -> dict[str, Any]:
-        """Agreement of ``model`` with strict FP32 on the (first ``windows``) validation windows."""
+    def evaluate(
+        self, model: Any, windows: int | None = None, timings: list[float] | None = None
+    ) -> dict[str, Any]:
+        """Agreement of ``model`` with strict FP32 on the (first ``windows``) validation samples."""
         count = len(self.validation) if windows is None else max(1, min(windows, len(self.validation)))
-        logits = self.adapter.run(model, self.validation[:count])
-        return accuracy.logits_agreement(self.reference()[:count], logits, min_voxels=self.min_voxels)
+        reference = self.reference()[:count]
+        logits = self.adapter.run(model, self.validation[:count], timings=timings)
+        return accuracy.logits_agreement(reference, logits, min_voxels=self.min_voxels)
 
     def _record(self, step: str, candidate: Candidate, start: float) -> None:
         self.attempts.append(
@@ -202,32 +240,46 @@ class AccuracyGuard:
         kept = f" keeping {len(candidate.kept)} layer(s) in higher precision" if candidate.kept else ""
         self.progress.log(f"INT8 guard [{step}]: mean agreement Dice {candidate.mean:.4f}{kept}")
 
-    def _quantized(self, step: str, recipe: dict[str, Any], kept: list[str]) -> Candidate:
-        start = time.perf_counter()
-        model = self.adapter.quantize(kept + self.by_pattern, recipe)
-        candidate = Candidate(model, self.evaluate(model), recipe, kept)
+    def _measured(
+        self, step: str, model: Any, recipe: dict[str, Any], kept: list[str], start: float
+    ) -> Candidate:
+        timings: list[float] = []
+        candidate = Candidate(model, self.evaluate(model, timings=timings), recipe, kept, timings)
         self._record(step, candidate, start)
         return candidate
+
+    def _quantized(self, step: str, recipe: dict[str, Any], kept: list[str]) -> Candidate:
+        start = time.perf_counter()
+        self.reference()  # timed as its own stage, not as this step's quantization
+        with self.clock.stage("quantize"):
+            self.quantize_calls += 1
+            model = self.adapter.quantize(kept + self.by_pattern, recipe)
+        return self._measured(step, model, recipe, kept, start)
 
     def _kept(self, step: str, base: Candidate, layers: list[str]) -> Candidate:
         start = time.perf_counter()
         # the forced and pattern layers are already out of INT8; naming them lets "all layers" be seen
         model = self.adapter.keep_layers(base.model, [*layers, *self.forced, *self.by_pattern])
-        candidate = Candidate(model, self.evaluate(model), base.recipe, self.forced + layers)
-        self._record(step, candidate, start)
-        return candidate
+        return self._measured(step, model, base.recipe, self.forced + layers, start)
 
     def met(self, candidate: Candidate) -> bool:
         return candidate.mean >= self.target
 
     # ------------------------------------------------------------------ the steps
     def calibrate(self) -> Candidate:
-        """Step 1: the requested recipe, then the backend's better recipes while below target."""
+        """Step 1: the requested recipe; the backend's better recipes only while below target by at
+        most ``recipe_margin`` and within ``calibration_budget_s`` (see the module doc)."""
         recipe = self.adapter.recipe(self.options)
         self.progress.update("calibrate", 0.1, f"quantizing on {self.calibration_windows} samples")
         best = self._quantized("initial", recipe, list(self.forced))
         budget = float(self.options.get("calibration_budget_s", 120.0))
-        if not self.enabled or self.met(best) or self.attempts[0]["seconds"] > budget:
+        margin = float(self.options.get("recipe_margin", 0.005))
+        if (
+            not self.enabled
+            or self.met(best)
+            or self.target - best.mean > margin
+            or self.stage_seconds().get("quantize", 0.0) > budget
+        ):
             return best
         self.progress.update("guard", 0.3, "trying better calibration")
         for number, other in enumerate(self.adapter.better_recipes(recipe)):
@@ -239,10 +291,42 @@ class AccuracyGuard:
         return best
 
     def rank(self, base: Candidate) -> list[str]:
-        """Step 2: each layer alone back in higher precision on ``base``; most helpful first."""
-        windows = int(self.options.get("sensitivity_windows", 2))
-        reference = self.evaluate(base.model, windows=windows)
+        """Step 2: the layers most worth keeping first: one-pass sensitivity where the adapter taps
+        activations (:mod:`engine_tools.sensitivity`), else each layer alone back in higher precision."""
         start = time.perf_counter()
+        if getattr(self.adapter, "layer_taps", None) is not None:
+            sample = self.validation[0]
+            crop = int(self.options.get("sensitivity_crop", 64))
+            cropped = bool(self.options.get("fully_convolutional")) and getattr(
+                self.adapter, "any_spatial_shape", False
+            )
+            if cropped:
+                sample = sensitivity.centred_crop(sample, crop)
+            entries = sensitivity.one_pass(self.adapter, base.model, sample, self.layers, self.progress)
+            self.sensitivity = [{k: v for k, v in e.items() if k != "added_nsr"} for e in entries]
+            self.sensitivity_method = "one pass: per-layer input/output SQNR, INT8 against FP32"
+            order = sensitivity.ranked(entries)
+            where = f"centred {list(sample.shape[1:])} crop of" if cropped else "one"
+            details = {"sample": f"{where} validation sample", "passes": "one FP32 + one INT8 (tapped)"}
+        else:
+            windows = int(self.options.get("sensitivity_windows", 2))
+            order = self._rank_by_keeping(base, windows)
+            self.sensitivity_method = "each layer alone back to higher precision on the quantized model"
+            details = {"windows": min(windows, len(self.validation))}
+        self.attempts.append(
+            {
+                "step": "sensitivity",
+                "method": self.sensitivity_method,
+                **details,
+                "layers": len(self.layers),
+                "seconds": round(time.perf_counter() - start, 2),
+            }
+        )
+        return order
+
+    def _rank_by_keeping(self, base: Candidate, windows: int) -> list[str]:
+        """The fallback ranking: one evaluation per layer with that layer alone kept."""
+        reference = self.evaluate(base.model, windows=windows)
         for index, name in enumerate(self.layers):
             self.progress.update("guard", 0.4 + 0.3 * index / len(self.layers), f"sensitivity of {name}")
             agreement = self.evaluate(self.adapter.keep_layers(base.model, [name]), windows=windows)
@@ -253,21 +337,13 @@ class AccuracyGuard:
                     "sqnr_gain_db": round(_finite(agreement["sqnr_db"]) - _finite(reference["sqnr_db"]), 3),
                 }
             )
-        self.attempts.append(
-            {
-                "step": "sensitivity",
-                "method": "each layer alone back to higher precision on the quantized model",
-                "windows": min(windows, len(self.validation)),
-                "layers": len(self.layers),
-                "seconds": round(time.perf_counter() - start, 2),
-            }
-        )
         order = sorted(self.sensitivity, key=lambda s: (-s["sqnr_gain_db"], -s["dice_gain"]))
         return [entry["layer"] for entry in order]
 
     def keep(self, base: Candidate, ranked: list[str]) -> Candidate:
         """Step 3: keep the top-ranked layers, fewest first, up to ``max_kept_layers``; the chosen set
-        is confirmed by quantizing again without those layers (re-calibrated), the better one wins."""
+        is confirmed by quantizing again without those layers (re-calibrated) when the initial
+        quantization took at most ``confirm_budget_s``; the better one wins."""
         limit = min(len(ranked), int(self.options.get("max_kept_layers", max(1, len(self.layers) // 2))))
         chosen = base
         for count in range(1, limit + 1):
@@ -277,8 +353,9 @@ class AccuracyGuard:
                 chosen = candidate
             if self.met(candidate):
                 break
-        if chosen is base:
-            return base
+        confirm_budget = float(self.options.get("confirm_budget_s", 20.0))
+        if chosen is base or self.stage_seconds().get("quantize", 0.0) / self.quantize_calls > confirm_budget:
+            return chosen
         confirmed = self._quantized(f"ignored-scope-{len(chosen.kept)}", base.recipe, chosen.kept)
         return confirmed if confirmed.mean >= chosen.mean else chosen
 
@@ -300,15 +377,21 @@ class AccuracyGuard:
     def run(self) -> tuple[Any, GuardReport]:
         """The guarded INT8 model and its report; raises :class:`BelowTargetError` when the target is
         missed and ``allow_below_target`` is not set."""
-        best = self.calibrate()
+        with self.clock.stage("guard_calibrate"):
+            best = self.calibrate()
         initial = self.attempts[0]["mean_dice"]
         if self.enabled and not self.met(best) and self.layers:
             base = best
-            ranked = self.rank(base)
-            best = self.keep(base, ranked)
+            with self.clock.stage("sensitivity"):
+                ranked = self.rank(base)
+            with self.clock.stage("guard_keep"):
+                best = self.keep(base, ranked)
             if not self.met(best) and not self.allow_below_target:
-                best = self.escalate(base, best, ranked)
-        report = self.report(best, initial)
+                with self.clock.stage("guard_escalate"):
+                    best = self.escalate(base, best, ranked)
+        with self.clock.stage("guard_report"):
+            report = self.report(best, initial)
+        report.stage_seconds = self.stage_seconds()
         if report.below_target:
             message = (
                 f"INT8 agreement {best.mean:.4f} stays below the target {self.target} after the accuracy "
@@ -321,16 +404,20 @@ class AccuracyGuard:
             self.progress.warning(message)
         return best.model, report
 
+    def stage_seconds(self) -> dict[str, float]:
+        """Exclusive seconds per guard stage so far (``quantize`` and ``reference_fp32`` apart from the
+        steps they ran in)."""
+        return self.clock.rounded()
+
     def latency(self, best: Candidate) -> dict[str, Any]:
-        """Median seconds per window of the guarded model against strict FP32, on the same windows."""
-        self.reference()
-        int8_times: list[float] = []
-        self.adapter.run(best.model, self.validation[:1])  # warm-up
-        self.adapter.run(best.model, self.validation, timings=int8_times)
+        """Median seconds per sample of the guarded model against strict FP32, on the same samples: the
+        timings of the final candidate's own evaluation and of the FP32 reference pass (no extra pass;
+        both include the first inference after compiling)."""
+        int8_times = best.seconds_per_sample or [float("nan")]
         fp32, int8 = float(np.median(self.fp32_times)), float(np.median(int8_times))
         if int8 >= fp32:
             self.progress.warning(
-                f"INT8 ({int8:.3f} s/window) is not faster than strict FP32 ({fp32:.3f} s/window) "
+                f"INT8 ({int8:.3f} s/sample) is not faster than strict FP32 ({fp32:.3f} s/sample) "
                 f"with {len(best.kept)} layer(s) kept in higher precision"
             )
         return {
@@ -338,6 +425,7 @@ class AccuracyGuard:
             "int8_median_s": round(int8, 4),
             "speedup_vs_fp32": round(fp32 / int8, 3) if int8 > 0 else None,
             "windows": len(self.validation),
+            "timed_on": "the guard's FP32 reference pass and the final candidate's evaluation pass",
         }
 
     def report(self, best: Candidate, initial: float) -> GuardReport:
@@ -370,4 +458,6 @@ class AccuracyGuard:
             latency=self.latency(best),
             attempts=self.attempts,
             recipe=dict(best.recipe),
+            sensitivity_method=self.sensitivity_method,
+            quantize_calls=self.quantize_calls,
         )

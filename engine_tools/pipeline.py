@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -34,6 +35,7 @@ from engine_tools.engines import METADATA_FILE, BuildRequest, Engine, engine_cla
 from engine_tools.progress import Progress, SilentProgress
 from engine_tools.registry import ModelCard, get_card
 from engine_tools.spec import EngineSpec
+from engine_tools.stage_clock import StageClock
 
 if TYPE_CHECKING:
     from engine_tools.calibration import CalibrationSet
@@ -186,8 +188,12 @@ def prepare_engine(
     ``fields`` override single :class:`~engine_tools.spec.EngineSpec` fields (``precision="fp32"``,
     ``options={...}``, ...). INT8 needs ``spec.calibration``; the accuracy guard validates on
     ``spec.validation`` or, without it, on a quarter of the calibration scans held out whole (see
-    :func:`_calibration_samples`). ``engine.describe()["cache"]`` is ``"hit"`` or ``"built"``.
+    :func:`_calibration_samples`). ``engine.describe()["cache"]`` is ``"hit"`` or ``"built"``. A build's
+    report has ``stage_seconds`` (export, calibration sampling, the engine's and the guard's stages,
+    metadata, compile; each second counted once) and ``build_seconds`` (the wall time of this call).
     """
+    started = time.perf_counter()
+    clock = StageClock()
     progress = progress or SilentProgress()
     spec = replace(spec or EngineSpec(), **fields)
     for stale in remove_stale_partials(cache_root()):
@@ -204,12 +210,12 @@ def prepare_engine(
             f"INT8 for {card.id} needs a folder of unlabeled scans for calibration "
             "(--calibration FOLDER); or choose --precision fp32/bf16/fp16"
         )
-    with progress.span(0.0, 0.15):
+    with progress.span(0.0, 0.15), clock.stage("export"):
         factory, onnx_path = _network(card, spec, backend, progress)
     calibration_info: dict[str, Any] = {}
     cal_samples = val_samples = None
     if spec.precision == "int8":
-        with progress.span(0.15, 0.3):
+        with progress.span(0.15, 0.3), clock.stage("calibration_sampling"):
             progress.update("calibrate", 0.0, "holding out validation subjects")
             cal_set, val_set, calibration_info = _calibration_samples(spec, engine, card, progress)
             cal_samples, val_samples = cal_set.windows, val_set.windows if val_set else None
@@ -218,6 +224,8 @@ def prepare_engine(
     key_parts = _key_parts(card, spec, engine, backend, onnx_path, calibration_info, build_options)
     if calibration_info:  # what the guard's report says it validated on (its samples are in the key)
         build_options = {**build_options, "validation_note": calibration_info["validation_note"]}
+    if card.network.get("fully_convolutional"):  # the guard may tap a sub-crop for its sensitivity
+        build_options = {**build_options, "fully_convolutional": True}
     key = engine_key(key_parts)
     destination = cache_dir("engines") / key[:32]
     if factory is not None:
@@ -237,6 +245,7 @@ def prepare_engine(
             calibration_info,
             destination,
             progress,
+            clock,
             request_fields={
                 "model_id": card.id,
                 "onnx_path": onnx_path,
@@ -249,6 +258,8 @@ def prepare_engine(
                 "options": build_options,
             },
         )
+    engine.build_report["stage_seconds"] = clock.rounded()
+    engine.build_report["build_seconds"] = round(time.perf_counter() - started, 2)
     return engine
 
 
@@ -369,29 +380,51 @@ def _build(
     calibration_info: dict[str, Any],
     destination: Path,
     progress: Progress,
+    clock: StageClock,
     request_fields: dict[str, Any],
 ) -> None:
     """Build into a temporary folder, record the SHA-256 of every artifact file in ``engine.json``,
-    move it into place atomically and load it."""
+    move it into place atomically and load it. Stages go to ``clock``: the guard's and the engine's own
+    (``accuracy_guard.stage_seconds``, ``engine_stage_seconds``), the rest of ``engine.build`` as
+    ``engine_build``, then ``metadata`` and ``compile``."""
     request = BuildRequest(**request_fields)
     with progress.span(0.3, 0.95), atomic_directory(destination) as tmp:
+        start = time.perf_counter()
         report = engine.build(request, tmp, progress)
+        inner = {
+            **report.pop("engine_stage_seconds", {}),
+            **(report.get("accuracy_guard") or {}).get("stage_seconds", {}),
+        }
+        clock.add({**inner, "engine_build": time.perf_counter() - start - sum(inner.values())})
         if calibration_info:
             report.update(_sample_report(calibration_info))
-        metadata = {
-            "key": key,
-            "key_parts": key_parts,
-            "calibration": calibration_info,
-            "build_report": report,
-            "artifact_sha256": file_hashes(tmp, (METADATA_FILE,)),
-        }
-        with open(tmp / METADATA_FILE, "w", encoding="utf-8") as stream:
-            json.dump(metadata, stream, indent=2, sort_keys=True, default=str)
-            stream.flush()
-            os.fsync(stream.fileno())
+        report["stage_seconds"] = clock.rounded()
+        with clock.stage("metadata"):
+            _write_metadata(tmp, key, key_parts, calibration_info, report)
     engine.build_report = report
-    with progress.span(0.95, 1.0):
+    with progress.span(0.95, 1.0), clock.stage("compile"):
         progress.update("compile", 0.0, "compiling the engine")
         engine.load(destination)
         progress.update("compile", 1.0, "engine ready")
     engine.cache_status = "built"
+
+
+def _write_metadata(
+    folder: Path,
+    key: str,
+    key_parts: dict[str, Any],
+    calibration_info: dict[str, Any],
+    report: dict[str, Any],
+) -> None:
+    """``engine.json``: the key, its parts, the build report and the SHA-256 of every artifact file."""
+    metadata = {
+        "key": key,
+        "key_parts": key_parts,
+        "calibration": calibration_info,
+        "build_report": report,
+        "artifact_sha256": file_hashes(folder, (METADATA_FILE,)),
+    }
+    with open(folder / METADATA_FILE, "w", encoding="utf-8") as stream:
+        json.dump(metadata, stream, indent=2, sort_keys=True, default=str)
+        stream.flush()
+        os.fsync(stream.fileno())

@@ -130,6 +130,15 @@ def findings(report: dict[str, Any]) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------- rendering
+def build_stage_lines(row: dict[str, Any]) -> list[str]:
+    """One line of build seconds per stage (empty for an engine taken from the cache)."""
+    stages = row.get("build_stage_seconds")
+    if not stages or row.get("cache") == "hit":
+        return []
+    parts = ", ".join(f"{name} {seconds:.1f}" for name, seconds in stages.items())
+    return [f"Build seconds per stage: {parts} (total {sum(stages.values()):.1f}).", ""]
+
+
 def _fmt(value: Any, spec: str = ".1f", missing: str = "–") -> str:
     if value is None:
         return missing
@@ -273,6 +282,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             "",
             f"Layers kept in higher precision: {int8.get('kept_in_higher_precision')}",
             "",
+            *build_stage_lines(int8),
             "```json",
             json.dumps(int8.get("accuracy_guard"), indent=2, default=str),
             "```",

@@ -89,4 +89,9 @@ def render(result: dict[str, Any]) -> str:
             lines.append("  BELOW TARGET (--allow-below-target)")
         kept = guard.get("kept_in_higher_precision") or []
         lines.append(f"  kept in higher precision: {', '.join(kept) if kept else 'none'}")
+    stages = (result.get("build_report") or {}).get("stage_seconds")
+    if stages:
+        total = result["build_report"].get("build_seconds")
+        parts = ", ".join(f"{name} {seconds:.1f}" for name, seconds in stages.items())
+        lines.append(f"  build seconds{f' {total:.1f}' if total is not None else ''}: {parts}")
     return "\n".join(lines)

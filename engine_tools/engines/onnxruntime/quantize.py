@@ -47,7 +47,7 @@ class WindowReader:
         self.index = 0
 
 
-def session(model: str | Path, optimized_path: Path | None = None) -> Any:
+def session(model: str | Path | bytes, optimized_path: Path | None = None) -> Any:
     """A CPU inference session with every graph optimisation (optionally saving the optimised graph)."""
     import onnxruntime as ort
 
@@ -56,7 +56,8 @@ def session(model: str | Path, optimized_path: Path | None = None) -> Any:
     options.log_severity_level = 3  # the optimised-graph dump warns that it is machine specific: known
     if optimized_path is not None:
         options.optimized_model_filepath = str(optimized_path)
-    return ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
 def run_session(
@@ -204,6 +205,51 @@ class QDQAdapter:
         if set(self.layers()) <= set(kept):
             return self.onnx_path
         return self.quantize(kept, recipe)
+
+    @property
+    def any_spatial_shape(self) -> bool:
+        """Whether the ONNX input's spatial dimensions are symbolic (then taps may run on a sub-crop)."""
+        dims = self.model.graph.input[0].type.tensor_type.shape.dim[2:]
+        return bool(dims) and all(not d.HasField("dim_value") for d in dims)
+
+    def layer_taps(
+        self, candidate: Path | None, sample: np.ndarray, layers: Sequence[str]
+    ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Per layer, its float input (for a QDQ layer the ``QuantizeLinear``'s input) and its output,
+        from one run of a copy of the model with those tensors added as graph outputs."""
+        import onnx
+
+        model = self.model if candidate is None else onnx.load(str(candidate))
+        model = onnx.ModelProto.FromString(model.SerializeToString())
+        producers = {out: node for node in model.graph.node for out in node.output}
+        float_producers = {out: node for node in self.model.graph.node for out in node.output}
+        float_nodes = {node.name: node for node in self.model.graph.node}
+        nodes = {node.name: node for node in model.graph.node}
+        names, relu_folded = [], {}
+        for layer in layers:
+            tensor = nodes[layer].input[0]
+            while tensor in producers and producers[tensor].op_type in ("DequantizeLinear", "QuantizeLinear"):
+                tensor = producers[tensor].input[0]
+            float_input = float_producers.get(float_nodes[layer].input[0])
+            # the quantizer drops a Relu whose output it quantizes to u8 (the zero point clips it)
+            relu_folded[layer] = (
+                tensor != float_nodes[layer].input[0] and getattr(float_input, "op_type", None) == "Relu"
+            )
+            names += [tensor, nodes[layer].output[0]]
+        existing = {output.name for output in model.graph.output}
+        for name in dict.fromkeys(names):
+            if name not in existing:
+                model.graph.output.append(onnx.ValueInfoProto(name=name))
+        tapped = session(model.SerializeToString())
+        values = dict(zip(names, tapped.run(names, {tapped.get_inputs()[0].name: sample[None]}), strict=True))
+        taps = {}
+        for i, layer in enumerate(layers):
+            tensor_in = values[names[2 * i]]
+            taps[layer] = (
+                np.maximum(tensor_in, 0) if relu_folded[layer] else tensor_in,
+                values[names[2 * i + 1]],
+            )
+        return taps
 
     def quantized_layers(self, candidate: Path) -> list[str]:
         """Compute nodes whose weights come quantized (an excluded node may still read a Q/DQ input

@@ -15,6 +15,7 @@ then the layers that hurt most are kept in higher precision.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +98,9 @@ class OpenVINOEngine(Engine):
             model, guard_report = self._quantize(model, request, progress)
             report.update(guard_report)
         progress.update("compile", 0.9, "saving OpenVINO IR")
+        start = time.perf_counter()
         ov.save_model(model, artifact_dir / MODEL_XML, compress_to_fp16=self.precision == "fp16")
+        report["engine_stage_seconds"] = {"save": time.perf_counter() - start}
         progress.update("compile", 1.0, f"OpenVINO IR saved ({MODEL_XML})")
         self.build_report = report
         return report

@@ -213,6 +213,32 @@ class NNCFAdapter:
             return self.model.clone()
         return dequantize_layers(candidate, self.model, layers)
 
+    #: taps run on a clone reshaped to the sample (a sub-crop of a whole volume, or the window)
+    any_spatial_shape = True
+
+    def layer_taps(
+        self, candidate: Any | None, sample: np.ndarray, layers: Sequence[str]
+    ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Per layer, its float input (for an INT8 layer the FakeQuantize's input) and its output, from
+        one pass of a clone with those tensors added as outputs (``candidate`` None: strict FP32)."""
+        from openvino import PartialShape
+
+        model = (self.model if candidate is None else candidate).clone()
+        ops = {op.get_friendly_name(): op for op in model.get_ordered_ops()}
+        taps = []
+        for name in layers:
+            source = ops[name].input_value(0)
+            if source.get_node().get_type_name() == "FakeQuantize":
+                source = source.get_node().input_value(0)
+            taps += [source, ops[name].output(0)]
+        first = len(model.outputs)
+        model.add_outputs(taps)
+        model.reshape({model.input(0): PartialShape([1, *sample.shape])})
+        compiled = compile_model(model, "f32" if candidate is None else self.fallback)
+        result = compiled.create_infer_request().infer({0: np.ascontiguousarray(sample[None])})
+        values = [result[compiled.outputs[first + i]] for i in range(len(taps))]
+        return {name: (values[2 * i], values[2 * i + 1]) for i, name in enumerate(layers)}
+
     def quantized_layers(self, candidate: Any) -> list[str]:
         return [
             op.get_friendly_name()

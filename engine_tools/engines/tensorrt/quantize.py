@@ -23,6 +23,9 @@ class ModelOptAdapter(QDQAdapter):
     """The accuracy guard's view of an FP32 ONNX model quantized by ModelOpt for TensorRT."""
 
     fallback = "f32"
+    #: no one-pass taps: ModelOpt's Q/DQ graph casts around the layers it keeps (FP16) and renames
+    #: tensors, so the guard ranks layers by keeping each one alone (the per-layer method)
+    layer_taps = None
 
     def recipe(self, options: dict[str, Any]) -> dict[str, Any]:
         method = str(options.get("modelopt_calibration_method", "max"))

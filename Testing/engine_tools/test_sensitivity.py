@@ -1,0 +1,130 @@
+"""One-pass layer sensitivity of the INT8 accuracy guard on a real network with one damaged layer:
+OpenVINO (NNCF) and ONNX Runtime rank it first from one tapped FP32 and one tapped INT8 pass; the
+TensorRT (ModelOpt) adapter, which cannot tap, falls back to keeping each layer alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine_tools.guard import AccuracyGuard
+from engine_tools.progress import SilentProgress
+
+torch = pytest.importorskip("torch")
+
+WINDOW = (16, 16, 16)
+#: the scale of the outlier channel: its activations dwarf the other channels of conv 3's input
+OUTLIER = 300.0
+
+
+def _damaged_onnx(path: Path) -> tuple[Path, str]:
+    """A 4-convolution ReLU network whose second convolution's channel 0 is scaled by ``OUTLIER`` (and
+    the third's weights of that input channel by ``1 / OUTLIER``: same function in FP32). Per-tensor
+    INT8 of the third convolution's input then has almost no resolution left for the other channels."""
+    torch.manual_seed(0)
+    convs = [
+        torch.nn.Conv3d(1, 8, 3, padding=1),
+        torch.nn.Conv3d(8, 8, 3, padding=1),
+        torch.nn.Conv3d(8, 8, 3, padding=1),
+        torch.nn.Conv3d(8, 3, 1),
+    ]
+    with torch.no_grad():
+        convs[1].weight[0] *= OUTLIER
+        convs[1].bias[0] *= OUTLIER
+        convs[2].weight[:, 0] /= OUTLIER
+    layers = [m for conv in convs[:-1] for m in (conv, torch.nn.ReLU())] + [convs[-1]]
+    network = torch.nn.Sequential(*layers).eval()
+    torch.onnx.export(
+        network,
+        torch.zeros(1, 1, *WINDOW),
+        str(path),
+        input_names=["input"],
+        output_names=["logits"],
+        dynamo=False,
+    )
+    return path, "/4/Conv"  # the third convolution (Sequential index 4)
+
+
+def _samples(count: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.uniform(0.0, 1.0, size=(count, 1, *WINDOW)).astype(np.float32)
+
+
+def _ranked(adapter: object) -> tuple[AccuracyGuard, list[str]]:
+    guard = AccuracyGuard(
+        adapter, _samples(1, 1), _samples(3, 0), {"target_dice": 1.0, "recipe_margin": 0.0}, SilentProgress()
+    )
+    return guard, guard.rank(guard.calibrate())
+
+
+def test_openvino_one_pass_ranks_the_damaged_layer_first(tmp_path: Path) -> None:
+    pytest.importorskip("nncf")
+    from openvino import Core
+
+    from engine_tools.engines.openvino.quantize import NNCFAdapter
+
+    onnx_path, damaged = _damaged_onnx(tmp_path / "damaged.onnx")
+    adapter = NNCFAdapter(Core().read_model(str(onnx_path)), _samples(3, 0), {"int8_fallback": "f32"})
+    damaged = next(n for n in adapter.layers() if n.startswith(damaged))  # "/4/Conv/WithoutBiases"
+    guard, ranked = _ranked(adapter)
+    assert ranked[0] == damaged, guard.sensitivity
+    assert guard.sensitivity_method.startswith("one pass") and guard.quantize_calls == 1
+    entry = next(e for e in guard.sensitivity if e["layer"] == damaged)
+    upstream = [e for e in guard.sensitivity[: guard.sensitivity.index(entry)]]
+    assert entry["delta_db"] > 10 and all(e["output_sqnr_db"] > 30 for e in upstream), guard.sensitivity
+    assert guard.attempts[-1]["step"] == "sensitivity" and "one FP32" in guard.attempts[-1]["passes"]
+
+
+def test_onnxruntime_one_pass_ranks_the_damaged_layer_first(tmp_path: Path) -> None:
+    from engine_tools.engines.onnxruntime.quantize import QDQAdapter
+
+    onnx_path, damaged = _damaged_onnx(tmp_path / "damaged.onnx")
+    adapter = QDQAdapter(onnx_path, _samples(3, 0), WINDOW, tmp_path, SilentProgress())
+    guard, ranked = _ranked(adapter)
+    assert ranked[0] == damaged, guard.sensitivity
+    assert guard.sensitivity_method.startswith("one pass") and guard.quantize_calls == 1
+    entry = next(e for e in guard.sensitivity if e["layer"] == damaged)
+    assert entry["delta_db"] > 10, guard.sensitivity
+
+
+def test_guarded_build_quantizes_a_bounded_number_of_times(tmp_path: Path) -> None:
+    """A target no INT8 model reaches and a slow calibration: the whole guard (rank, keep, escalate)
+    quantizes once on OpenVINO (keeping layers edits the quantized model), and times its stages."""
+    pytest.importorskip("nncf")
+    from openvino import Core
+
+    from engine_tools.engines.openvino.quantize import NNCFAdapter
+
+    class Counting(NNCFAdapter):
+        calls = 0
+
+        def quantize(self, excluded, recipe):  # noqa: ANN001, ANN202
+            Counting.calls += 1
+            return super().quantize(excluded, recipe)
+
+    onnx_path, _ = _damaged_onnx(tmp_path / "damaged.onnx")
+    adapter = Counting(Core().read_model(str(onnx_path)), _samples(3, 0), {"int8_fallback": "f32"})
+    # budgets of a slow calibration (a whole head): no recipe search, no confirmation re-quantization
+    options = {"target_dice": 1.0, "max_kept_layers": 1, "calibration_budget_s": 0, "confirm_budget_s": 0}
+    guard = AccuracyGuard(adapter, _samples(2, 1), _samples(3, 0), options, SilentProgress())
+    _, report = guard.run()
+    assert report.met_target and report.final_mean_dice == 1.0  # escalation ends fully in FP32
+    assert Counting.calls == report.quantize_calls == 1
+    assert {"quantize", "reference_fp32", "sensitivity", "guard_keep", "guard_escalate"} <= set(
+        report.stage_seconds
+    )
+    assert report.latency["int8_median_s"] > 0 and report.latency["fp32_strict_median_s"] > 0
+
+
+def test_tensorrt_adapter_falls_back_to_keeping_each_layer(tmp_path: Path) -> None:
+    pytest.importorskip("modelopt")
+    from engine_tools.engines.tensorrt.quantize import ModelOptAdapter
+
+    onnx_path, damaged = _damaged_onnx(tmp_path / "damaged.onnx")
+    adapter = ModelOptAdapter(onnx_path, _samples(3, 0), WINDOW, tmp_path, SilentProgress())
+    guard, ranked = _ranked(adapter)
+    assert guard.sensitivity_method.startswith("each layer alone")
+    assert {e["layer"] for e in guard.sensitivity} == set(ranked) and "dice_gain" in guard.sensitivity[0]
+    assert guard.attempts[-1]["step"] == "sensitivity" and guard.attempts[-1]["windows"] == 1
