@@ -101,10 +101,8 @@ class QuantizationAdapter(Protocol):
         """Logits of ``candidate`` (``None``: strict FP32) on samples (windows or whole cropped volumes);
         seconds per sample into ``timings``."""
 
-    # optional: adapters that can tap intermediate activations get the one-pass sensitivity
-    # def layer_taps(self, candidate, sample, layers) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    #     """Per layer, its float input (before any quantizer) and its output, for one ``C, D, H, W``
-    #     sample (``candidate`` None: strict FP32)."""
+    # optional ``layer_taps(candidate, sample, layers) -> {layer: (float input, output)}`` on one
+    # ``C, D, H, W`` sample (``candidate`` None: strict FP32): the one-pass sensitivity uses it
 
 
 @dataclass
@@ -310,7 +308,7 @@ class AccuracyGuard:
             details = {"sample": f"{where} validation sample", "passes": "one FP32 + one INT8 (tapped)"}
         else:
             windows = int(self.options.get("sensitivity_windows", 2))
-            order = self._rank_by_keeping(base, windows)
+            order = sensitivity.by_keeping(self, base, windows)
             self.sensitivity_method = "each layer alone back to higher precision on the quantized model"
             details = {"windows": min(windows, len(self.validation))}
         self.attempts.append(
@@ -323,22 +321,6 @@ class AccuracyGuard:
             }
         )
         return order
-
-    def _rank_by_keeping(self, base: Candidate, windows: int) -> list[str]:
-        """The fallback ranking: one evaluation per layer with that layer alone kept."""
-        reference = self.evaluate(base.model, windows=windows)
-        for index, name in enumerate(self.layers):
-            self.progress.update("guard", 0.4 + 0.3 * index / len(self.layers), f"sensitivity of {name}")
-            agreement = self.evaluate(self.adapter.keep_layers(base.model, [name]), windows=windows)
-            self.sensitivity.append(
-                {
-                    "layer": name,
-                    "dice_gain": round(agreement["mean"] - reference["mean"], 5),
-                    "sqnr_gain_db": round(_finite(agreement["sqnr_db"]) - _finite(reference["sqnr_db"]), 3),
-                }
-            )
-        order = sorted(self.sensitivity, key=lambda s: (-s["sqnr_gain_db"], -s["dice_gain"]))
-        return [entry["layer"] for entry in order]
 
     def keep(self, base: Candidate, ranked: list[str]) -> Candidate:
         """Step 3: keep the top-ranked layers, fewest first, up to ``max_kept_layers``; the chosen set

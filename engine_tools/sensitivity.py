@@ -105,3 +105,26 @@ def ranked(entries: list[dict[str, Any]]) -> list[str]:
         key=lambda e: (-e["added_nsr"], e["output_sqnr_db"] if e["output_sqnr_db"] is not None else 1e9),
     )
     return [entry["layer"] for entry in order]
+
+
+def by_keeping(guard: Any, base: Any, windows: int) -> list[str]:
+    """The fallback ranking for adapters without taps: one evaluation of ``base`` per layer with that
+    layer alone back in higher precision (on the first ``windows`` validation samples), ranked by the
+    logits SQNR then the Dice it gives back; entries go to ``guard.sensitivity``."""
+    reference = guard.evaluate(base.model, windows=windows)
+    for index, name in enumerate(guard.layers):
+        guard.progress.update("guard", 0.4 + 0.3 * index / len(guard.layers), f"sensitivity of {name}")
+        agreement = guard.evaluate(guard.adapter.keep_layers(base.model, [name]), windows=windows)
+        guard.sensitivity.append(
+            {
+                "layer": name,
+                "dice_gain": round(agreement["mean"] - reference["mean"], 5),
+                "sqnr_gain_db": round(_capped(agreement["sqnr_db"]) - _capped(reference["sqnr_db"]), 3),
+            }
+        )
+    order = sorted(guard.sensitivity, key=lambda s: (-s["sqnr_gain_db"], -s["dice_gain"]))
+    return [entry["layer"] for entry in order]
+
+
+def _capped(value: float, cap: float = 200.0) -> float:
+    return cap if not np.isfinite(value) else float(value)
