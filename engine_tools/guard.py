@@ -148,6 +148,8 @@ class Candidate:
     recipe: dict[str, Any]
     kept: list[str]
     seconds_per_sample: list[float] = field(default_factory=list)
+    #: measured on the proxy crops (keep/escalate choices), not on the whole validation samples
+    proxy: bool = False
 
     @property
     def mean(self) -> float:
@@ -205,6 +207,12 @@ class AccuracyGuard:
         self.clock = StageClock()
         self.quantize_calls = 0
         self.sensitivity_method = "not run"
+        crop = int(options.get("keep_proxy_crop", 128))
+        self.proxy = None  # centred crops the keep/escalate choices are measured on (whole volumes)
+        if crop > 0 and options.get("fully_convolutional") and getattr(adapter, "any_spatial_shape", False):
+            if any(max(s.shape[1:]) > crop for s in self.validation):
+                self.proxy = [sensitivity.centred_crop(s, crop) for s in self.validation]
+        self._proxy_reference: list[np.ndarray] | None = None
 
     # ------------------------------------------------------------------ measuring
     def reference(self) -> list[np.ndarray]:
@@ -215,9 +223,16 @@ class AccuracyGuard:
         return self._reference
 
     def evaluate(
-        self, model: Any, windows: int | None = None, timings: list[float] | None = None
+        self, model: Any, windows: int | None = None, timings: list[float] | None = None, proxy: bool = False
     ) -> dict[str, Any]:
-        """Agreement of ``model`` with strict FP32 on the (first ``windows``) validation samples."""
+        """Agreement of ``model`` with strict FP32 on the (first ``windows``) validation samples, or on
+        their centred proxy crops."""
+        if proxy and self.proxy is not None:
+            if self._proxy_reference is None:
+                with self.clock.stage("reference_fp32"):
+                    self._proxy_reference = self.adapter.run(None, self.proxy)
+            logits = self.adapter.run(model, self.proxy)
+            return accuracy.logits_agreement(self._proxy_reference, logits, min_voxels=self.min_voxels)
         count = len(self.validation) if windows is None else max(1, min(windows, len(self.validation)))
         reference = self.reference()[:count]
         logits = self.adapter.run(model, self.validation[:count], timings=timings)
@@ -233,16 +248,25 @@ class AccuracyGuard:
                 "worst": accuracy.json_ready(candidate.agreement)["worst"],
                 "sqnr_db": round(_finite(candidate.agreement["sqnr_db"]), 3),
                 "seconds": round(time.perf_counter() - start, 2),
+                **({"measured_on": "proxy crops"} if candidate.proxy else {}),
             }
         )
         kept = f" keeping {len(candidate.kept)} layer(s) in higher precision" if candidate.kept else ""
         self.progress.log(f"INT8 guard [{step}]: mean agreement Dice {candidate.mean:.4f}{kept}")
 
     def _measured(
-        self, step: str, model: Any, recipe: dict[str, Any], kept: list[str], start: float
+        self,
+        step: str,
+        model: Any,
+        recipe: dict[str, Any],
+        kept: list[str],
+        start: float,
+        proxy: bool = False,
     ) -> Candidate:
         timings: list[float] = []
-        candidate = Candidate(model, self.evaluate(model, timings=timings), recipe, kept, timings)
+        proxy = proxy and self.proxy is not None
+        agreement = self.evaluate(model, timings=timings, proxy=proxy)
+        candidate = Candidate(model, agreement, recipe, kept, [] if proxy else timings, proxy)
         self._record(step, candidate, start)
         return candidate
 
@@ -258,7 +282,26 @@ class AccuracyGuard:
         start = time.perf_counter()
         # the forced and pattern layers are already out of INT8; naming them lets "all layers" be seen
         model = self.adapter.keep_layers(base.model, [*layers, *self.forced, *self.by_pattern])
-        return self._measured(step, model, base.recipe, self.forced + layers, start)
+        return self._measured(step, model, base.recipe, self.forced + layers, start, proxy=True)
+
+    def _on_proxy(self, candidate: Candidate) -> Candidate:
+        """``candidate`` measured on the proxy crops (itself without proxy crops)."""
+        if self.proxy is None or candidate.proxy:
+            return candidate
+        return Candidate(
+            candidate.model,
+            self.evaluate(candidate.model, proxy=True),
+            candidate.recipe,
+            candidate.kept,
+            [],
+            True,
+        )
+
+    def _on_full(self, candidate: Candidate, step: str) -> Candidate:
+        """A proxy-measured choice measured again on the whole validation samples (what is reported)."""
+        if not candidate.proxy:
+            return candidate
+        return self._measured(step, candidate.model, candidate.recipe, candidate.kept, time.perf_counter())
 
     def met(self, candidate: Candidate) -> bool:
         return candidate.mean >= self.target
@@ -323,11 +366,12 @@ class AccuracyGuard:
         return order
 
     def keep(self, base: Candidate, ranked: list[str]) -> Candidate:
-        """Step 3: keep the top-ranked layers, fewest first, up to ``max_kept_layers``; the chosen set
-        is confirmed by quantizing again without those layers (re-calibrated) when the initial
-        quantization took at most ``confirm_budget_s``; the better one wins."""
+        """Step 3: keep the top-ranked layers, fewest first, up to ``max_kept_layers``. With whole
+        volumes the choices are measured on centred proxy crops (``keep_proxy_crop``, default 128) and
+        only the chosen set on the whole samples. It is confirmed by quantizing again without those
+        layers (re-calibrated) when one quantization took at most ``confirm_budget_s``; the better wins."""
         limit = min(len(ranked), int(self.options.get("max_kept_layers", max(1, len(self.layers) // 2))))
-        chosen = base
+        chosen = start = self._on_proxy(base)
         for count in range(1, limit + 1):
             self.progress.update("guard", 0.7 + 0.1 * count / limit, f"keeping {count} layer(s)")
             candidate = self._kept(f"keep-{count}", base, ranked[:count])
@@ -335,15 +379,29 @@ class AccuracyGuard:
                 chosen = candidate
             if self.met(candidate):
                 break
+        if chosen is start:
+            return base
+        chosen = self._on_full(chosen, f"keep-{len(chosen.kept)}-whole")
         confirm_budget = float(self.options.get("confirm_budget_s", 20.0))
-        if chosen is base or self.stage_seconds().get("quantize", 0.0) / self.quantize_calls > confirm_budget:
+        if self.stage_seconds().get("quantize", 0.0) / self.quantize_calls > confirm_budget:
             return chosen
         confirmed = self._quantized(f"ignored-scope-{len(chosen.kept)}", base.recipe, chosen.kept)
         return confirmed if confirmed.mean >= chosen.mean else chosen
 
     def escalate(self, base: Candidate, best: Candidate, ranked: list[str]) -> Candidate:
-        """Step 4: keep more layers (doubling) up to all of them, then strict FP32 for the kept ones."""
+        """Step 4: keep more layers (doubling) up to all of them, then strict FP32 for the kept ones;
+        where the proxy crops were too optimistic, again on the whole samples."""
+        best = self._escalated(base, best, ranked)
+        if best.proxy:
+            best = self._on_full(best, f"{self.attempts[-1]['step']}-whole")
+            if not self.met(best):
+                self.proxy = None
+                best = self._escalated(base, best, ranked)
+        return best
+
+    def _escalated(self, base: Candidate, best: Candidate, ranked: list[str]) -> Candidate:
         count = max(1, len(best.kept) - len(self.forced))
+        best = self._on_proxy(best)
         while not self.met(best) and count < len(ranked):
             count = min(len(ranked), count * 2)
             self.progress.update("guard", 0.85, f"escalating: keeping {count} of {len(ranked)} layers")

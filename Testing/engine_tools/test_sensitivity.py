@@ -108,6 +108,8 @@ def test_guarded_build_quantizes_a_bounded_number_of_times(tmp_path: Path) -> No
     adapter = Counting(Core().read_model(str(onnx_path)), _samples(3, 0), {"int8_fallback": "f32"})
     # budgets of a slow calibration (a whole head): no recipe search, no confirmation re-quantization
     options = {"target_dice": 1.0, "max_kept_layers": 1, "calibration_budget_s": 0, "confirm_budget_s": 0}
+    # a fully convolutional network: keep/escalate choices on 8^3 proxy crops, the result on the whole
+    options.update(fully_convolutional=True, keep_proxy_crop=8)
     guard = AccuracyGuard(adapter, _samples(2, 1), _samples(3, 0), options, SilentProgress())
     _, report = guard.run()
     assert report.met_target and report.final_mean_dice == 1.0  # escalation ends fully in FP32
@@ -116,6 +118,8 @@ def test_guarded_build_quantizes_a_bounded_number_of_times(tmp_path: Path) -> No
         report.stage_seconds
     )
     assert report.latency["int8_median_s"] > 0 and report.latency["fp32_strict_median_s"] > 0
+    measured = [a.get("measured_on", "whole samples") for a in report.attempts if "mean_dice" in a]
+    assert "proxy crops" in measured and measured[-1] == "whole samples", report.attempts
 
 
 def test_tensorrt_adapter_falls_back_to_keeping_each_layer(tmp_path: Path) -> None:

@@ -253,7 +253,14 @@ class NNCFAdapter:
         windows: np.ndarray | Sequence[np.ndarray],
         timings: list[float] | None = None,
     ) -> np.ndarray | list[np.ndarray]:
-        compiled = (
-            compile_model(self.model, "f32") if candidate is None else compile_model(candidate, self.fallback)
-        )
+        model = self.model if candidate is None else candidate
+        window = model.input(0).get_partial_shape()
+        if window.is_static and any(
+            tuple(s.shape) != tuple(window.to_shape())[1:] for s in as_samples(windows)
+        ):
+            from openvino import PartialShape  # other crops than the window (the guard's proxy crops)
+
+            model = model.clone()
+            model.reshape({model.input(0): PartialShape([1, window[1].get_length(), -1, -1, -1])})
+        compiled = compile_model(model, "f32" if candidate is None else self.fallback)
         return run_compiled(compiled.create_infer_request(), windows, timings=timings)
