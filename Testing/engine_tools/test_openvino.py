@@ -58,7 +58,9 @@ def test_int8_kernels_run_and_artifact_shrinks(three_class: dict) -> None:
     guard = described["accuracy_guard"]
     assert guard["attempts"]
     # calibrated on windows of one scan only: the report says the estimate is optimistic and why
-    assert guard["validated_on"].startswith("2 window(s) held out of the only calibration scan (t1_crop.nii.gz)")
+    assert guard["validated_on"].startswith(
+        "2 window(s) held out of the only calibration scan (t1_crop.nii.gz)"
+    )
     assert "optimistic because no unseen subject was available" in guard["validated_on"]
     assert "--validation FOLDER" in guard["validated_on"]
     report = int8.build_report
@@ -106,6 +108,7 @@ def test_guard_on_18_class_model_keeps_layers_and_reports(brainchop: Path, eight
     the top-ranked layers in higher precision, never ends below where it started, and reports the
     layers, attempts, INT8 share of compute and speed against strict FP32."""
     engine = _guarded(brainchop, eighteen_class, allow_below_target=True)
+    card_id = eighteen_class[0].id
     guard = engine.describe()["accuracy_guard"]
     steps = [attempt["step"] for attempt in guard["attempts"]]
     assert steps[0] == "initial" and "sensitivity" in steps and "keep-1" in steps, steps
@@ -119,6 +122,10 @@ def test_guard_on_18_class_model_keeps_layers_and_reports(brainchop: Path, eight
     stages, total = engine.build_report["stage_seconds"], engine.build_report["build_seconds"]
     assert {"export", "quantize", "reference_fp32", "sensitivity", "guard_keep", "compile"} <= set(stages)
     assert 0.8 * total <= sum(stages.values()) <= total + 0.05, (stages, total)
+    from engine_tools.commands.build import render
+
+    shown = render({"model": card_id, "engine": engine.describe(), "build_report": engine.build_report})
+    assert f"build seconds {total:.1f}: export" in shown and "sensitivity" in shown, shown
     assert guard["int8_layers"] == 10 - len(kept) and 0.0 < guard["int8_compute_fraction"] <= 1.0
     assert engine.describe()["kept_in_higher_precision"] == kept
     assert guard["latency"]["fp32_strict_median_s"] > 0 and guard["latency"]["int8_median_s"] > 0
