@@ -111,6 +111,10 @@ def _samples(logits: np.ndarray | Sequence[np.ndarray]) -> list[np.ndarray]:
     return items
 
 
+#: Values per float64 chunk in :func:`sqnr_db` (8 MiB per temporary array).
+SQNR_CHUNK = 1 << 20
+
+
 def sqnr_db(
     reference: np.ndarray | Sequence[np.ndarray], test: np.ndarray | Sequence[np.ndarray]
 ) -> float:
@@ -122,11 +126,16 @@ def sqnr_db(
     pairs = zip(_samples(reference), _samples(test), strict=True)
     signal = noise = 0.0
     for ref, other in pairs:
-        ref, other = np.asarray(ref, dtype=np.float64), np.asarray(other, dtype=np.float64)
+        ref, other = np.asarray(ref), np.asarray(other)
         if ref.shape != other.shape:
             raise ValueError(f"shapes differ: {ref.shape} vs {other.shape}")
-        noise += float(np.sum((ref - other) ** 2))
-        signal += float(np.sum(ref**2))
+        # float64 sums over chunks: whole-volume logits (18 x 256^3 values) never get float64 copies
+        flat_ref, flat_other = ref.reshape(-1), other.reshape(-1)
+        for start in range(0, flat_ref.size, SQNR_CHUNK):
+            chunk = flat_ref[start : start + SQNR_CHUNK].astype(np.float64)
+            difference = chunk - flat_other[start : start + SQNR_CHUNK]
+            noise += float(difference @ difference)
+            signal += float(chunk @ chunk)
     if noise == 0.0:
         return float("inf")
     if signal == 0.0:
