@@ -154,6 +154,7 @@ class AccuracyGuard:
         self.sensitivity_method = "not run"
         crop = int(options.get("keep_proxy_crop", 128))
         self.proxy = None  # centred crops the keep/escalate choices are measured on (whole volumes)
+        self._on_whole: dict[tuple[Any, ...], Candidate] = {}
         if crop > 0 and options.get("fully_convolutional") and getattr(adapter, "any_spatial_shape", False):
             if any(max(s.shape[1:]) > crop for s in self.validation):
                 self.proxy = [sensitivity.centred_crop(s, crop) for s in self.validation]
@@ -246,7 +247,13 @@ class AccuracyGuard:
         """A proxy-measured choice measured again on the whole validation samples (what is reported)."""
         if not candidate.proxy:
             return candidate
-        return self._measured(step, candidate.model, candidate.recipe, candidate.kept, time.perf_counter())
+        key = (tuple(candidate.kept), repr(sorted(candidate.recipe.items())), self.adapter.fallback)
+        if key not in self._on_whole:  # a set already checked on the whole samples is not run again
+            start = time.perf_counter()
+            self._on_whole[key] = self._measured(
+                step, candidate.model, candidate.recipe, candidate.kept, start
+            )
+        return self._on_whole[key]
 
     def met(self, candidate: Candidate) -> bool:
         return candidate.mean >= self.target
