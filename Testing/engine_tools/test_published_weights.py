@@ -112,11 +112,15 @@ def stored_reference(name: str):
     import sys
 
     folder = Path(__file__).parent / "data"
-    if str(folder) not in sys.path:
-        sys.path.insert(0, str(folder))  # the scripts import reference_weights beside them
-    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    # the scripts import reference_weights beside them; the folder leaves sys.path again afterwards,
+    # since its data/tensorrt folder would otherwise import as a bogus "tensorrt" package in later tests
+    sys.path.insert(0, str(folder))
+    try:
+        spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(folder))
     return module, np.load(module.OUTPUT)
 
 
