@@ -115,32 +115,42 @@ def _samples(logits: np.ndarray | Sequence[np.ndarray]) -> list[np.ndarray]:
 SQNR_CHUNK = 1 << 20
 
 
-def sqnr_db(
-    reference: np.ndarray | Sequence[np.ndarray], test: np.ndarray | Sequence[np.ndarray]
-) -> float:
-    """Signal-to-quantization-noise ratio in dB: ``10 log10(sum(ref^2) / sum((ref - test)^2))``, summed
-    over every array of two equally long sequences (or two arrays).
-
-    ``inf`` when the two are identical.
-    """
-    pairs = zip(_samples(reference), _samples(test), strict=True)
+def signal_and_noise(reference: np.ndarray, test: np.ndarray) -> tuple[float, float]:
+    """``(sum(ref^2), sum((ref - test)^2))`` of two equally shaped arrays, summed in float64 over
+    chunks: whole-volume logits (18 x 256^3 values) never get float64 copies."""
+    reference, test = np.asarray(reference), np.asarray(test)
+    if reference.shape != test.shape:
+        raise ValueError(f"shapes differ: {reference.shape} vs {test.shape}")
+    flat_reference, flat_test = reference.reshape(-1), test.reshape(-1)
     signal = noise = 0.0
-    for ref, other in pairs:
-        ref, other = np.asarray(ref), np.asarray(other)
-        if ref.shape != other.shape:
-            raise ValueError(f"shapes differ: {ref.shape} vs {other.shape}")
-        # float64 sums over chunks: whole-volume logits (18 x 256^3 values) never get float64 copies
-        flat_ref, flat_other = ref.reshape(-1), other.reshape(-1)
-        for start in range(0, flat_ref.size, SQNR_CHUNK):
-            chunk = flat_ref[start : start + SQNR_CHUNK].astype(np.float64)
-            difference = chunk - flat_other[start : start + SQNR_CHUNK]
-            noise += float(difference @ difference)
-            signal += float(chunk @ chunk)
+    for start in range(0, flat_reference.size, SQNR_CHUNK):
+        chunk = flat_reference[start : start + SQNR_CHUNK].astype(np.float64)
+        difference = chunk - flat_test[start : start + SQNR_CHUNK]
+        noise += float(difference @ difference)
+        signal += float(chunk @ chunk)
+    return signal, noise
+
+
+def decibels(signal: float, noise: float) -> float:
+    """``10 log10(signal / noise)``; ``inf`` without noise, ``-inf`` without signal."""
     if noise == 0.0:
         return float("inf")
     if signal == 0.0:
         return float("-inf")
     return float(10.0 * np.log10(signal / noise))
+
+
+def sqnr_db(reference: np.ndarray | Sequence[np.ndarray], test: np.ndarray | Sequence[np.ndarray]) -> float:
+    """Signal-to-quantization-noise ratio in dB: ``10 log10(sum(ref^2) / sum((ref - test)^2))``, summed
+    over every array of two equally long sequences (or two arrays).
+
+    ``inf`` when the two are identical.
+    """
+    signal = noise = 0.0
+    for ref, other in zip(_samples(reference), _samples(test), strict=True):
+        pair_signal, pair_noise = signal_and_noise(ref, other)
+        signal, noise = signal + pair_signal, noise + pair_noise
+    return decibels(signal, noise)
 
 
 def json_ready(agreement: dict[str, Any]) -> dict[str, Any]:

@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from engine_tools.accuracy import decibels, signal_and_noise
+from engine_tools.guard_report import _finite
 from engine_tools.progress import Progress
 
 #: Tapped voxels (per model, over all tapped layers of one pass) before the layers are split in groups.
@@ -44,29 +46,18 @@ def centred_crop(sample: np.ndarray, size: int) -> np.ndarray:
     return np.ascontiguousarray(sample[tuple(slices)], dtype=np.float32)
 
 
-def _sums(reference: np.ndarray, test: np.ndarray) -> tuple[float, float]:
-    reference = np.asarray(reference, dtype=np.float64)
-    return float(np.sum(reference**2)), float(np.sum((reference - np.asarray(test, dtype=np.float64)) ** 2))
-
-
-def _db(signal: float, noise: float) -> float:
-    if noise == 0.0:
-        return float("inf")
-    return float(10.0 * np.log10(signal / noise)) if signal > 0 else float("-inf")
-
-
 def _rounded(value: float) -> float | None:
     return round(value, 3) if np.isfinite(value) else None
 
 
 def layer_entry(layer: str, reference: tuple[Any, Any], test: tuple[Any, Any]) -> dict[str, Any]:
     """One layer's input/output SQNR, their difference and the noise the layer adds (see module doc)."""
-    in_signal, in_noise = _sums(reference[0], test[0])
-    out_signal, out_noise = _sums(reference[1], test[1])
+    in_signal, in_noise = signal_and_noise(reference[0], test[0])
+    out_signal, out_noise = signal_and_noise(reference[1], test[1])
     nsr_in = in_noise / in_signal if in_signal > 0 else 0.0
     nsr_out = out_noise / out_signal if out_signal > 0 else 0.0
     added = max(nsr_out - nsr_in, 0.0)
-    input_db, output_db = _db(in_signal, in_noise), _db(out_signal, out_noise)
+    input_db, output_db = decibels(in_signal, in_noise), decibels(out_signal, out_noise)
     return {
         "layer": layer,
         "input_sqnr_db": _rounded(input_db),
@@ -119,12 +110,8 @@ def by_keeping(guard: Any, base: Any, windows: int) -> list[str]:
             {
                 "layer": name,
                 "dice_gain": round(agreement["mean"] - reference["mean"], 5),
-                "sqnr_gain_db": round(_capped(agreement["sqnr_db"]) - _capped(reference["sqnr_db"]), 3),
+                "sqnr_gain_db": round(_finite(agreement["sqnr_db"]) - _finite(reference["sqnr_db"]), 3),
             }
         )
     order = sorted(guard.sensitivity, key=lambda s: (-s["sqnr_gain_db"], -s["dice_gain"]))
     return [entry["layer"] for entry in order]
-
-
-def _capped(value: float, cap: float = 200.0) -> float:
-    return cap if not np.isfinite(value) else float(value)
