@@ -22,7 +22,13 @@ from typing import Any
 import numpy as np
 
 from engine_tools.engines.base import BuildRequest, Engine, _progress
-from engine_tools.engines.openvino.runtime import _ov, executed_kernels, read_static_model, run_compiled
+from engine_tools.engines.openvino.runtime import (
+    _ov,
+    compile_on_cpu,
+    executed_kernels,
+    read_static_model,
+    run_compiled,
+)
 from engine_tools.progress import Progress
 
 MODEL_XML = "model.xml"
@@ -60,6 +66,8 @@ class OpenVINOEngine(Engine):
         self._model: Any = None
         #: the most recent other input shape and its infer request (a whole-volume pass)
         self._reshaped: tuple[tuple[int, ...], Any] | None = None
+        #: convolutions the last compile ran on sub-grids (engines/openvino/dilated.py)
+        self._subgrid_layers: list[str] = []
 
     # ------------------------------------------------------------------ availability / versions
     @classmethod
@@ -145,7 +153,7 @@ class OpenVINOEngine(Engine):
         if not xml.is_file():
             raise FileNotFoundError(f"OpenVINO engine artifact missing: {xml}")
         self._model = _core().read_model(xml)
-        self._compiled = _core().compile_model(self._model, "CPU", self.compile_config())
+        self._compiled, self._subgrid_layers = compile_on_cpu(self._model, self.compile_config(), _core())
         self._request = self._compiled.create_infer_request()
         self._input_shape = tuple(int(d) for d in self._compiled.input(0).get_shape())
         self._reshaped = None
@@ -162,7 +170,7 @@ class OpenVINOEngine(Engine):
         if self._reshaped is None or self._reshaped[0] != shape:
             model = self._model.clone()
             model.reshape({model.input(0): _ov().PartialShape(list(shape))})
-            compiled = _core().compile_model(model, "CPU", self.compile_config())
+            compiled, self._subgrid_layers = compile_on_cpu(model, self.compile_config(), _core())
             self._reshaped = (shape, compiled.create_infer_request())
         return run_compiled(self._reshaped[1], windows, shape)
 
@@ -172,6 +180,7 @@ class OpenVINOEngine(Engine):
         info["compile_config"] = self.compile_config()
         if self._compiled is not None:
             info["kernels"] = executed_kernels(self._compiled)
+            info["dilated_convolutions_on_subgrids"] = list(self._subgrid_layers)
         for key in ("calibration_method", "calibration_windows", "preset"):
             if key in self.build_report:
                 info[key] = self.build_report[key]

@@ -253,14 +253,21 @@ class NNCFAdapter:
         windows: np.ndarray | Sequence[np.ndarray],
         timings: list[float] | None = None,
     ) -> np.ndarray | list[np.ndarray]:
-        model = self.model if candidate is None else candidate
-        window = model.input(0).get_partial_shape()
-        if window.is_static and any(
-            tuple(s.shape) != tuple(window.to_shape())[1:] for s in as_samples(windows)
-        ):
-            from openvino import PartialShape  # other crops than the window (the guard's proxy crops)
+        """Run samples through strict FP32 (``candidate`` None) or a candidate, compiled once per
+        sample shape at that static shape (dilated convolutions then run on sub-grids where faster,
+        see :mod:`engine_tools.engines.openvino.dilated`)."""
+        from openvino import PartialShape
 
-            model = model.clone()
-            model.reshape({model.input(0): PartialShape([1, window[1].get_length(), -1, -1, -1])})
-        compiled = compile_model(model, "f32" if candidate is None else self.fallback)
-        return run_compiled(compiled.create_infer_request(), windows, timings=timings)
+        model = self.model if candidate is None else candidate
+        samples = as_samples(windows)
+        requests: dict[tuple[int, ...], Any] = {}
+        outputs = []
+        for sample in samples:
+            shape = (1, *sample.shape)
+            if shape not in requests:
+                static = model.clone()
+                static.reshape({static.input(0): PartialShape(list(shape))})
+                compiled = compile_model(static, "f32" if candidate is None else self.fallback)
+                requests[shape] = compiled.create_infer_request()
+            outputs.append(run_compiled(requests[shape], sample[None], timings=timings))
+        return np.concatenate(outputs, axis=0) if isinstance(windows, np.ndarray) else outputs

@@ -1,0 +1,204 @@
+"""Dilated convolutions run as ordinary convolutions on interleaved sub-grids (exact, at compile time).
+
+A convolution with dilation ``d``, stride 1 and padding ``d * (k - 1) / 2`` combines, for each output
+voxel, only input voxels whose coordinates are congruent to it modulo ``d``. So splitting the volume
+into its ``d**3`` interleaved sub-grids (space to batch), convolving every sub-grid with dilation 1 and
+padding ``(k - 1) / 2``, and interleaving the results back (batch to space) gives the same numbers.
+A volume whose size is not a multiple of ``d`` is zero-padded at its end first (exactly the zeros the
+convolution's own padding would read) and cropped back after.
+
+Why: on CPUs with AMX, oneDNN's INT8 and BF16 convolution kernels lose most of their speed at large
+dilations. Measured for brainchop MeshNet (21 channels, 128^3 window, 2 cores of an Intel Xeon with
+AMX, OpenVINO 2026.4): an INT8 dilation-16 layer took 7x the time of the dilation-1 layer of the
+same size, a BF16 one 15x; FP32 kernels do not slow down, so FP32 is left as it is
+(``bench/results/dilated_conv_cpu.md`` has the measurements).
+
+The rewrite is applied to a clone of the model just before compiling; the saved engine stays the
+model as built. Batch to space is placed after the convolution's per-channel bias and activation
+(elementwise, so they commute with the interleaving), so the CPU plugin still fuses them into the
+convolution. It applies to models of static shape (reshape a dynamic one first): the CPU plugin's
+low-precision transformations keep the sub-grid convolutions INT8 only when every shape, pad and
+crop around them is a constant.
+
+``MEDQUANT_DILATED_CONVOLUTIONS`` = ``auto`` (default), ``subgrid`` (always) or ``direct`` (never).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from engine_tools.machine import cpu_model_and_flags
+
+#: dilation from which a convolution is rewritten (dilations 1, 2 and 4 ran at full kernel speed)
+MIN_DILATION = 8
+#: elementwise ops that may sit between the convolution and batch to space (with constant operands)
+_ELEMENTWISE = {
+    "Add",
+    "Multiply",
+    "Subtract",
+    "Elu",
+    "Relu",
+    "Clamp",
+    "Swish",
+    "PRelu",
+    "Sigmoid",
+    "Tanh",
+    "Gelu",
+}
+MODES = ("auto", "subgrid", "direct")
+
+
+def subgrid_mode() -> str:
+    """The mode asked for through ``MEDQUANT_DILATED_CONVOLUTIONS`` (``auto`` when unset)."""
+    mode = os.environ.get("MEDQUANT_DILATED_CONVOLUTIONS", "auto").strip().lower() or "auto"
+    if mode not in MODES:
+        raise ValueError(f"MEDQUANT_DILATED_CONVOLUTIONS={mode!r}: use one of {', '.join(MODES)}")
+    return mode
+
+
+def wants_subgrids(model: Any, hint: str) -> bool:
+    """Whether to rewrite for this model and INFERENCE_PRECISION_HINT: always/never when asked; else on
+    AMX CPUs for BF16 inference and for quantized (INT8) models, where the direct kernels are slow."""
+    mode = subgrid_mode()
+    if mode != "auto":
+        return mode == "subgrid"
+    if not cpu_model_and_flags()[1] & {"amx_int8", "amx_bf16"}:
+        return False
+    quantized = any(op.get_type_name() == "FakeQuantize" for op in model.get_ops())
+    return quantized or hint == "bf16"
+
+
+def rewritable_dilations(conv: Any, min_dilation: int = MIN_DILATION) -> list[int] | None:
+    """The per-axis dilations of a convolution the rewrite applies to, else None (stride 1, symmetric
+    'same' padding a multiple of the dilation, every dilation >= ``min_dilation``)."""
+    if conv.get_type_name() != "Convolution":
+        return None
+    attrs = conv.get_attributes()
+    dilations = [int(d) for d in attrs["dilations"]]
+    begin, end = list(attrs["pads_begin"]), list(attrs["pads_end"])
+    if attrs.get("auto_pad", "explicit").lower() not in ("explicit", "notset"):
+        return None
+    if len(dilations) != 3 or min(dilations) < min_dilation or any(int(s) != 1 for s in attrs["strides"]):
+        return None
+    if begin != end or any(p % d for p, d in zip(begin, dilations, strict=True)):
+        return None
+    if not conv.get_input_partial_shape(0).is_static:  # shapes are constants: INT8 kernels need that
+        return None
+    return dilations
+
+
+def rewrite_dilated_convolutions(model: Any, min_dilation: int = MIN_DILATION) -> list[str]:
+    """Rewrite every eligible dilated convolution of ``model`` in place; returns the names rewritten."""
+    rewritten = []
+    for conv in list(model.get_ordered_ops()):
+        dilations = rewritable_dilations(conv, min_dilation)
+        if dilations is None:
+            continue
+        _rewrite_one(conv, dilations)
+        rewritten.append(conv.get_friendly_name())
+    if rewritten:
+        model.validate_nodes_and_infer_types()
+    return rewritten
+
+
+def prepare_for_cpu(model: Any, hint: str) -> tuple[Any, list[str]]:
+    """``model`` ready to compile: a rewritten clone when :func:`wants_subgrids`, else itself."""
+    if not wants_subgrids(model, hint):
+        return model, []
+    clone = model.clone()
+    rewritten = rewrite_dilated_convolutions(clone)
+    return (clone, rewritten) if rewritten else (model, [])
+
+
+# ---------------------------------------------------------------------------------------------- graph
+def _rewrite_one(conv: Any, dilations: list[int]) -> None:
+    import openvino.opset13 as ops
+
+    attrs = conv.get_attributes()
+    shape = [int(n) for n in conv.get_input_partial_shape(0).to_shape()]
+    batched = _space_to_batch(ops, conv.input_value(0), dilations, shape)
+    pads = [int(p) // d for p, d in zip(attrs["pads_begin"], dilations, strict=True)]
+    subgrid_conv = ops.convolution(batched, conv.input_value(1), [1, 1, 1], pads, pads, [1, 1, 1])
+    subgrid_conv.set_friendly_name(conv.get_friendly_name())
+    conv.output(0).replace(subgrid_conv.output(0))
+    tail = _elementwise_tail(subgrid_conv)
+    consumers = list(tail.output(0).get_target_inputs())
+    restored = _batch_to_space(ops, tail.output(0), dilations, shape)
+    for consumer in consumers:
+        consumer.replace_source_output(restored)
+
+
+def _elementwise_tail(start: Any) -> Any:
+    """The last node of the single-consumer chain of elementwise ops with constant other operands."""
+    node = start
+    while True:
+        targets = list(node.output(0).get_target_inputs())
+        if len(targets) != 1:
+            return node
+        nxt = targets[0].get_node()
+        if nxt.get_type_name() not in _ELEMENTWISE or nxt.get_output_size() != 1:
+            return node
+        others = [nxt.input_value(i).get_node() for i in range(nxt.get_input_size())]
+        if any(o is not node and o.get_type_name() != "Constant" for o in others):
+            return node
+        if any(o is not node and not _per_channel(o) for o in others):
+            return node
+        nxt.validate_and_infer_types()  # its input is now the sub-grid batch
+        node = nxt
+
+
+def _per_channel(constant: Any) -> bool:
+    """A constant that broadcasts over the spatial axes (scalar or ``1, C, 1, 1, 1``)."""
+    shape = list(constant.get_output_shape(0))
+    return (
+        len(shape) <= 1
+        and int(np.prod(shape or [1])) == 1
+        or (len(shape) == 5 and shape[0] == 1 and shape[2:] == [1, 1, 1])
+    )
+
+
+def _i64(values: list[int]) -> np.ndarray:
+    return np.array(values, dtype=np.int64)
+
+
+def _space_to_batch(ops: Any, data: Any, dilations: list[int], shape: list[int]) -> Any:
+    """``N, C, D, H, W`` -> ``d^3 N, C, D', H', W'``, zero-padded at the end to multiples of ``d``."""
+    batch, channels, spatial = shape[0], shape[1], shape[2:]
+    remainder = [(-size) % d for size, d in zip(spatial, dilations, strict=True)]
+    if any(remainder):
+        data = _zero_pad_end(ops, data, remainder)
+    grid = [(size + r) // d for size, r, d in zip(spatial, remainder, dilations, strict=True)]
+    interleaved = [n for axis in range(3) for n in (grid[axis], dilations[axis])]
+    x = ops.reshape(data, _i64([batch, channels, *interleaved]), False)  # N, C, D', d0, H', d1, W', d2
+    x = ops.transpose(x, _i64([3, 5, 7, 0, 1, 2, 4, 6]))  # d0, d1, d2, N, C, D', H', W'
+    return ops.reshape(x, _i64([-1, channels, *grid]), False)
+
+
+def _zero_pad_end(ops: Any, data: Any, remainder: list[int]) -> Any:
+    """Zeros appended to the spatial axes. Behind a FakeQuantize (an INT8 layer's input) the pad goes
+    in front of it, in the float domain: the quantizer maps 0 to 0 (NNCF keeps zero exactly on the
+    grid) and the CPU plugin only keeps the convolution INT8 when no pad sits between the two."""
+    source = data.get_node()
+    pads = (_i64([0] * 5), _i64([0, 0, *remainder]))
+    if source.get_type_name() == "FakeQuantize" and len(data.get_target_inputs()) == 1:
+        padded = ops.pad(source.input_value(0), *pads, "constant")
+        ranges = [source.input_value(i) for i in range(1, 5)]
+        attrs = source.get_attributes()
+        return ops.fake_quantize(padded, *ranges, attrs["levels"], attrs["auto_broadcast"]).output(0)
+    return ops.pad(data, *pads, "constant").output(0)
+
+
+def _batch_to_space(ops: Any, value: Any, dilations: list[int], shape: list[int]) -> Any:
+    """Inverse of :func:`_space_to_batch` for ``K`` output channels: -> ``N, K, D, H, W``."""
+    batch, spatial = shape[0], shape[2:]
+    channels, *grid = (int(n) for n in value.get_partial_shape().to_shape()[1:])
+    y = ops.reshape(value, _i64([*dilations, batch, channels, *grid]), False)
+    y = ops.transpose(y, _i64([3, 4, 5, 0, 6, 1, 7, 2]))  # N, K, D', d0, H', d1, W', d2
+    padded = [g * d for g, d in zip(grid, dilations, strict=True)]
+    y = ops.reshape(y, _i64([batch, channels, *padded]), False)
+    if padded != list(spatial):
+        y = ops.slice(y, _i64([0] * 5), _i64([batch, channels, *spatial]), _i64([1] * 5))
+    return y.output(0)
