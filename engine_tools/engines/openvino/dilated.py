@@ -25,6 +25,7 @@ crop around them is a constant.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -91,17 +92,55 @@ def rewritable_dilations(conv: Any, min_dilation: int = MIN_DILATION) -> list[in
 
 
 def rewrite_dilated_convolutions(model: Any, min_dilation: int = MIN_DILATION) -> list[str]:
-    """Rewrite every eligible dilated convolution of ``model`` in place; returns the names rewritten."""
+    """Rewrite every eligible dilated convolution of ``model`` in place; returns the names rewritten.
+
+    Consecutive eligible convolutions (joined only by elementwise ops and INT8 quantizers) share one
+    sub-grid split, by the greatest common divisor of their dilations (MeshNet's 8, 16, 8 run as 1,
+    2, 1 on one split), so the interleaving is paid once per run of layers, not once per layer."""
     rewritten = []
-    for conv in list(model.get_ordered_ops()):
-        dilations = rewritable_dilations(conv, min_dilation)
-        if dilations is None:
-            continue
-        _rewrite_one(conv, dilations)
-        rewritten.append(conv.get_friendly_name())
+    for chain, block in _chains(model, min_dilation):
+        _rewrite_chain(chain, block)
+        rewritten += [conv.get_friendly_name() for conv in chain]
     if rewritten:
         model.validate_nodes_and_infer_types()
     return rewritten
+
+
+def _chains(model: Any, min_dilation: int) -> list[tuple[list[Any], list[int]]]:
+    """Runs of consecutive eligible convolutions with the block (per-axis gcd of their dilations)."""
+    chains: list[tuple[list[Any], list[int]]] = []
+    seen: set[str] = set()
+    for conv in model.get_ordered_ops():
+        block = rewritable_dilations(conv, min_dilation)
+        if block is None or conv.get_friendly_name() in seen:
+            continue
+        chain = [conv]
+        while (following := _next_convolution(_elementwise_tail(chain[-1], validate=False))) is not None:
+            dilations = rewritable_dilations(following, min_dilation)
+            if dilations is None:
+                break
+            joint = [math.gcd(a, b) for a, b in zip(block, dilations, strict=True)]
+            if min(joint) < min_dilation:
+                break
+            chain.append(following)
+            block = joint
+        seen.update(c.get_friendly_name() for c in chain)
+        chains.append((chain, block))
+    return chains
+
+
+def _next_convolution(tail: Any) -> Any | None:
+    """The convolution fed by ``tail`` alone, directly or through a single-consumer quantizer."""
+    targets = list(tail.output(0).get_target_inputs())
+    if len(targets) != 1:
+        return None
+    node = targets[0].get_node()
+    if node.get_type_name() == "FakeQuantize":
+        targets = list(node.output(0).get_target_inputs())
+        if len(targets) != 1:
+            return None
+        node = targets[0].get_node()
+    return node if node.get_type_name() == "Convolution" and targets[0].get_index() == 0 else None
 
 
 def prepare_for_cpu(model: Any, hint: str) -> tuple[Any, list[str]]:
@@ -114,24 +153,50 @@ def prepare_for_cpu(model: Any, hint: str) -> tuple[Any, list[str]]:
 
 
 # ---------------------------------------------------------------------------------------------- graph
-def _rewrite_one(conv: Any, dilations: list[int]) -> None:
+def _rewrite_chain(chain: list[Any], block: list[int]) -> None:
     import openvino.opset13 as ops
 
-    attrs = conv.get_attributes()
-    shape = [int(n) for n in conv.get_input_partial_shape(0).to_shape()]
-    batched = _space_to_batch(ops, conv.input_value(0), dilations, shape)
-    pads = [int(p) // d for p, d in zip(attrs["pads_begin"], dilations, strict=True)]
-    subgrid_conv = ops.convolution(batched, conv.input_value(1), [1, 1, 1], pads, pads, [1, 1, 1])
-    subgrid_conv.set_friendly_name(conv.get_friendly_name())
-    conv.output(0).replace(subgrid_conv.output(0))
-    tail = _elementwise_tail(subgrid_conv)
-    consumers = list(tail.output(0).get_target_inputs())
-    restored = _batch_to_space(ops, tail.output(0), dilations, shape)
-    for consumer in consumers:
-        consumer.replace_source_output(restored)
+    shape = [int(n) for n in chain[0].get_input_partial_shape(0).to_shape()]
+    remainder = [(-size) % b for size, b in zip(shape[2:], block, strict=True)]
+    data = _space_to_batch(ops, chain[0].input_value(0), block, shape)
+    for index, conv in enumerate(chain):
+        attrs = conv.get_attributes()
+        dilations = [int(d) // b for d, b in zip(attrs["dilations"], block, strict=True)]
+        pads = [int(p) // b for p, b in zip(attrs["pads_begin"], block, strict=True)]
+        if index:  # the quantizer in between now carries the sub-grid batch
+            data = conv.input_value(0)
+            data.get_node().validate_and_infer_types()
+        subgrid_conv = ops.convolution(data, conv.input_value(1), [1, 1, 1], pads, pads, dilations)
+        subgrid_conv.set_friendly_name(conv.get_friendly_name())
+        conv.output(0).replace(subgrid_conv.output(0))
+        tail = _elementwise_tail(subgrid_conv)
+        consumers = list(tail.output(0).get_target_inputs())
+        if index < len(chain) - 1:
+            if not any(remainder):
+                continue
+            # the padding voxels must read as zeros again for the next convolution
+            restored = ops.multiply(tail.output(0), _valid_mask(shape, block, remainder)).output(0)
+        else:
+            restored = _batch_to_space(ops, tail.output(0), block, shape)
+        for consumer in consumers:
+            consumer.replace_source_output(restored)
 
 
-def _elementwise_tail(start: Any) -> Any:
+def _valid_mask(shape: list[int], block: list[int], remainder: list[int]) -> np.ndarray:
+    """``d^3 N, 1, D', H', W'``: 1 where a sub-grid voxel lies inside the volume, 0 in the padding."""
+    axes = []
+    for size, b, r in zip(shape[2:], block, remainder, strict=True):
+        grid = (size + r) // b
+        axes.append(np.arange(grid)[None, :] * b + np.arange(b)[:, None] < size)  # b, grid
+    (m0, m1, m2), (g0, g1, g2) = axes, [a.shape[1] for a in axes]
+    mask = (
+        m0[:, None, None, :, None, None] & m1[None, :, None, None, :, None] & m2[None, None, :, None, None, :]
+    )
+    mask = np.repeat(mask.reshape(-1, 1, 1, g0, g1, g2), shape[0], axis=1)  # d0 d1 d2, N, ...
+    return mask.reshape(-1, 1, g0, g1, g2).astype(np.float32)
+
+
+def _elementwise_tail(start: Any, validate: bool = True) -> Any:
     """The last node of the single-consumer chain of elementwise ops with constant other operands."""
     node = start
     while True:
@@ -146,7 +211,8 @@ def _elementwise_tail(start: Any) -> Any:
             return node
         if any(o is not node and not _per_channel(o) for o in others):
             return node
-        nxt.validate_and_infer_types()  # its input is now the sub-grid batch
+        if validate:
+            nxt.validate_and_infer_types()  # its input is now the sub-grid batch
         node = nxt
 
 
