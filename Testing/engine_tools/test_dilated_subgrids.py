@@ -122,3 +122,29 @@ def test_mode_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MEDQUANT_DILATED_CONVOLUTIONS", "fastest")
     with pytest.raises(ValueError, match="auto, subgrid, direct"):
         subgrid_mode()
+
+
+def _lone_dilation_8_net() -> ov.Model:
+    param = ops.parameter(list(SHAPE), np.float32)
+    weights = np.random.default_rng(4).normal(size=(2, 2, 3, 3, 3)).astype(np.float32)
+    return ov.Model([ops.convolution(param, weights, [1] * 3, [8] * 3, [8] * 3, [8] * 3).output(0)], [param])
+
+
+def test_auto_mode_rewrites_where_it_was_measured_to_pay(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``auto``: only on AMX CPUs; BF16 from dilation 8; INT8 only runs reaching dilation 16."""
+    from engine_tools.engines.openvino import dilated
+
+    monkeypatch.setenv("MEDQUANT_DILATED_CONVOLUTIONS", "auto")
+    monkeypatch.setattr(
+        dilated, "cpu_model_and_flags", lambda: ("test CPU", frozenset({"amx_int8", "amx_bf16"}))
+    )
+    lone = _lone_dilation_8_net()
+    assert len(prepare_for_cpu(lone, "bf16")[1]) == 1
+    assert prepare_for_cpu(lone, "f32")[1] == []
+    monkeypatch.setattr(dilated, "subgrid_precision", lambda model, hint: "int8")
+    assert prepare_for_cpu(lone, "bf16")[1] == []  # as an INT8 model: a lone dilation 8 does not pay
+    assert len(prepare_for_cpu(_dilated_net(dynamic=False), "bf16")[1]) == 2  # the 8-16 run does
+    monkeypatch.undo()
+    monkeypatch.setenv("MEDQUANT_DILATED_CONVOLUTIONS", "auto")
+    monkeypatch.setattr(dilated, "cpu_model_and_flags", lambda: ("test CPU", frozenset({"avx2"})))
+    assert prepare_for_cpu(_dilated_net(dynamic=False), "bf16")[1] == []

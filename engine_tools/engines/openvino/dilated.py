@@ -8,10 +8,13 @@ A volume whose size is not a multiple of ``d`` is zero-padded at its end first (
 convolution's own padding would read) and cropped back after.
 
 Why: on CPUs with AMX, oneDNN's INT8 and BF16 convolution kernels lose most of their speed at large
-dilations. Measured for brainchop MeshNet (21 channels, 128^3 window, 2 cores of an Intel Xeon with
-AMX, OpenVINO 2026.4): an INT8 dilation-16 layer took 7x the time of the dilation-1 layer of the
-same size, a BF16 one 15x; FP32 kernels do not slow down, so FP32 is left as it is
-(``bench/results/dilated_conv_cpu.md`` has the measurements).
+dilations. Measured for brainchop MeshNet (21 channels, 192^3 window, 2 threads of an Intel Xeon with
+AMX, OpenVINO 2026.4): INT8 layers of dilation 8 and 16 took 2.2x and 7x the time of the dilation-1
+to -4 layers of the same size, BF16 ones 3.5x and 11x; FP32 kernels do not slow down, so FP32 is
+left as it is (``bench/results/dilated_conv_cpu.md`` has the measurements). The interleaving costs
+two passes over the data per run of layers, so ``auto`` rewrites a run only where its slowest layer
+gains more than that: INT8 runs holding a dilation of 16 or more, BF16 runs of 8 or more (a lone
+INT8 dilation-8 layer of brainchop's model11 ran slower rewritten).
 
 The rewrite is applied to a clone of the model just before compiling; the saved engine stays the
 model as built. Batch to space is placed after the convolution's per-channel bias and activation
@@ -35,6 +38,8 @@ from engine_tools.machine import cpu_model_and_flags
 
 #: dilation from which a convolution is rewritten (dilations 1, 2 and 4 ran at full kernel speed)
 MIN_DILATION = 8
+#: in ``auto`` mode, the largest dilation a run of layers needs before it is rewritten
+AUTO_LARGEST_DILATION = {"int8": 16, "bf16": 8}
 #: elementwise ops that may sit between the convolution and batch to space (with constant operands)
 _ELEMENTWISE = {
     "Add",
@@ -60,16 +65,14 @@ def subgrid_mode() -> str:
     return mode
 
 
-def wants_subgrids(model: Any, hint: str) -> bool:
-    """Whether to rewrite for this model and INFERENCE_PRECISION_HINT: always/never when asked; else on
-    AMX CPUs for BF16 inference and for quantized (INT8) models, where the direct kernels are slow."""
-    mode = subgrid_mode()
-    if mode != "auto":
-        return mode == "subgrid"
+def subgrid_precision(model: Any, hint: str) -> str | None:
+    """``"int8"`` or ``"bf16"`` where ``auto`` considers the rewrite (AMX CPUs, a quantized model or
+    BF16 inference), else None."""
     if not cpu_model_and_flags()[1] & {"amx_int8", "amx_bf16"}:
-        return False
-    quantized = any(op.get_type_name() == "FakeQuantize" for op in model.get_ops())
-    return quantized or hint == "bf16"
+        return None
+    if any(op.get_type_name() == "FakeQuantize" for op in model.get_ops()):
+        return "int8"
+    return "bf16" if hint == "bf16" else None
 
 
 def rewritable_dilations(conv: Any, min_dilation: int = MIN_DILATION) -> list[int] | None:
@@ -91,14 +94,19 @@ def rewritable_dilations(conv: Any, min_dilation: int = MIN_DILATION) -> list[in
     return dilations
 
 
-def rewrite_dilated_convolutions(model: Any, min_dilation: int = MIN_DILATION) -> list[str]:
-    """Rewrite every eligible dilated convolution of ``model`` in place; returns the names rewritten.
+def rewrite_dilated_convolutions(
+    model: Any, min_dilation: int = MIN_DILATION, largest_at_least: int = MIN_DILATION
+) -> list[str]:
+    """Rewrite the eligible dilated convolutions of ``model`` in place; returns the names rewritten.
 
     Consecutive eligible convolutions (joined only by elementwise ops and INT8 quantizers) share one
     sub-grid split, by the greatest common divisor of their dilations (MeshNet's 8, 16, 8 run as 1,
-    2, 1 on one split), so the interleaving is paid once per run of layers, not once per layer."""
+    2, 1 on one split), so the interleaving is paid once per run of layers, not once per layer. A run
+    is rewritten only when one of its dilations reaches ``largest_at_least``."""
     rewritten = []
     for chain, block in _chains(model, min_dilation):
+        if max(max(rewritable_dilations(conv, min_dilation) or [0]) for conv in chain) < largest_at_least:
+            continue
         _rewrite_chain(chain, block)
         rewritten += [conv.get_friendly_name() for conv in chain]
     if rewritten:
@@ -144,15 +152,22 @@ def _next_convolution(tail: Any) -> Any | None:
 
 
 def prepare_for_cpu(model: Any, hint: str) -> tuple[Any, list[str]]:
-    """``model`` ready to compile: a rewritten clone when :func:`wants_subgrids`, else itself."""
-    if not wants_subgrids(model, hint):
+    """``model`` ready to compile: a rewritten clone where the mode (and, for ``auto``, the CPU,
+    the precision and the dilations) call for it, else ``model`` itself."""
+    mode = subgrid_mode()
+    if mode == "direct":
         return model, []
+    largest = MIN_DILATION
+    if mode == "auto":
+        precision = subgrid_precision(model, hint)
+        if precision is None:
+            return model, []
+        largest = AUTO_LARGEST_DILATION[precision]
     clone = model.clone()
-    rewritten = rewrite_dilated_convolutions(clone)
+    rewritten = rewrite_dilated_convolutions(clone, largest_at_least=largest)
     return (clone, rewritten) if rewritten else (model, [])
 
 
-# ---------------------------------------------------------------------------------------------- graph
 def _rewrite_chain(chain: list[Any], block: list[int]) -> None:
     import openvino.opset13 as ops
 
