@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from typing import Any, TextIO
 
 from engine_tools import __version__
+from engine_tools.machine import avoid_hugepage_compaction_stalls
 from engine_tools.progress import Cancelled, JsonLinesProgress, Progress, make_progress
 from engine_tools.weights import OFFLINE_ENV
 
@@ -134,6 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return USAGE_EXIT
     if args.cache_dir:
         os.environ["MEDQUANT_CACHE_DIR"] = args.cache_dir
+    avoid_hugepage_compaction_stalls()
     with _offline_while_running(args.offline):
         if args.progress == "jsonl":
             with _stdout_reserved_for_protocol() as protocol:

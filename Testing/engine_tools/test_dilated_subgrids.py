@@ -23,7 +23,8 @@ SHAPE = (1, 2, 37, 40, 29)  # no axis a multiple of 8 or 16: exercises the paddi
 
 
 def _dilated_net(dynamic: bool, channels: int = 2, seed: int = 0) -> ov.Model:
-    """conv(d=1) -> conv(d=8) -> conv(d=16) -> conv(d=2), each with bias and ELU, like MeshNet."""
+    """conv(d=1) -> conv(d=8) -> conv(d=16) -> conv(d=2), each with bias and ELU, like MeshNet (one
+    bias reshaped through a ``ShapeOf``, as an ONNX import leaves it)."""
     rng = np.random.default_rng(seed)
     spatial = [-1, -1, -1] if dynamic else list(SHAPE[2:])
     param = ops.parameter([1, SHAPE[1], *spatial], np.float32)
@@ -32,6 +33,10 @@ def _dilated_net(dynamic: bool, channels: int = 2, seed: int = 0) -> ov.Model:
         weights = (rng.normal(size=(channels, c_in, 3, 3, 3)) * 0.3).astype(np.float32)
         x = ops.convolution(x, weights, [1] * 3, [dilation] * 3, [dilation] * 3, [dilation] * 3)
         bias = rng.normal(size=(1, channels, 1, 1, 1)).astype(np.float32)
+        if dilation == 16:  # as an ONNX import does: the bias reshaped through the output's ShapeOf
+            channels_of = ops.gather(ops.shape_of(x), np.array([1]), np.array(0))
+            target = ops.concat([np.array([1], np.int64), channels_of, np.array([1, 1, 1], np.int64)], 0)
+            bias = ops.reshape(bias.reshape(-1), target, False)
         x = ops.elu(ops.add(x, bias), 1.0)
         c_in = channels
     return ov.Model([x.output(0)], [param])

@@ -164,8 +164,22 @@ def prepare_for_cpu(model: Any, hint: str) -> tuple[Any, list[str]]:
             return model, []
         largest = AUTO_LARGEST_DILATION[precision]
     clone = model.clone()
+    _freeze_shapes(clone)
     rewritten = rewrite_dilated_convolutions(clone, largest_at_least=largest)
     return (clone, rewritten) if rewritten else (model, [])
+
+
+def _freeze_shapes(model: Any) -> None:
+    """Replace each ``ShapeOf`` of a static shape by that shape as a constant (an ONNX import reshapes
+    each bias through a ``ShapeOf`` of the convolution's output, which would otherwise split the
+    convolution from its bias and activation, and would read the sub-grid batch's shape)."""
+    import openvino.opset13 as ops
+
+    for node in list(model.get_ordered_ops()):
+        if node.get_type_name() == "ShapeOf" and node.get_input_partial_shape(0).is_static:
+            dtype = np.int32 if node.get_output_element_type(0).get_type_name() == "i32" else np.int64
+            shape = np.array(list(node.get_input_partial_shape(0).to_shape()), dtype=dtype)
+            node.output(0).replace(ops.constant(shape).output(0))
 
 
 def _rewrite_chain(chain: list[Any], block: list[int]) -> None:
@@ -222,13 +236,22 @@ def _elementwise_tail(start: Any, validate: bool = True) -> Any:
         if nxt.get_type_name() not in _ELEMENTWISE or nxt.get_output_size() != 1:
             return node
         others = [nxt.input_value(i).get_node() for i in range(nxt.get_input_size())]
-        if any(o is not node and o.get_type_name() != "Constant" for o in others):
+        if any(o is not node and not _constant_valued(o) for o in others):
             return node
         if any(o is not node and not _per_channel(o) for o in others):
             return node
         if validate:
             nxt.validate_and_infer_types()  # its input is now the sub-grid batch
         node = nxt
+
+
+def _constant_valued(node: Any) -> bool:
+    """Whether ``node`` computes from constants alone (a constant, or e.g. a reshaped bias)."""
+    if node.get_type_name() == "Constant":
+        return True
+    if node.get_type_name() == "Parameter" or node.get_input_size() == 0:
+        return False
+    return all(_constant_valued(node.input_value(i).get_node()) for i in range(node.get_input_size()))
 
 
 def _per_channel(constant: Any) -> bool:

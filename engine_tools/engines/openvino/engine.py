@@ -64,7 +64,7 @@ class OpenVINOEngine(Engine):
         self._request: Any = None
         self._input_shape: tuple[int, ...] | None = None
         self._model: Any = None
-        #: the most recent other input shape and its infer request (a whole-volume pass)
+        #: the most recent other input shape and its compiled model (a whole-volume pass)
         self._reshaped: tuple[tuple[int, ...], Any] | None = None
         #: convolutions the last compile ran on sub-grids (engines/openvino/dilated.py)
         self._subgrid_layers: list[str] = []
@@ -171,8 +171,11 @@ class OpenVINOEngine(Engine):
             model = self._model.clone()
             model.reshape({model.input(0): _ov().PartialShape(list(shape))})
             compiled, self._subgrid_layers = compile_on_cpu(model, self.compile_config(), _core())
-            self._reshaped = (shape, compiled.create_infer_request())
-        return run_compiled(self._reshaped[1], windows, shape)
+            self._reshaped = (shape, compiled)
+        if len(windows) != 1:
+            return run_compiled(self._reshaped[1].create_infer_request(), windows, shape)
+        # one whole volume: a new request writes the logits straight into the returned array
+        return run_compiled(self._reshaped[1].create_infer_request(), windows, shape, write_in_place=True)
 
     # ------------------------------------------------------------------ describe
     def describe(self) -> dict[str, Any]:
