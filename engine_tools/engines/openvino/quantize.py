@@ -69,6 +69,52 @@ def multiply_accumulates(op: Any) -> float:
     return float(np.prod(out) * inner)
 
 
+def advanced_parameters(recipe: dict[str, Any]) -> Any:
+    """NNCF's advanced parameters for a recipe (:meth:`NNCFAdapter.recipe`'s keys; a recipe may also
+    set ``bias_correction_threshold`` (apply bias correction to layers NNCF skips) and ``weights_mode``
+    ``"asymmetric"``, both studied in ``bench/int8_recipes.py``)."""
+    from nncf.quantization.advanced_parameters import (
+        AdvancedBiasCorrectionParameters,
+        AdvancedQuantizationParameters,
+        AdvancedSmoothQuantParameters,
+        OverflowFix,
+        QuantizationMode,
+        QuantizationParameters,
+    )
+    from nncf.quantization.range_estimator import RangeEstimatorParametersSet
+
+    estimators = {
+        "minmax": RangeEstimatorParametersSet.MINMAX,
+        "mean_minmax": RangeEstimatorParametersSet.MEAN_MINMAX,
+        "percentile": RangeEstimatorParametersSet.MEAN_QUANTILE,
+        "histogram": RangeEstimatorParametersSet.HISTOGRAM,
+    }
+    method = recipe["calibration_method"]
+    if method not in estimators:
+        raise ValueError(
+            f"calibration_method must be one of {', '.join(CALIBRATION_METHODS)}, not {method!r}"
+        )
+    weights_mode = recipe.get("weights_mode", "symmetric")
+    if weights_mode not in ("symmetric", "asymmetric"):
+        raise ValueError(f"weights_mode must be symmetric or asymmetric, not {weights_mode!r}")
+    advanced = AdvancedQuantizationParameters(
+        activations_range_estimator_params=estimators[method],
+        overflow_fix=OverflowFix(recipe["overflow_fix"]),
+        disable_channel_alignment=not recipe.get("channel_alignment", False),
+    )
+    if weights_mode == "asymmetric":
+        advanced.weights_quantization_params = QuantizationParameters(mode=QuantizationMode.ASYMMETRIC)
+    if recipe.get("bias_correction_threshold") is not None:
+        advanced.bias_correction_params = AdvancedBiasCorrectionParameters(
+            threshold=float(recipe["bias_correction_threshold"])
+        )
+    if recipe.get("smooth_quant_alpha") is not None:
+        advanced.smooth_quant_alphas = AdvancedSmoothQuantParameters(
+            convolution=float(recipe["smooth_quant_alpha"]), matmul=-1
+        )
+    return advanced
+
+
 def dequantize_layers(quantized: Any, original: Any, names: Sequence[str]) -> Any:
     """A copy of ``quantized`` where the named layers take float input and their FP32 weights again.
 
@@ -164,46 +210,25 @@ class NNCFAdapter:
 
     def quantize(self, excluded: Sequence[str], recipe: dict[str, Any]) -> Any:
         import nncf
-        from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
-        from nncf.quantization.range_estimator import RangeEstimatorParametersSet
 
-        estimators = {
-            "minmax": RangeEstimatorParametersSet.MINMAX,
-            "mean_minmax": RangeEstimatorParametersSet.MEAN_MINMAX,
-            "percentile": RangeEstimatorParametersSet.MEAN_QUANTILE,
-            "histogram": RangeEstimatorParametersSet.HISTOGRAM,
-        }
-        method = recipe["calibration_method"]
-        if method not in estimators:
-            raise ValueError(
-                f"calibration_method must be one of {', '.join(CALIBRATION_METHODS)}, not {method!r}"
-            )
-        advanced = AdvancedQuantizationParameters(
-            activations_range_estimator_params=estimators[method],
-            overflow_fix=OverflowFix(recipe["overflow_fix"]),
-            disable_channel_alignment=not recipe.get("channel_alignment", False),
-        )
-        if recipe.get("smooth_quant_alpha") is not None:
-            from nncf.quantization.advanced_parameters import AdvancedSmoothQuantParameters
-
-            advanced.smooth_quant_alphas = AdvancedSmoothQuantParameters(
-                convolution=float(recipe["smooth_quant_alpha"])
-            )
         dataset = nncf.Dataset([sample[None] for sample in self.calibration])
         patterns = list(self.options.get("keep_higher_precision_patterns", []))
         scope = None
         if excluded or patterns:
             scope = nncf.IgnoredScope(names=list(excluded), patterns=patterns, validate=False)
+        # NNCF runs SmoothQuant only for ModelType.TRANSFORMER; on the MeshNets that type alone
+        # changes nothing else (bench/results/int8_recipes_recipes.md), so a convolution alpha uses it
         transformer = self.options.get("model_type") == "transformer"
+        smoothed = recipe.get("smooth_quant_alpha") is not None
         return nncf.quantize(
             self.model.clone(),
             dataset,
             preset=nncf.QuantizationPreset(recipe["preset"]),
             subset_size=len(self.calibration),
             fast_bias_correction=recipe["fast_bias_correction"],
-            model_type=nncf.ModelType.TRANSFORMER if transformer else None,
+            model_type=nncf.ModelType.TRANSFORMER if transformer or smoothed else None,
             ignored_scope=scope,
-            advanced_parameters=advanced,
+            advanced_parameters=advanced_parameters(recipe),
         )
 
     def keep_layers(self, candidate: Any, layers: Sequence[str]) -> Any:
