@@ -57,7 +57,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from engine_tools import accuracy, sensitivity
+from engine_tools import accuracy, reference_cache, sensitivity
 from engine_tools.engines.base import as_samples
 from engine_tools.guard_report import Candidate, GuardReport, _finite
 from engine_tools.progress import Progress
@@ -148,7 +148,8 @@ class AccuracyGuard:
         self.attempts: list[dict[str, Any]] = []
         self.sensitivity: list[dict[str, Any]] = []
         self.fp32_times: list[float] = []
-        self._reference: np.ndarray | None = None
+        self._reference: np.ndarray | list[np.ndarray] | None = None
+        self.reference_source = "not computed"
         self.clock = StageClock()
         self.quantize_calls = 0
         self.sensitivity_method = "not run"
@@ -161,12 +162,24 @@ class AccuracyGuard:
         self._proxy_reference: list[np.ndarray] | None = None
 
     # ------------------------------------------------------------------ measuring
-    def reference(self) -> list[np.ndarray]:
+    def reference(self) -> np.ndarray | list[np.ndarray]:
         """Strict-FP32 logits of the validation samples, computed once (timed per sample)."""
         if self._reference is None:
             with self.clock.stage("reference_fp32"):
-                self._reference = self.adapter.run(None, self.validation, timings=self.fp32_times)
+                self._reference = self._cached_reference()
         return self._reference
+
+    def _cached_reference(self) -> np.ndarray | list[np.ndarray]:
+        """The FP32 pass, or its result cached by a build of the same network (``reference_network``
+        option) on the same samples (:mod:`engine_tools.reference_cache`)."""
+        cached = reference_cache.computed_or_cached(
+            self.options.get("reference_network"),
+            self.validation,
+            lambda times: self.adapter.run(None, self.validation, timings=times),
+        )
+        self.reference_source = "cache" if cached.from_cache else "computed"
+        self.fp32_times = cached.seconds_per_sample
+        return cached.logits
 
     def evaluate(
         self, model: Any, windows: int | None = None, timings: list[float] | None = None, proxy: bool = False
@@ -417,7 +430,8 @@ class AccuracyGuard:
             "int8_median_s": round(int8, 4),
             "speedup_vs_fp32": round(fp32 / int8, 3) if int8 > 0 else None,
             "windows": len(self.validation),
-            "timed_on": "the guard's FP32 reference pass and the final candidate's evaluation pass",
+            "timed_on": "the guard's FP32 reference pass and the final candidate's evaluation pass"
+            + (" (FP32 timed when its reference was cached)" if self.reference_source == "cache" else ""),
         }
 
     def report(self, best: Candidate, initial: float) -> GuardReport:
@@ -452,4 +466,5 @@ class AccuracyGuard:
             recipe=dict(best.recipe),
             sensitivity_method=self.sensitivity_method,
             quantize_calls=self.quantize_calls,
+            reference_fp32=self.reference_source,
         )

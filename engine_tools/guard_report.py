@@ -36,6 +36,7 @@ class GuardReport:
     recipe: dict[str, Any] = field(default_factory=dict)
     sensitivity_method: str = "not run"
     quantize_calls: int = 0
+    reference_fp32: str = "not computed"  # "computed", or "cache" (engine_tools.reference_cache)
     stage_seconds: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from engine_tools.cache import sha256_file
 from engine_tools.engines.base import BuildRequest, Engine, _progress
 from engine_tools.engines.openvino.runtime import (
     _ov,
@@ -121,10 +122,14 @@ class OpenVINOEngine(Engine):
             raise ValueError(
                 f"{request.model_id}: INT8 needs calibration windows (a folder of unlabeled scans)"
             )
-        adapter = NNCFAdapter(model, request.calibration, dict(request.options), request.validation)
-        guard = AccuracyGuard(
-            adapter, request.validation, request.calibration, dict(request.options), progress
+        options = dict(request.options)
+        # the FP32 reference of the same network on the same samples is reused across builds
+        options.setdefault(
+            "reference_network",
+            f"openvino {_ov().__version__} onnx {sha256_file(request.onnx_path)} in {request.in_channels}",
         )
+        adapter = NNCFAdapter(model, request.calibration, options, request.validation)
+        guard = AccuracyGuard(adapter, request.validation, request.calibration, options, progress)
         progress.update("quantize", 0.05, f"NNCF PTQ on {len(request.calibration)} samples")
         quantized, guard_report = guard.run()
         quantized = adapter.to_static(quantized)

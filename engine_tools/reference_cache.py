@@ -1,0 +1,101 @@
+"""On-disk cache of the strict-FP32 reference logits the INT8 guard compares against.
+
+A rebuild of the same network on the same validation scans (another recipe, target or precision)
+skips the FP32 reference pass, the costliest fixed part of a guarded build after quantizing. The key
+is the network's identity (the engine passes e.g. the SHA-256 of the FP32 ONNX file and the runtime
+version) plus the SHA-256 of every preprocessed validation sample, so a change of scan, preprocessing
+or crop gives a new key. Stored under ``cache_dir("fp32_reference")/<key>/``: one ``logits-NNNN.npy``
+per sample (exact float32, so the guard's agreement and SQNR are those of a fresh pass) and
+``meta.json`` with the SHA-256 of each file and the seconds each sample took. The folder is written
+through :func:`engine_tools.cache.atomic_directory`; a file that changed or went missing since is
+detected and the reference computed again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from engine_tools.cache import atomic_directory, cache_dir, sha256_file, sha256_json
+
+KIND = "fp32_reference"
+
+
+@dataclass
+class CachedReference:
+    """Reference logits per sample and the seconds the FP32 pass took for each when it was computed."""
+
+    logits: np.ndarray | list[np.ndarray]  # one ``N, K, ...`` array (windows) or one per whole volume
+    seconds_per_sample: list[float]
+    from_cache: bool = False
+
+
+def sample_sha256(sample: np.ndarray) -> str:
+    """SHA-256 of one preprocessed sample's shape, dtype and values."""
+    contiguous = np.ascontiguousarray(sample)
+    digest = hashlib.sha256(f"{contiguous.dtype.str}{contiguous.shape}".encode())
+    digest.update(memoryview(contiguous).cast("B"))
+    return digest.hexdigest()
+
+
+def reference_key(network: str, samples: Sequence[np.ndarray]) -> str:
+    """Cache key of the FP32 reference of ``network`` (an identity string) on ``samples``."""
+    return sha256_json({"network": network, "samples": [sample_sha256(s) for s in samples]})
+
+
+def reference_path(key: str) -> Path:
+    return cache_dir(KIND) / key
+
+
+def store(path: Path, reference: CachedReference) -> None:
+    """Write the logits atomically, one ``.npy`` per sample, with their SHA-256 in ``meta.json``."""
+    with atomic_directory(path) as tmp:
+        files = []
+        stacked = isinstance(reference.logits, np.ndarray)
+        for index, logits in enumerate([reference.logits] if stacked else reference.logits):
+            name = f"logits-{index:04d}.npy"
+            np.save(tmp / name, np.asarray(logits, dtype=np.float32))
+            files.append([name, sha256_file(tmp / name)])
+        meta = {"files": files, "stacked": stacked, "seconds_per_sample": list(reference.seconds_per_sample)}
+        (tmp / "meta.json").write_text(json.dumps(meta))
+
+
+def load(path: Path) -> CachedReference | None:
+    """The reference stored at ``path``, or ``None`` when missing, changed or truncated (the caller
+    computes it again)."""
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+        logits = []
+        for name, sha in meta["files"]:
+            if sha256_file(path / name) != sha:
+                return None
+            logits.append(np.load(path / name))
+        seconds = [float(s) for s in meta["seconds_per_sample"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not logits:
+        return None
+    return CachedReference(logits[0] if meta.get("stacked") else logits, seconds, from_cache=True)
+
+
+def computed_or_cached(
+    network: str | None,
+    samples: Sequence[np.ndarray],
+    compute: Callable[[list[float]], np.ndarray | list[np.ndarray]],
+) -> CachedReference:
+    """The reference of ``network`` on ``samples`` from the cache, else ``compute(timings)`` (stored
+    when ``network`` names the network; ``None``: nothing is cached)."""
+    path = reference_path(reference_key(str(network), samples)) if network else None
+    cached = load(path) if path is not None else None
+    if cached is not None:
+        return cached
+    timings: list[float] = []
+    result = CachedReference(compute(timings), timings)
+    if path is not None:
+        store(path, result)
+    return result
