@@ -69,10 +69,11 @@ def multiply_accumulates(op: Any) -> float:
     return float(np.prod(out) * inner)
 
 
-def advanced_parameters(recipe: dict[str, Any]) -> Any:
+def advanced_parameters(recipe: dict[str, Any], transformer: bool = False) -> Any:
     """NNCF's advanced parameters for a recipe (:meth:`NNCFAdapter.recipe`'s keys; a recipe may also
     set ``bias_correction_threshold`` (apply bias correction to layers NNCF skips) and ``weights_mode``
-    ``"asymmetric"``, both studied in ``bench/int8_recipes.py``)."""
+    ``"asymmetric"``, both studied in ``bench/int8_recipes.py``). ``smooth_quant_alpha`` smooths the
+    convolutions, and MatMuls too (NNCF's default alpha) only for a ``transformer`` model."""
     from nncf.quantization.advanced_parameters import (
         AdvancedBiasCorrectionParameters,
         AdvancedQuantizationParameters,
@@ -109,8 +110,9 @@ def advanced_parameters(recipe: dict[str, Any]) -> Any:
             threshold=float(recipe["bias_correction_threshold"])
         )
     if recipe.get("smooth_quant_alpha") is not None:
+        matmul = AdvancedSmoothQuantParameters().matmul if transformer else -1
         advanced.smooth_quant_alphas = AdvancedSmoothQuantParameters(
-            convolution=float(recipe["smooth_quant_alpha"]), matmul=-1
+            convolution=float(recipe["smooth_quant_alpha"]), matmul=matmul
         )
     return advanced
 
@@ -228,7 +230,7 @@ class NNCFAdapter:
             fast_bias_correction=recipe["fast_bias_correction"],
             model_type=nncf.ModelType.TRANSFORMER if transformer or smoothed else None,
             ignored_scope=scope,
-            advanced_parameters=advanced_parameters(recipe),
+            advanced_parameters=advanced_parameters(recipe, transformer),
         )
 
     def keep_layers(self, candidate: Any, layers: Sequence[str]) -> Any:
