@@ -137,6 +137,6 @@ def avoid_hugepage_compaction_stalls() -> bool:
         return False
     import numpy as np
 
-    multiarray = getattr(np, "_core", None) or np.core
-    multiarray.multiarray._set_madvise_hugepage(False)
+    core = getattr(np, "_core", None) or np.core  # NumPy 2 renamed numpy.core
+    core.multiarray._set_madvise_hugepage(False)
     return True
