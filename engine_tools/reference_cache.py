@@ -24,6 +24,12 @@ import numpy as np
 from engine_tools.cache import atomic_directory, cache_dir, sha256_file, sha256_json
 
 KIND = "fp32_reference"
+#: references above this size are stored only when recomputing them is slower than the round trip:
+#: on a 2-core machine storing 1.2 GB of whole-volume logits (18 classes, 256^3) and loading it again,
+#: both with SHA-256, took 25-39 s against a 19 s FP32 pass
+LARGE_BYTES = 256 * 2**20
+#: bytes per second of that round trip (write + hash + read + hash), conservatively
+ROUND_TRIP_BYTES_PER_S = 50e6
 
 
 @dataclass
@@ -96,6 +102,14 @@ def computed_or_cached(
         return cached
     timings: list[float] = []
     result = CachedReference(compute(timings), timings)
-    if path is not None:
+    if path is not None and worth_storing(result):
         store(path, result)
     return result
+
+
+def worth_storing(reference: CachedReference) -> bool:
+    """Small references always; large ones only when their pass took longer than storing and
+    reloading them would (whole volumes of many-class networks are recomputed instead)."""
+    arrays = [reference.logits] if isinstance(reference.logits, np.ndarray) else reference.logits
+    size = sum(int(np.asarray(a).nbytes) for a in arrays)
+    return size <= LARGE_BYTES or sum(reference.seconds_per_sample) > size / ROUND_TRIP_BYTES_PER_S

@@ -81,3 +81,19 @@ def test_reference_is_reused_and_a_corrupted_file_is_recomputed(tmp_path: Path) 
     changed[0][0, 0, 0, 0] += 0.5  # another scan or preprocessing: another key
     other, passes = _build(onnx_path, changed)
     assert other.reference_fp32 == "computed" and passes == 1
+
+
+def test_large_references_are_stored_only_when_their_pass_was_slower_than_the_round_trip() -> None:
+    from engine_tools.reference_cache import (
+        LARGE_BYTES,
+        ROUND_TRIP_BYTES_PER_S,
+        CachedReference,
+        worth_storing,
+    )
+
+    small = CachedReference([np.zeros((1, 2, 8, 8, 8), np.float32)], [0.001])
+    large = np.zeros(LARGE_BYTES // 4 + 1024, np.float32)
+    round_trip_s = large.nbytes / ROUND_TRIP_BYTES_PER_S
+    assert worth_storing(small)
+    assert not worth_storing(CachedReference([large], [0.5 * round_trip_s]))
+    assert worth_storing(CachedReference([large], [2.0 * round_trip_s]))
