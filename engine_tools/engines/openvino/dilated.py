@@ -105,7 +105,7 @@ def rewrite_dilated_convolutions(
     is rewritten only when one of its dilations reaches ``largest_at_least``."""
     rewritten = []
     for chain, block in _chains(model, min_dilation):
-        if max(max(rewritable_dilations(conv, min_dilation) or [0]) for conv in chain) < largest_at_least:
+        if max(int(d) for conv in chain for d in conv.get_attributes()["dilations"]) < largest_at_least:
             continue
         _rewrite_chain(chain, block)
         rewritten += [conv.get_friendly_name() for conv in chain]
@@ -186,7 +186,7 @@ def _rewrite_chain(chain: list[Any], block: list[int]) -> None:
     import openvino.opset13 as ops
 
     shape = [int(n) for n in chain[0].get_input_partial_shape(0).to_shape()]
-    remainder = [(-size) % b for size, b in zip(shape[2:], block, strict=True)]
+    remainder, grid = _split_sizes(shape[2:], block)
     data = _space_to_batch(ops, chain[0].input_value(0), block, shape)
     for index, conv in enumerate(chain):
         attrs = conv.get_attributes()
@@ -204,20 +204,27 @@ def _rewrite_chain(chain: list[Any], block: list[int]) -> None:
             if not any(remainder):
                 continue
             # the padding voxels must read as zeros again for the next convolution
-            restored = ops.multiply(tail.output(0), _valid_mask(shape, block, remainder)).output(0)
+            restored = ops.multiply(tail.output(0), _valid_mask(shape, block, grid)).output(0)
         else:
             restored = _batch_to_space(ops, tail.output(0), block, shape)
         for consumer in consumers:
             consumer.replace_source_output(restored)
 
 
-def _valid_mask(shape: list[int], block: list[int], remainder: list[int]) -> np.ndarray:
+def _split_sizes(spatial: list[int], block: list[int]) -> tuple[list[int], list[int]]:
+    """Per axis, the zeros appended to reach a multiple of the block, and the sub-grid size."""
+    remainder = [(-size) % b for size, b in zip(spatial, block, strict=True)]
+    grid = [(size + r) // b for size, r, b in zip(spatial, remainder, block, strict=True)]
+    return remainder, grid
+
+
+def _valid_mask(shape: list[int], block: list[int], grid: list[int]) -> np.ndarray:
     """``d^3 N, 1, D', H', W'``: 1 where a sub-grid voxel lies inside the volume, 0 in the padding."""
-    axes = []
-    for size, b, r in zip(shape[2:], block, remainder, strict=True):
-        grid = (size + r) // b
-        axes.append(np.arange(grid)[None, :] * b + np.arange(b)[:, None] < size)  # b, grid
-    (m0, m1, m2), (g0, g1, g2) = axes, [a.shape[1] for a in axes]
+    m0, m1, m2 = (
+        np.arange(g)[None, :] * b + np.arange(b)[:, None] < size  # b, grid
+        for size, b, g in zip(shape[2:], block, grid, strict=True)
+    )
+    g0, g1, g2 = grid
     mask = (
         m0[:, None, None, :, None, None] & m1[None, :, None, None, :, None] & m2[None, None, :, None, None, :]
     )
@@ -236,9 +243,7 @@ def _elementwise_tail(start: Any, validate: bool = True) -> Any:
         if nxt.get_type_name() not in _ELEMENTWISE or nxt.get_output_size() != 1:
             return node
         others = [nxt.input_value(i).get_node() for i in range(nxt.get_input_size())]
-        if any(o is not node and not _constant_valued(o) for o in others):
-            return node
-        if any(o is not node and not _per_channel(o) for o in others):
+        if any(o is not node and not (_constant_valued(o) and _per_channel(o)) for o in others):
             return node
         if validate:
             nxt.validate_and_infer_types()  # its input is now the sub-grid batch
@@ -270,11 +275,10 @@ def _i64(values: list[int]) -> np.ndarray:
 
 def _space_to_batch(ops: Any, data: Any, dilations: list[int], shape: list[int]) -> Any:
     """``N, C, D, H, W`` -> ``d^3 N, C, D', H', W'``, zero-padded at the end to multiples of ``d``."""
-    batch, channels, spatial = shape[0], shape[1], shape[2:]
-    remainder = [(-size) % d for size, d in zip(spatial, dilations, strict=True)]
+    batch, channels = shape[0], shape[1]
+    remainder, grid = _split_sizes(shape[2:], dilations)
     if any(remainder):
         data = _zero_pad_end(ops, data, remainder)
-    grid = [(size + r) // d for size, r, d in zip(spatial, remainder, dilations, strict=True)]
     interleaved = [n for axis in range(3) for n in (grid[axis], dilations[axis])]
     x = ops.reshape(data, _i64([batch, channels, *interleaved]), False)  # N, C, D', d0, H', d1, W', d2
     x = ops.transpose(x, _i64([3, 5, 7, 0, 1, 2, 4, 6]))  # d0, d1, d2, N, C, D', H', W'

@@ -177,10 +177,9 @@ class OpenVINOEngine(Engine):
             model.reshape({model.input(0): _ov().PartialShape(list(shape))})
             compiled, self._subgrid_layers = compile_on_cpu(model, self.compile_config(), _core())
             self._reshaped = (shape, compiled)
-        if len(windows) != 1:
-            return run_compiled(self._reshaped[1].create_infer_request(), windows, shape)
-        # one whole volume: a new request writes the logits straight into the returned array
-        return run_compiled(self._reshaped[1].create_infer_request(), windows, shape, write_in_place=True)
+        # a new request per call; one whole volume has it write the logits straight into the result
+        request = self._reshaped[1].create_infer_request()
+        return run_compiled(request, windows, shape, write_in_place=len(windows) == 1)
 
     # ------------------------------------------------------------------ describe
     def describe(self) -> dict[str, Any]:

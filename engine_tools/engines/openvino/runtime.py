@@ -65,11 +65,8 @@ def run_compiled(
     outputs = []
     for sample in samples:
         start = time.perf_counter()
-        if write_in_place:
-            outputs.append(_infer_into_new_array(request, sample[None]))
-        else:
-            result = request.infer({0: sample[None]}, share_outputs=True)  # copied once, here
-            outputs.append(np.array(result[request.model_outputs[0]], dtype=np.float32, copy=True))
+        infer = _infer_into_new_array if write_in_place else _infer_and_copy
+        outputs.append(infer(request, sample[None]))
         if timings is not None:
             timings.append(time.perf_counter() - start)
     return np.concatenate(outputs, axis=0) if isinstance(windows, np.ndarray) else outputs
@@ -86,8 +83,13 @@ def _infer_into_new_array(request: Any, batch: np.ndarray) -> np.ndarray:
         request.set_output_tensor(0, _ov().Tensor(logits, shared_memory=True))
         request.infer({0: batch})
         return logits
+    return _infer_and_copy(request, batch)
+
+
+def _infer_and_copy(request: Any, batch: np.ndarray) -> np.ndarray:
+    """One inference; its logits copied once out of the request's own buffer (reused by the next run)."""
     result = request.infer({0: batch}, share_outputs=True)
-    return np.array(result[port], dtype=np.float32, copy=True)
+    return np.array(result[request.model_outputs[0]], dtype=np.float32, copy=True)
 
 
 def executed_kernels(compiled: Any) -> dict[str, Any]:
