@@ -119,8 +119,18 @@ def write_json_atomic(path: str | Path, value: Any) -> None:
 
 
 def partial_artifacts(root: str | Path) -> list[Path]:
-    """Leftovers of interrupted writes under ``root`` (should be empty after any clean run or cancel)."""
-    return sorted(Path(root).rglob(TMP_PREFIX + "*"))
+    """Leftovers of interrupted writes under ``root`` (should be empty after any clean run or cancel).
+
+    Other processes rename and remove their temporary folders while this walks, so a folder that
+    vanishes mid-walk is skipped (``os.walk`` ignores it) rather than failing the caller, and the walk
+    does not descend into temporary folders: their contents go with them.
+    """
+    found = []
+    for folder, subfolders, files in os.walk(root):
+        partial = [name for name in subfolders if name.startswith(TMP_PREFIX)]
+        subfolders[:] = [name for name in subfolders if not name.startswith(TMP_PREFIX)]
+        found += [Path(folder, name) for name in partial + files if name.startswith(TMP_PREFIX)]
+    return sorted(found)
 
 
 def _partial_prefix(destination: Path) -> str:

@@ -9,9 +9,11 @@ with SIGKILL at random points never leave anything that a later build reuses or 
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -29,7 +31,7 @@ from bad_input_helpers import (
     warnings_of,
 )
 
-from engine_tools.cache import hash_problem
+from engine_tools.cache import TMP_PREFIX, hash_problem, partial_artifacts, remove_stale_partials
 
 METADATA = "engine.json"
 
@@ -150,6 +152,35 @@ def test_two_builds_of_one_engine_do_the_work_once(setup):
     assert sorted(r[-1]["data"]["engine"]["cache"] for r in results) == ["built", "hit"]
     assert len(_engine_dirs(setup["cache"])) == 2  # the fp32 and the int8 engine
     _assert_clean_cache(setup["cache"])
+
+
+def test_stale_write_sweep_survives_folders_that_another_process_renames(tmp_path):
+    """A build starts by sweeping stale temporary writes while another build renames its own temporary
+    folders into place; a folder vanishing mid-walk must be skipped, never raised (it once failed a
+    concurrent build with FileNotFoundError)."""
+    engines = tmp_path / "engines"
+    names = [engines / f"{TMP_PREFIX}key.{os.getpid()}.{suffix}" for suffix in ("one", "two")]
+    (names[0] / "inner" / "deeper").mkdir(parents=True)
+    (names[0] / "inner" / f"{TMP_PREFIX}nested.{os.getpid()}.x").touch()
+    stop, renames = threading.Event(), [0]
+
+    def rename_back_and_forth() -> None:
+        while not stop.is_set():
+            os.replace(names[renames[0] % 2], names[(renames[0] + 1) % 2])
+            renames[0] += 1
+
+    worker = threading.Thread(target=rename_back_and_forth)
+    worker.start()
+    try:
+        sweeps = [partial_artifacts(tmp_path) for _ in range(2000)]
+        removed = [remove_stale_partials(tmp_path) for _ in range(200)]
+    finally:
+        stop.set()
+        worker.join()
+    assert renames[0] > 100  # the folders really moved during the sweeps
+    assert all(len(found) <= 1 and set(found) <= set(names) for found in sweeps)  # never inside one
+    assert not any(removed)  # a live process's writes are left alone
+    assert partial_artifacts(tmp_path) == [names[renames[0] % 2]]
 
 
 def test_builds_killed_at_random_points_never_poison_the_cache(setup):

@@ -5,12 +5,14 @@ Every engine starts from this file: input ``input`` ``[batch, C, D, H, W]``, out
 
 from __future__ import annotations
 
+import functools
 import io
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from engine_tools.cache import atomic_file, cache_dir, sha256_file, sha256_json
+from engine_tools.cache import atomic_file, cache_dir, key_lock, sha256_file, sha256_json
 from engine_tools.networks.files import NetworkError, card_file, network_files
 from engine_tools.progress import Progress, SilentProgress
 from engine_tools.registry import ModelCard
@@ -158,9 +160,12 @@ def _published_onnx_export(
             f"{card.path or card.id}: network.published_onnx.file {name!r} is not among weights.files"
         )
     target = cache_dir("exports") / f"{card.id}-{export_key(card, files, False)[:16]}.onnx"
-    if not _usable_export(target, progress, rebuild):
+
+    def prepare() -> None:
         progress.update("export", 0.5, f"{card.id}: preparing the published ONNX {name}")
-        _record_hash(_published_onnx(card, files[name], target))
+        _published_onnx(card, files[name], target)
+
+    _cached_export(target, prepare, progress, rebuild)
     progress.update("export", 1.0, f"{card.id}: published ONNX ready ({target.name})")
     return target
 
@@ -191,6 +196,18 @@ def _record_hash(target: Path) -> Path:
     with atomic_file(_hash_file(target), "w") as stream:
         stream.write(sha256_file(target) + "\n")
     return target
+
+
+def _cached_export(target: Path, produce: Callable[[], object], progress: Progress, rebuild: bool) -> bool:
+    """Make ``target`` with ``produce()`` and record its SHA-256, unless a usable export is cached;
+    returns whether it was found. Held under the target's :func:`key_lock`, so a concurrent build never
+    sees an export whose hash is not yet recorded (and removes it) and two builds export it once."""
+    with key_lock(target):
+        if _usable_export(target, progress, rebuild):
+            return True
+        produce()
+        _record_hash(target)
+        return False
 
 
 def _usable_export(target: Path, progress: Progress, rebuild: bool = False) -> bool:
@@ -243,17 +260,25 @@ def export_onnx(
         if info["input"] == INPUT_NAME and info["outputs"][0] == OUTPUT_NAME:
             return source
         target = cache_dir("exports") / f"{card.id}-{export_key(card, files, False)[:16]}.onnx"
-        if _usable_export(target, progress, rebuild):
-            return target
-        return _record_hash(_renamed_onnx(source, target, info))
+        _cached_export(target, lambda: _renamed_onnx(source, target, info), progress, rebuild)
+        return target
     if card.network.get("published_onnx") and not random_weights:
         return _published_onnx_export(card, weights_dir, progress, rebuild)
     progress.update("export", 0.0, f"{card.id}: preparing weights")
     files = network_files(card, weights_dir, random_weights, progress)
     target = cache_dir("exports") / f"{card.id}-{export_key(card, files, random_weights)[:16]}.onnx"
-    if _usable_export(target, progress, rebuild):
+    export = functools.partial(_export_module, card, files, random_weights, target, progress)
+    if _cached_export(target, export, progress, rebuild):
         progress.update("export", 1.0, f"{card.id}: ONNX export found in cache")
-        return target
+    else:
+        progress.update("export", 1.0, f"{card.id}: exported {target.name}")
+    return target
+
+
+def _export_module(
+    card: ModelCard, files: dict[str, Path], random_weights: bool, target: Path, progress: Progress
+) -> None:
+    """Trace the card's PyTorch network to ONNX and write it atomically to ``target``."""
     import torch
 
     from engine_tools.networks.loaders import module_from_files
@@ -262,7 +287,7 @@ def export_onnx(
     window = card.window_size
     # Pure convolution stacks (TF.js MeshNets) trace identically at any size: export with a small
     # dummy (tracing runs one forward pass) and set the card's window afterwards.
-    small = fmt == "tfjs"
+    small = card.network.get("format") == "tfjs"
     trace_shape = (16, 16, 16) if small else window
     dummy = torch.zeros(1, card.in_channels, *trace_shape)
     axes = {0: "batch", **({2: "depth", 3: "height", 4: "width"} if small else {})}
@@ -282,6 +307,3 @@ def export_onnx(
     data = _fix_spatial_dims(buffer.getvalue(), window) if small else buffer.getvalue()
     with atomic_file(target) as stream:
         stream.write(data)
-    _record_hash(target)
-    progress.update("export", 1.0, f"{card.id}: exported {target.name}")
-    return target
