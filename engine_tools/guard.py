@@ -23,7 +23,7 @@ recorded in the report's ``attempts``:
 5. **report** — one :class:`GuardReport` (agreement, kept layers, the share of compute that stays
    INT8, latency against strict FP32, every attempt).
 
-A backend takes part through a small :class:`QuantizationAdapter`: ``quantize(excluded layers)`` gives
+A backend takes part through a small :class:`~engine_tools.guard_adapter.QuantizationAdapter`: ``quantize(excluded layers)`` gives
 a candidate, ``run(candidate)`` its logits (``run(None)`` strict FP32), ``keep_layers`` un-quantizes
 layers of a candidate, and optionally ``layer_taps`` gives intermediate activations. OpenVINO (NNCF, :mod:`engine_tools.engines.openvino.quantize`), ONNX Runtime
 (``quantize_static``, :mod:`engine_tools.engines.onnxruntime.quantize`) and TensorRT (ModelOpt, keeping
@@ -53,56 +53,16 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from engine_tools import accuracy, reference_cache, sensitivity
 from engine_tools.engines.base import as_samples
+from engine_tools.guard_adapter import BelowTargetError, QuantizationAdapter
 from engine_tools.guard_report import Candidate, GuardReport, _finite
 from engine_tools.progress import Progress
 from engine_tools.stage_clock import StageClock
-
-
-class BelowTargetError(RuntimeError):
-    """The guard could not reach its target and the user did not allow a build below it."""
-
-
-class QuantizationAdapter(Protocol):
-    """What the guard needs from a backend. Candidates are the backend's own model objects."""
-
-    #: precision of layers kept out of INT8 ("f32", or "bf16" where the CPU computes it natively)
-    fallback: str
-
-    def layers(self) -> list[str]:
-        """Names of the quantizable layers (convolutions, matrix products) in execution order."""
-
-    def layer_costs(self) -> dict[str, float]:
-        """Multiply-accumulates (or, without static shapes, weights) of each quantizable layer."""
-
-    def recipe(self, options: dict[str, Any]) -> dict[str, Any]:
-        """The calibration recipe the user asked for (method, preset, ...), JSON-ready."""
-
-    def better_recipes(self, recipe: dict[str, Any]) -> list[dict[str, Any]]:
-        """Other recipes worth trying when ``recipe`` misses the target (may be empty)."""
-
-    def quantize(self, excluded: Sequence[str], recipe: dict[str, Any]) -> Any:
-        """Calibrate and quantize, leaving the ``excluded`` layers in higher precision."""
-
-    def keep_layers(self, candidate: Any, layers: Sequence[str]) -> Any:
-        """``candidate`` with ``layers`` back in higher precision, without re-calibrating."""
-
-    def quantized_layers(self, candidate: Any) -> list[str]:
-        """Layers of ``candidate`` that really take INT8 inputs."""
-
-    def run(
-        self, candidate: Any | None, windows: Sequence[np.ndarray], timings: list[float] | None = None
-    ) -> np.ndarray | list[np.ndarray]:
-        """Logits of ``candidate`` (``None``: strict FP32) on samples (windows or whole cropped volumes);
-        seconds per sample into ``timings``."""
-
-    # optional ``layer_taps(candidate, sample, layers) -> {layer: (float input, output)}`` on one
-    # ``C, D, H, W`` sample (``candidate`` None: strict FP32): the one-pass sensitivity uses it
 
 
 class AccuracyGuard:

@@ -1,6 +1,6 @@
 """Static QDQ quantization with ONNX Runtime, as the accuracy guard's ONNX Runtime adapter.
 
-:class:`QDQAdapter` implements :class:`engine_tools.guard.QuantizationAdapter` on ONNX files:
+:class:`QDQAdapter` implements :class:`engine_tools.guard_adapter.QuantizationAdapter` on ONNX files:
 ``quantize`` runs :func:`onnxruntime.quantization.quantize_static` with ``nodes_to_exclude``,
 ``keep_layers`` quantizes again with more layers excluded, ``run`` executes a candidate on the CPU provider. Candidates are ONNX files in a scratch
 folder owned by the adapter.

@@ -1,6 +1,6 @@
 """NNCF post-training quantization of an OpenVINO model, as the accuracy guard's OpenVINO adapter.
 
-:class:`NNCFAdapter` implements :class:`engine_tools.guard.QuantizationAdapter`: ``quantize`` runs
+:class:`NNCFAdapter` implements :class:`engine_tools.guard_adapter.QuantizationAdapter`: ``quantize`` runs
 :func:`nncf.quantize` with an ignored scope, ``keep_layers`` bypasses the FakeQuantize of a layer and
 restores its FP32 weights (no re-calibration), ``run`` compiles a candidate with the kept layers in
 ``fallback`` precision. Whole cropped volumes (one sample per scan, shapes differing) are handled on a
@@ -17,6 +17,7 @@ import numpy as np
 
 from engine_tools.engines.base import as_samples
 from engine_tools.engines.openvino.runtime import compile_model, run_compiled
+from engine_tools.engines.openvino.statistics_order import statistics_in_execution_order
 from engine_tools.machine import cpu_has_bf16
 
 #: Calibration methods → NNCF activation range estimators.
@@ -222,16 +223,17 @@ class NNCFAdapter:
         # changes nothing else (bench/results/int8_recipes_recipes.md), so a convolution alpha uses it
         transformer = self.options.get("model_type") == "transformer"
         smoothed = recipe.get("smooth_quant_alpha") is not None
-        return nncf.quantize(
-            self.model.clone(),
-            dataset,
-            preset=nncf.QuantizationPreset(recipe["preset"]),
-            subset_size=len(self.calibration),
-            fast_bias_correction=recipe["fast_bias_correction"],
-            model_type=nncf.ModelType.TRANSFORMER if transformer or smoothed else None,
-            ignored_scope=scope,
-            advanced_parameters=advanced_parameters(recipe, transformer),
-        )
+        with statistics_in_execution_order():
+            return nncf.quantize(
+                self.model.clone(),
+                dataset,
+                preset=nncf.QuantizationPreset(recipe["preset"]),
+                subset_size=len(self.calibration),
+                fast_bias_correction=recipe["fast_bias_correction"],
+                model_type=nncf.ModelType.TRANSFORMER if transformer or smoothed else None,
+                ignored_scope=scope,
+                advanced_parameters=advanced_parameters(recipe, transformer),
+            )
 
     def keep_layers(self, candidate: Any, layers: Sequence[str]) -> Any:
         """``candidate`` with ``layers`` back in float; all layers: the FP32 model itself (no
