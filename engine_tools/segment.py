@@ -100,21 +100,28 @@ def segment_image(
     roi, overlap, batch_size = _window_settings(card, overlap, batch_size)
     latencies: list[float] = []
     crop = None
+    logits = None
     if whole_volume_applies(card, engine) if whole_volume is None else whole_volume:
         crop = plan_crop(card, prep.array)
-        run = engine.run if predictor is None else _numpy_network(predictor)
-        logits, done = _crop_logits(run, prep, crop, latencies, progress)
-        logits = logits[0]
+        done = 1
+        if predictor is None and not keep_logits:  # the engine's arg-max: no logits written out
+            labels, channels = _one_pass(engine.run_labels, prep, crop, latencies, progress)
+            indices = labels[0]
+        else:
+            run = engine.run if predictor is None else _numpy_network(predictor)
+            logits = np.asarray(_one_pass(run, prep, crop, latencies, progress), dtype=np.float32)[0]
     else:
         network = predictor or engine.predictor()
         logits, done = _sliding_logits(network, prep, card, roi, overlap, batch_size, latencies, progress)
         logits = logits[0].float().numpy()
-    if logits.shape[0] != card.num_classes:
+    if logits is not None:
+        channels = logits.shape[0]
+        indices = logits.argmax(axis=0)
+    if channels != card.num_classes:
         raise ValueError(
-            f"{card.id}: the network returned {logits.shape[0]} channels but the card lists "
+            f"{card.id}: the network returned {channels} channels but the card lists "
             f"{card.num_classes} classes"
         )
-    indices = logits.argmax(axis=0)
     kept = np.ascontiguousarray(logits, dtype=np.float32) if keep_logits else None
     del logits
     if crop is not None:
@@ -196,22 +203,22 @@ def _sliding_logits(
     return logits, done
 
 
-def _crop_logits(
-    network: Callable[[np.ndarray], np.ndarray],
+def _one_pass(
+    network: Callable[[np.ndarray], Any],
     prep: Preprocessed,
     crop: Crop,
     latencies: list[float],
     progress: Progress | None,
-) -> tuple[Any, int]:
-    """Logits ``1, K, d, h, w`` of one pass of ``network`` (numpy in and out, as ``Engine.run``) over
-    ``crop`` of the preprocessed volume."""
+) -> Any:
+    """What ``network`` gives (numpy in, as ``Engine.run`` or ``Engine.run_labels``) for one pass over
+    ``crop`` of the preprocessed volume, ``1, C, d, h, w``."""
     if progress is not None:
         progress.update("segment", 0.0, f"one pass over {'x'.join(map(str, crop.shape))} voxels")
     volume = np.ascontiguousarray(prep.array[(slice(None), *crop.slices)], dtype=np.float32)[None]
     tick = time.perf_counter()
-    logits = np.asarray(network(volume), dtype=np.float32)
+    output = network(volume)
     latencies.append(time.perf_counter() - tick)
-    return logits, 1
+    return output
 
 
 def _numpy_network(predictor: Callable[[Any], Any]) -> Callable[[np.ndarray], np.ndarray]:

@@ -139,5 +139,36 @@ def test_openvino_runs_the_whole_volume_reshaped_with_cached_blobs(case: dict) -
     assert result.timings["mode"] == "whole_volume"
     agreement = agreement_dice(labels(reference), labels(result), card.num_classes)
     assert agreement["mean"] >= 0.999, agreement
-    blobs = list(Path(cache_root(), "openvino-compiled").glob("*.blob"))
-    assert len(blobs) >= 2  # the window-shaped and the crop-shaped compilation
+    blobs = set(Path(cache_root(), "openvino-compiled").glob("*.blob"))
+    assert blobs  # the crop-shaped compilation, ending in the arg-max (no window-shaped one needed)
+    again = prepare_engine(
+        card, backend="openvino", precision="fp32", weights_dir=shared_path("models", "brainchop")
+    )
+    assert np.array_equal(segment_image(again, card, prep).network_labels, result.network_labels)
+    assert set(Path(cache_root(), "openvino-compiled").glob("*.blob")) == blobs  # loaded, not compiled
+
+
+def test_engine_arg_max_equals_numpy_on_the_logits_ties_included(case: dict) -> None:
+    """A whole volume's labels come from the network's own arg-max (no logits written out): equal to
+    NumPy's arg-max of the same engine's logits, and the first class wins a tie, in FP32 and BF16."""
+    pytest.importorskip("openvino", reason="OpenVINO not installed (pip install openvino nncf)")
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    from engine_tools.engines.openvino.runtime import with_argmax_output
+
+    card, prep = case["card"], case["prep"]
+    engine = prepare_engine(
+        card, backend="openvino", precision="fp32", weights_dir=shared_path("models", "brainchop")
+    )
+    volume = np.ascontiguousarray(prep.array[None, :, 3:-5, 2:-4, 1:-6])  # not the window's shape
+    labels, channels = engine.run_labels(volume)
+    assert channels == card.num_classes and labels.shape == (1, *volume.shape[2:])
+    assert np.array_equal(labels, engine.run(volume).argmax(axis=1))
+    rounded = np.round(np.random.default_rng(3).normal(size=(1, 7, 9, 10, 11)) * 2).astype(np.float32)
+    for hint in ("f32", "bf16"):  # integer logits: many ties, exact in both precisions
+        param = ops.parameter(list(rounded.shape), np.float32)
+        model = with_argmax_output(ov.Model([ops.relu(param).output(0)], [param]))
+        compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint})
+        got = compiled({0: rounded})[0][:, 0]
+        assert np.array_equal(got, np.maximum(rounded, 0).argmax(axis=1)), hint

@@ -104,6 +104,13 @@ class Engine(ABC):
     def run(self, windows: np.ndarray) -> np.ndarray:
         """Run a batch ``N, C, D, H, W`` float32 and return logits ``N, K, D, H, W`` float32."""
 
+    def run_labels(self, volume: np.ndarray) -> tuple[np.ndarray, int]:
+        """Class index per voxel of a batch ``N, C, D, H, W`` (``N, D, H, W``: the arg-max over the
+        logits' channels, the first on ties) and the number of channels. Engines that can take the
+        arg-max inside the network override this so that a whole volume's logits are never written."""
+        logits = self.run(volume)
+        return logits.argmax(axis=1), int(logits.shape[1])
+
     def artifact_files(self) -> list[Path]:
         """Files that make up the deployable engine (counted in ``bytes_on_disk``)."""
         if self.artifact_dir is None:

@@ -29,6 +29,7 @@ from engine_tools.engines.openvino.runtime import (
     executed_kernels,
     read_static_model,
     run_compiled,
+    with_argmax_output,
 )
 from engine_tools.progress import Progress
 
@@ -65,8 +66,8 @@ class OpenVINOEngine(Engine):
         self._request: Any = None
         self._input_shape: tuple[int, ...] | None = None
         self._model: Any = None
-        #: the most recent other input shape and its compiled model (a whole-volume pass)
-        self._reshaped: tuple[tuple[int, ...], Any] | None = None
+        #: the most recent other input shape, whether it gives labels, and its compiled model
+        self._reshaped: tuple[tuple[int, ...], bool, Any] | None = None
         #: convolutions the last compile ran on sub-grids (engines/openvino/dilated.py)
         self._subgrid_layers: list[str] = []
 
@@ -158,34 +159,59 @@ class OpenVINOEngine(Engine):
         if not xml.is_file():
             raise FileNotFoundError(f"OpenVINO engine artifact missing: {xml}")
         self._model = _core().read_model(xml)
-        self._compiled, self._subgrid_layers = compile_on_cpu(self._model, self.compile_config(), _core())
-        self._request = self._compiled.create_infer_request()
-        self._input_shape = tuple(int(d) for d in self._compiled.input(0).get_shape())
-        self._reshaped = None
+        self._input_shape = tuple(int(d) for d in self._model.input(0).get_shape())
+        self._compiled = self._request = self._reshaped = None  # compiled on first use, per shape
         self.artifact_dir = artifact_dir
+
+    def _window_request(self) -> Any:
+        """The infer request of the model at its window shape, compiled on first use (a whole-volume
+        segmentation never needs it)."""
+        if self._model is None:
+            raise RuntimeError("engine not loaded")
+        if self._compiled is None:
+            self._compiled, self._subgrid_layers = compile_on_cpu(self._model, self.compile_config(), _core())
+            self._request = self._compiled.create_infer_request()
+        return self._request
+
+    def _request_for(self, shape: tuple[int, ...], labels: bool) -> Any:
+        """A new infer request of the model reshaped to ``shape`` (kept compiled for the next call),
+        ending in the argmax over classes when ``labels``."""
+        if self._model is None:
+            raise RuntimeError("engine not loaded")
+        if self._reshaped is None or self._reshaped[:2] != (shape, labels):
+            model = self._model.clone()
+            model.reshape({model.input(0): _ov().PartialShape(list(shape))})
+            if labels:
+                model = with_argmax_output(model)
+            compiled, self._subgrid_layers = compile_on_cpu(model, self.compile_config(), _core())
+            self._reshaped = (shape, labels, compiled)
+        return self._reshaped[2].create_infer_request()
 
     def run(self, windows: np.ndarray) -> np.ndarray:
         """Run ``N, C, D, H, W``; a spatial shape other than the window's (one pass over a whole volume
         of a fully convolutional network) runs the same model reshaped to it."""
-        if self._compiled is None:
-            raise RuntimeError("engine not loaded")
         shape = (1, *windows.shape[1:])
-        if self._input_shape is None or shape == self._input_shape:
-            return run_compiled(self._request, windows, self._input_shape)
-        if self._reshaped is None or self._reshaped[0] != shape:
-            model = self._model.clone()
-            model.reshape({model.input(0): _ov().PartialShape(list(shape))})
-            compiled, self._subgrid_layers = compile_on_cpu(model, self.compile_config(), _core())
-            self._reshaped = (shape, compiled)
+        if shape == self._input_shape:
+            return run_compiled(self._window_request(), windows, self._input_shape)
         # a new request per call; one whole volume has it write the logits straight into the result
-        request = self._reshaped[1].create_infer_request()
-        return run_compiled(request, windows, shape, write_in_place=len(windows) == 1)
+        return run_compiled(self._request_for(shape, False), windows, shape, write_in_place=len(windows) == 1)
+
+    def run_labels(self, volume: np.ndarray) -> tuple[np.ndarray, int]:
+        """Class index per voxel from the network itself (its logits end in an arg-max,
+        :func:`with_argmax_output`): the logits of a whole volume are never written out."""
+        shape = (1, *volume.shape[1:])
+        if shape == self._input_shape:
+            return super().run_labels(volume)
+        request = self._request_for(shape, True)
+        labels = run_compiled(request, volume, shape, write_in_place=len(volume) == 1)
+        return labels[:, 0], int(self._model.output(0).get_partial_shape()[1].get_length())
 
     # ------------------------------------------------------------------ describe
     def describe(self) -> dict[str, Any]:
         info = super().describe()
         info["compile_config"] = self.compile_config()
-        if self._compiled is not None:
+        if self._model is not None:
+            self._window_request()
             info["kernels"] = executed_kernels(self._compiled)
             info["dilated_convolutions_on_subgrids"] = list(self._subgrid_layers)
         for key in ("calibration_method", "calibration_windows", "preset"):

@@ -29,6 +29,20 @@ def read_static_model(onnx_path: str | Path, in_channels: int, window: tuple[int
     return model
 
 
+def with_argmax_output(model: Any) -> Any:
+    """``model`` (changed in place) giving the index of the largest of its logits per voxel (``N, 1, D,
+    H, W`` int32; among equal logits the first, as NumPy's ``argmax``) instead of the logits: a stable
+    TopK, k=1."""
+    ov = _ov()
+    from openvino import opset11
+
+    result = model.get_results()[0]
+    top = opset11.topk(result.input_value(0), np.int64(1), 1, "max", "value", ov.Type.i32, True)
+    result.input(0).replace_source_output(top.output(1))
+    model.validate_nodes_and_infer_types()
+    return model
+
+
 def compile_model(model: Any, hint: str) -> Any:
     """Compile for the CPU at a latency hint (see :func:`compile_on_cpu`)."""
     config = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
@@ -73,23 +87,26 @@ def run_compiled(
 
 
 def _infer_into_new_array(request: Any, batch: np.ndarray) -> np.ndarray:
-    """One inference whose logits land in a new float32 array the caller owns: the request writes
-    into it directly where the output shape is static (no copy of a whole volume's logits, 1.2 GB
-    for 18 classes over 256^3 voxels), else its output is copied. Only for a request's first run:
-    given a new output tensor later, the request computes into its own buffer and copies."""
+    """One inference whose output lands in a new array the caller owns: the request writes into it
+    directly where the output shape is static (no copy of a whole volume's logits, 1.2 GB for 18
+    classes over 256^3 voxels), else its output is copied. Only for a request's first run: given a
+    new output tensor later, the request computes into its own buffer and copies."""
     port = request.model_outputs[0]
-    if port.get_partial_shape().is_static and port.get_element_type() == _ov().Type.f32:
-        logits = np.empty(tuple(port.get_shape()), dtype=np.float32)
-        request.set_output_tensor(0, _ov().Tensor(logits, shared_memory=True))
+    dtype = {"f32": np.float32, "i32": np.int32}.get(port.get_element_type().get_type_name())
+    if port.get_partial_shape().is_static and dtype is not None:
+        output = np.empty(tuple(port.get_shape()), dtype=dtype)
+        request.set_output_tensor(0, _ov().Tensor(output, shared_memory=True))
         request.infer({0: batch})
-        return logits
+        return output
     return _infer_and_copy(request, batch)
 
 
 def _infer_and_copy(request: Any, batch: np.ndarray) -> np.ndarray:
-    """One inference; its logits copied once out of the request's own buffer (reused by the next run)."""
+    """One inference; its output (float32 logits, or int32 labels) copied once out of the request's
+    own buffer (reused by the next run)."""
     result = request.infer({0: batch}, share_outputs=True)
-    return np.array(result[request.model_outputs[0]], dtype=np.float32, copy=True)
+    output = result[request.model_outputs[0]]
+    return np.array(output, dtype=np.int32 if output.dtype.kind in "iu" else np.float32, copy=True)
 
 
 def executed_kernels(compiled: Any) -> dict[str, Any]:
