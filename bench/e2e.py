@@ -77,6 +77,8 @@ def window_latency(
 import json, time, numpy as np
 from pathlib import Path
 from engine_tools.engines.openvino.engine import OpenVINOEngine
+from engine_tools.machine import avoid_hugepage_compaction_stalls
+avoid_hugepage_compaction_stalls()  # as the commands do
 folder = Path({artifact_dir!r})
 engine = OpenVINOEngine({precision!r})
 engine.build_report = json.loads((folder / "engine.json").read_text()).get("build_report", {{}})
