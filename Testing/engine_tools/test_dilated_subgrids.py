@@ -101,6 +101,13 @@ def test_int8_model_keeps_int8_kernels_and_its_labels(monkeypatch: pytest.Monkey
         == executed_kernels(direct)["convolutions"]["int8"]
         >= 3
     )
+    # both interleavings move quantized bytes: the next layer's quantizer goes before batch to space
+    transposes = [
+        op.get_rt_info()["runtimePrecision"].astype(str)
+        for op in subgrid.get_runtime_model().get_ordered_ops()
+        if op.get_rt_info()["layerType"].astype(str) == "Transpose"
+    ]
+    assert transposes == ["u8", "u8"], transposes
     expected = np.asarray(direct({0: samples[0]})[direct.outputs[0]])
     got = np.asarray(subgrid({0: samples[0]})[subgrid.outputs[0]])
     # the same integer convolutions; only float rounding of the dequantized tail may differ

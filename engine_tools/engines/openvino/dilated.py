@@ -19,7 +19,8 @@ INT8 dilation-8 layer of brainchop's model11 ran slower rewritten).
 The rewrite is applied to a clone of the model just before compiling; the saved engine stays the
 model as built. Batch to space is placed after the convolution's per-channel bias and activation
 (elementwise, so they commute with the interleaving), so the CPU plugin still fuses them into the
-convolution. It applies to models of static shape (reshape a dynamic one first): the CPU plugin's
+convolution; in an INT8 model it goes after the next layer's per-tensor quantizer too, so the
+convolution writes bytes and both interleavings move one byte per value. It applies to models of static shape (reshape a dynamic one first): the CPU plugin's
 low-precision transformations keep the sub-grid convolutions INT8 only when every shape, pad and
 crop around them is a constant.
 
@@ -206,9 +207,27 @@ def _rewrite_chain(chain: list[Any], block: list[int]) -> None:
             # the padding voxels must read as zeros again for the next convolution
             restored = ops.multiply(tail.output(0), _valid_mask(shape, block, grid)).output(0)
         else:
+            quantizer = _per_tensor_quantizer(consumers)
+            if quantizer is not None:  # interleave back the INT8 data, not the float
+                tail, consumers = quantizer, list(quantizer.output(0).get_target_inputs())
+                tail.validate_and_infer_types()
             restored = _batch_to_space(ops, tail.output(0), block, shape)
         for consumer in consumers:
             consumer.replace_source_output(restored)
+
+
+def _per_tensor_quantizer(consumers: list[Any]) -> Any | None:
+    """The FakeQuantize that alone reads a run's last output, when its ranges are scalars: it then
+    commutes with batch to space (a reshape, transpose and crop), so it can go first, where the CPU
+    plugin fuses it into the convolution and the interleaving moves one byte per value, not four."""
+    if len(consumers) != 1 or consumers[0].get_node().get_type_name() != "FakeQuantize":
+        return None
+    quantizer = consumers[0].get_node()
+    ranges = [quantizer.input_value(i).get_node() for i in range(1, 5)]
+    scalar = all(
+        _constant_valued(r) and int(np.prod(list(r.get_output_shape(0)) or [1])) == 1 for r in ranges
+    )
+    return quantizer if scalar else None
 
 
 def _split_sizes(spatial: list[int], block: list[int]) -> tuple[list[int], list[int]]:
