@@ -21,6 +21,10 @@ if TYPE_CHECKING:
 
 #: Fraction of the intensity range above which a voxel counts as head (after the card's normalisation).
 FOREGROUND_FRACTION = 0.1
+#: Crop sizes are grown (inside the grid) to a multiple of this: MeshNets' dilated layers then run on
+#: interleaved sub-grids (``engines/openvino/dilated.py``, blocks of 8) with no padding or masking,
+#: measured 8% faster per INT8 pass (240x240x256 against 239x240x256) for at most 7 more voxels a side.
+CROP_MULTIPLE = 8
 #: A slice belongs to the head's bounding box when it holds at least this many head voxels (ignores
 #: isolated noise voxels in the air around the head).
 MIN_SLICE_VOXELS = 10
@@ -82,7 +86,19 @@ def plan_crop(card: ModelCard, array: np.ndarray) -> Crop:
     radius = receptive_radius(card)
     if radius is None or not card.window.get("crop_foreground", True):
         return Crop((0, 0, 0), tuple(int(s) for s in array.shape[1:]))  # type: ignore[arg-type]
-    return foreground_crop(array, radius)
+    return aligned(foreground_crop(array, radius), CROP_MULTIPLE, tuple(int(s) for s in array.shape[1:]))
+
+
+def aligned(crop: Crop, multiple: int, grid: tuple[int, ...]) -> Crop:
+    """``crop`` grown to a multiple of ``multiple`` per axis where the grid has room: past its end
+    first, then before its start (a larger crop only adds context, so the labels inside stay exact)."""
+    start, stop = list(crop.start), list(crop.stop)
+    for axis, size in enumerate(grid):
+        missing = -(stop[axis] - start[axis]) % multiple
+        grow = min(missing, size - stop[axis])
+        stop[axis] += grow
+        start[axis] -= min(missing - grow, start[axis])
+    return Crop(tuple(start), tuple(stop))  # type: ignore[arg-type]
 
 
 def place_indices(indices: np.ndarray, crop: Crop, grid: tuple[int, ...]) -> np.ndarray:

@@ -17,7 +17,14 @@ from engine_tools.pipeline import prepare_engine
 from engine_tools.registry import ModelCard, get_card
 from engine_tools.segment import segment_image
 from engine_tools.volumes import preprocess, read_image
-from engine_tools.whole_volume import foreground_crop, plan_crop, receptive_radius, whole_volume_applies
+from engine_tools.whole_volume import (
+    Crop,
+    aligned,
+    foreground_crop,
+    plan_crop,
+    receptive_radius,
+    whole_volume_applies,
+)
 
 SPACING = 2.5  # mm: the real T1 becomes ~103^3 voxels, small enough for a quick CPU test
 WINDOW = 80
@@ -124,6 +131,18 @@ def test_foreground_crop_keeps_the_labels(case: dict) -> None:
     assert cropped.timings["crop"]["shape"] == list(crop.shape)
     agreement = agreement_dice(labels(full), labels(cropped), card.num_classes)
     assert agreement["mean"] >= 0.999, agreement
+
+
+def test_crops_grow_to_a_multiple_of_eight_inside_the_grid(case: dict) -> None:
+    grid = (256, 256, 40)
+    grown = aligned(Crop((8, 0, 3), (247, 255, 40)), 8, grid)
+    assert grown == Crop((8, 0, 0), (248, 256, 40))  # past the end where there is room, else before
+    assert aligned(Crop((0, 0, 0), (37, 10, 16)), 8, (37, 12, 16)) == Crop((0, 0, 0), (37, 12, 16))
+    crop = plan_crop(case["card"], case["prep"].array)
+    assert all(
+        size % 8 == 0 or size == full
+        for size, full in zip(crop.shape, case["prep"].spatial_shape, strict=True)
+    )
 
 
 def test_openvino_runs_the_whole_volume_reshaped_with_cached_blobs(case: dict) -> None:
