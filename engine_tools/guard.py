@@ -1,51 +1,34 @@
 """The INT8 accuracy guard: one procedure, the same for every backend.
 
 An INT8 build promises agreement with strict FP32 (mean agreement Dice over labels, ``--target-dice``)
-on held-out windows. :class:`AccuracyGuard` keeps that promise in five steps, each a method and each
+on held-out samples. :class:`AccuracyGuard` keeps that promise in steps, each a method and each
 recorded in the report's ``attempts``:
 
-1. **calibrate** — quantize with the requested recipe; when it misses the target by at most
-   ``recipe_margin`` (default 0.005), try the backend's better recipes. On the brainchop MeshNets no
-   alternative recipe raised agreement on an unseen subject (``bench/results/int8_recipes_recipes.md``:
-   full bias correction identical, overflow fix and percentile ranges lower), so a larger miss goes
-   straight to keeping layers instead of re-quantizing.
-2. **rank** — one-pass sensitivity (:mod:`engine_tools.sensitivity`) where the adapter can tap
-   intermediate outputs (``layer_taps``: OpenVINO, ONNX Runtime): one FP32 and one INT8 pass, layers
-   ranked by the noise each adds. Otherwise (TensorRT/ModelOpt) each quantized layer alone goes back to
-   higher precision and the layers are ranked by the logits SQNR (then Dice) this gives back. The
-   report's ``attempts`` say which method ran.
-3. **keep** — keep the top-ranked layers in higher precision, fewest first, up to ``max_kept_layers``;
-   the chosen set is confirmed by quantizing again without it (re-calibrated) only when the initial
-   quantization took at most ``confirm_budget_s`` (default 20 s).
-4. **escalate** — still below target: keep more (doubling) up to every layer, i.e. a fully
-   higher-precision engine, and finally strict FP32 for the kept layers, until the target is met.
-   With ``allow_below_target`` this step is skipped and the report says ``below_target``.
+1. **calibrate** — quantize with the requested recipe; within ``recipe_margin`` (default 0.005) of the
+   target, try the backend's better recipes (on the brainchop MeshNets none raised agreement on an
+   unseen subject, ``bench/results/int8_recipes_recipes.md``, so a larger miss goes straight on).
+2. **rank** — one-pass sensitivity (:mod:`engine_tools.sensitivity`) where the adapter taps
+   intermediate outputs (OpenVINO, ONNX Runtime); otherwise (TensorRT/ModelOpt) each quantized layer
+   alone goes back to higher precision and the layers are ranked by what this gives back.
+3. **keep** — the top-ranked layers in higher precision, fewest first, up to ``max_kept_layers``; the
+   chosen set is re-calibrated without them only when one quantization took at most
+   ``confirm_budget_s`` (default 20 s).
+4. **escalate** — still below target: keep more (doubling) up to every layer, and finally strict FP32
+   for the kept ones. With ``allow_below_target`` this is skipped and the report says ``below_target``.
+   Then :meth:`~AccuracyGuard.faster_without_int8`: a set keeping most of the compute out of INT8
+   gives way to the whole network in the higher precision where that meets the target and runs faster.
 5. **report** — one :class:`GuardReport` (agreement, kept layers, the share of compute that stays
-   INT8, latency against strict FP32, every attempt).
+   INT8, latency against strict FP32, seconds per stage, every attempt).
 
-A backend takes part through a small :class:`~engine_tools.guard_adapter.QuantizationAdapter`: ``quantize(excluded layers)`` gives
-a candidate, ``run(candidate)`` its logits (``run(None)`` strict FP32), ``keep_layers`` un-quantizes
-layers of a candidate, and optionally ``layer_taps`` gives intermediate activations. OpenVINO (NNCF, :mod:`engine_tools.engines.openvino.quantize`), ONNX Runtime
-(``quantize_static``, :mod:`engine_tools.engines.onnxruntime.quantize`) and TensorRT (ModelOpt, keeping
-layers out of its Q/DQ ONNX through ``nodes_to_exclude``, :mod:`engine_tools.engines.tensorrt.quantize`)
-implement it.
-
-Why not ``nncf.quantize_with_accuracy_control``: it serves NNCF's own backends only, ranks and
-reverts layers by its own metric until a maximum *drop* is reached, and reports little of what it
-did. The product needs the same guard for ONNX Runtime and TensorRT/ModelOpt, an agreement target on
-held-out windows (not a drop), escalation to a fully higher-precision engine, and a report a user
-can read; so the guard is written once here on top of each backend's plain PTQ call.
-
-Statistics are not shared between quantize calls: NNCF 3.4's public ``nncf.quantize`` takes no
-collected statistics (its ``statistics_path`` exists only for weight compression), and a different
-recipe or ignored scope needs different statistic points anyway. They are recomputed per call, which is
-cheap because a guarded build now quantizes once in the common case (better recipes only near the
-target, no confirmation re-quantization over budget, layers kept by editing the quantized model) and
-fully convolutional cards calibrate on one cropped whole volume per scan.
-
-Seconds per stage (FP32 reference, quantize calls, each step's INT8 evaluations, sensitivity, report)
-go into the report's ``stage_seconds``; the INT8 latency is timed on the final candidate's own
-evaluation pass, so measuring it costs no extra pass.
+A backend takes part through a :class:`~engine_tools.guard_adapter.QuantizationAdapter`: OpenVINO
+(NNCF, :mod:`engine_tools.engines.openvino.quantize`), ONNX Runtime (``quantize_static``,
+:mod:`engine_tools.engines.onnxruntime.quantize`) and TensorRT (ModelOpt Q/DQ ONNX,
+:mod:`engine_tools.engines.tensorrt.quantize`). Not ``nncf.quantize_with_accuracy_control``: it serves
+NNCF's backends only, reverts layers until a maximum *drop*, and reports little; the product needs one
+guard for every backend, an agreement target, escalation to a fully higher-precision engine and a
+report a user can read. Statistics are recomputed per quantize call (NNCF's ``nncf.quantize`` takes no
+collected statistics), which a guarded build does once in the common case. The INT8 latency is timed
+on the final candidate's own evaluation pass, so measuring it costs no extra pass.
 """
 
 from __future__ import annotations
@@ -168,6 +151,7 @@ class AccuracyGuard:
                 "sqnr_db": round(_finite(candidate.agreement["sqnr_db"]), 3),
                 "seconds": round(time.perf_counter() - start, 2),
                 **({"measured_on": "proxy crops"} if candidate.proxy else {}),
+                **({"median_s": _median_s(candidate)} if candidate.seconds_per_sample else {}),
             }
         )
         kept = f" keeping {len(candidate.kept)} layer(s) in higher precision" if candidate.kept else ""
@@ -338,6 +322,37 @@ class AccuracyGuard:
             best = self._kept("escalate-strict-fp32", base, ranked)
         return best
 
+    def faster_without_int8(self, base: Candidate, best: Candidate, ranked: list[str]) -> Candidate:
+        """Step 4b: a set that meets the target by keeping most of the compute out of INT8 (less than
+        ``faster_check_below``, default 0.5, stays INT8) may run slower than the whole network in the
+        higher precision, which pays no quantize and dequantize between layers. That network is
+        measured on the whole samples; when it meets the target and runs faster, it is the result,
+        with a warning (on the brainchop 18-class MeshNet, 2 of 10 layers in INT8 ran slower than all
+        in BF16)."""
+        if not self.met(best) or best.proxy or not best.kept or set(ranked) <= set(best.kept):
+            return best
+        if self.int8_fraction(best.model) >= float(self.options.get("faster_check_below", 0.5)):
+            return best
+        start = time.perf_counter()
+        model = self.adapter.keep_layers(base.model, [*ranked, *self.forced, *self.by_pattern])
+        whole = self._measured("all-higher-precision", model, base.recipe, self.forced + ranked, start)
+        if not (self.met(whole) and _median_s(whole) < _median_s(best)):
+            return best
+        self.progress.warning(
+            f"INT8 meeting the target kept {len(best.kept)} of {len(ranked)} layers in "
+            f"{self.adapter.fallback} and ran slower ({_median_s(best):.2f} s/sample) than the whole "
+            f"network in {self.adapter.fallback} ({_median_s(whole):.2f} s/sample), which meets it too: "
+            f"the engine runs in {self.adapter.fallback} throughout; a lower --target-dice keeps more INT8"
+        )
+        return whole
+
+    def int8_fraction(self, model: Any) -> float | None:
+        """Share of the compute (multiply-accumulates) of ``model``'s layers that runs in INT8."""
+        costs = self.adapter.layer_costs()
+        total = sum(costs.values())
+        int8 = sum(costs.get(name, 0.0) for name in self.adapter.quantized_layers(model))
+        return int8 / total if total > 0 else None
+
     # ------------------------------------------------------------------ the guard
     def run(self) -> tuple[Any, GuardReport]:
         """The guarded INT8 model and its report; raises :class:`BelowTargetError` when the target is
@@ -354,6 +369,8 @@ class AccuracyGuard:
             if not self.met(best) and not self.allow_below_target:
                 with self.clock.stage("guard_escalate"):
                     best = self.escalate(base, best, ranked)
+            with self.clock.stage("guard_faster_check"):
+                best = self.faster_without_int8(base, best, ranked)
         with self.clock.stage("guard_report"):
             report = self.report(best, initial)
         report.stage_seconds = self.stage_seconds()
@@ -398,8 +415,7 @@ class AccuracyGuard:
         """Step 5: the report, including the share of compute (MACs) that stays INT8."""
         costs = self.adapter.layer_costs()
         int8_layers = self.adapter.quantized_layers(best.model)
-        total = sum(costs.values())
-        fraction = sum(costs.get(n, 0.0) for n in int8_layers) / total if total > 0 else None
+        fraction = self.int8_fraction(best.model)
         ready = accuracy.json_ready(best.agreement)
         return GuardReport(
             target=self.target,
@@ -428,3 +444,12 @@ class AccuracyGuard:
             quantize_calls=self.quantize_calls,
             reference_fp32=self.reference_source,
         )
+
+
+def _median_s(candidate: Candidate) -> float:
+    """Median seconds per whole sample of a candidate's evaluation (infinite when not timed)."""
+    return (
+        round(float(np.median(candidate.seconds_per_sample)), 4)
+        if candidate.seconds_per_sample
+        else float("inf")
+    )

@@ -28,8 +28,10 @@ KIND = "fp32_reference"
 #: on a 2-core machine storing 1.2 GB of whole-volume logits (18 classes, 256^3) and loading it again,
 #: both with SHA-256, took 25-39 s against a 19 s FP32 pass
 LARGE_BYTES = 256 * 2**20
-#: bytes per second of that round trip (write + hash + read + hash), conservatively
-ROUND_TRIP_BYTES_PER_S = 50e6
+#: bytes per second of that round trip (write + hash + read + hash), at the slow end of that
+#: measurement: at 50e6 a loaded machine's 24.5 s pass counted as worth storing, and the first build
+#: spent 24 s more storing it
+ROUND_TRIP_BYTES_PER_S = 30e6
 
 
 @dataclass

@@ -161,3 +161,32 @@ def test_openvino_smooth_quant_alpha_reaches_nncf(tmp_path: Path) -> None:
         float(logits_agreement(reference, adapter.run(m, held_out))["sqnr_db"]) for m in (plain, smoothed)
     ]
     assert sqnr[1] > sqnr[0] + 3, sqnr
+
+
+def test_a_set_kept_mostly_out_of_int8_gives_way_only_to_a_faster_network(tmp_path: Path) -> None:
+    """With the check on for any kept set, the whole network in the higher precision is measured on
+    the whole samples beside the kept set, and the result is the faster of the two that meet the
+    target: the engine's INT8 layers follow the recorded latencies either way."""
+    pytest.importorskip("nncf")
+    from openvino import Core
+
+    from engine_tools.engines.openvino.quantize import NNCFAdapter
+
+    onnx_path, damaged = _damaged_onnx(tmp_path / "damaged.onnx")
+    adapter = NNCFAdapter(Core().read_model(str(onnx_path)), _samples(3, 0), {"int8_fallback": "f32"})
+    options = {"target_dice": 0.999, "recipe_margin": 0.0, "faster_check_below": 1.01, "max_kept_layers": 1}
+    guard = AccuracyGuard(adapter, _samples(2, 1), _samples(3, 0), options, SilentProgress())
+    model, report = guard.run()
+    steps = {attempt["step"]: attempt for attempt in report.attempts}
+    assert report.met_target and report.kept_in_higher_precision, report.attempts
+    whole = steps["all-higher-precision"]
+    kept = next(a for a in reversed(report.attempts) if a.get("median_s") and a["step"] != whole["step"])
+    assert whole["mean_dice"] == 1.0 and whole["median_s"] > 0 and kept["median_s"] > 0
+    if whole["median_s"] < kept["median_s"]:
+        assert report.int8_layers == 0 and adapter.quantized_layers(model) == []
+    else:
+        assert report.kept_in_higher_precision == kept["kept_in_higher_precision"]
+        assert len(report.kept_in_higher_precision) == 1 and report.kept_in_higher_precision[0].startswith(
+            damaged
+        )
+        assert report.int8_layers == len(adapter.layers()) - 1
