@@ -185,9 +185,13 @@ def test_engine_arg_max_equals_numpy_on_the_logits_ties_included(case: dict) -> 
     assert channels == card.num_classes and labels.shape == (1, *volume.shape[2:])
     assert np.array_equal(labels, engine.run(volume).argmax(axis=1))
     rounded = np.round(np.random.default_rng(3).normal(size=(1, 7, 9, 10, 11)) * 2).astype(np.float32)
-    for hint in ("f32", "bf16"):  # integer logits: many ties, exact in both precisions
+    # integer logits: many ties, exact in both precisions; whole, and in slabs of the first axis (as
+    # logits over 1 GiB are taken, here forced by a small limit: 9 slices -> 3 slabs of 3)
+    for hint, max_bytes in (("f32", 2**30), ("bf16", 2**30), ("f32", rounded.nbytes // 3 + 1)):
         param = ops.parameter(list(rounded.shape), np.float32)
-        model = with_argmax_output(ov.Model([ops.relu(param).output(0)], [param]))
+        model = with_argmax_output(ov.Model([ops.relu(param).output(0)], [param]), max_bytes)
+        splits = [op for op in model.get_ops() if op.get_type_name() == "VariadicSplit"]
+        assert len(splits) == (max_bytes < 2**30)
         compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint})
         got = compiled({0: rounded})[0][:, 0]
         assert np.array_equal(got, np.maximum(rounded, 0).argmax(axis=1)), hint

@@ -68,7 +68,9 @@ class OpenVINOEngine(Engine):
         self._model: Any = None
         #: the most recent other input shape, whether it gives labels, and its compiled model
         self._reshaped: tuple[tuple[int, ...], bool, Any] | None = None
-        #: convolutions the last compile ran on sub-grids (engines/openvino/dilated.py)
+        #: the model compiled last (a whole volume's or the window's) and the convolutions it runs on
+        #: sub-grids (engines/openvino/dilated.py): what describe() reports
+        self._last_compiled: Any = None
         self._subgrid_layers: list[str] = []
 
     # ------------------------------------------------------------------ availability / versions
@@ -160,7 +162,7 @@ class OpenVINOEngine(Engine):
             raise FileNotFoundError(f"OpenVINO engine artifact missing: {xml}")
         self._model = _core().read_model(xml)
         self._input_shape = tuple(int(d) for d in self._model.input(0).get_shape())
-        self._compiled = self._request = self._reshaped = None  # compiled on first use, per shape
+        self._compiled = self._request = self._reshaped = self._last_compiled = None  # compiled on first use
         self.artifact_dir = artifact_dir
 
     def _window_request(self) -> Any:
@@ -171,6 +173,7 @@ class OpenVINOEngine(Engine):
         if self._compiled is None:
             self._compiled, self._subgrid_layers = compile_on_cpu(self._model, self.compile_config(), _core())
             self._request = self._compiled.create_infer_request()
+            self._last_compiled = self._compiled
         return self._request
 
     def _request_for(self, shape: tuple[int, ...], labels: bool) -> Any:
@@ -185,6 +188,7 @@ class OpenVINOEngine(Engine):
                 model = with_argmax_output(model)
             compiled, self._subgrid_layers = compile_on_cpu(model, self.compile_config(), _core())
             self._reshaped = (shape, labels, compiled)
+            self._last_compiled = compiled
         return self._reshaped[2].create_infer_request()
 
     def run(self, windows: np.ndarray) -> np.ndarray:
@@ -211,8 +215,9 @@ class OpenVINOEngine(Engine):
         info = super().describe()
         info["compile_config"] = self.compile_config()
         if self._model is not None:
-            self._window_request()
-            info["kernels"] = executed_kernels(self._compiled)
+            if self._last_compiled is None:  # describe the window's model when nothing ran yet
+                self._window_request()
+            info["kernels"] = executed_kernels(self._last_compiled)
             info["dilated_convolutions_on_subgrids"] = list(self._subgrid_layers)
         for key in ("calibration_method", "calibration_windows", "preset"):
             if key in self.build_report:
