@@ -266,15 +266,15 @@ def main() -> None:
             case["precisions"] = {**earlier, **case["precisions"]}
             case["summary"] = summary(case)
             cases[(model, scan)] = case
-    report = {
-        "machine": {**machine_description(), "cores": os.cpu_count()},
-        "conditions": args.conditions or "no other load stated",
-        "cases": list(cases.values()),
-    }
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    target.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
+            report = {
+                "machine": {**machine_description(), "cores": os.cpu_count()},
+                "conditions": args.conditions or "no other load stated",
+                "cases": list(cases.values()),
+            }
+            target.parent.mkdir(parents=True, exist_ok=True)  # after every case: a failure keeps the rest
+            target.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+            target.with_suffix(".md").write_text(markdown(report))
+    print(target.with_suffix(".md").read_text())
 
 
 if __name__ == "__main__":

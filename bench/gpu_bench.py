@@ -97,7 +97,9 @@ def brainchop_topologies(weights_dir: str | None) -> dict[str, Path]:
         dirs = [demo.default_weights_dir()]
     found = {}
     for name in MESHNETS:
-        model_json = next((d / name / "model.json" for d in dirs if (d / name / "model.json").is_file()), None)
+        model_json = next(
+            (d / name / "model.json" for d in dirs if (d / name / "model.json").is_file()), None
+        )
         if model_json is not None:
             found[name] = model_json
     return found
