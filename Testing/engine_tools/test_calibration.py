@@ -138,12 +138,15 @@ def test_subject_holdout_never_mixes_scans(scans, tmp_path):
 
 def test_whole_cropped_volumes_are_ragged_and_cached(scans, isolated_cache):
     """A fully convolutional card gets one sample per scan: its volume cropped to the tissue box plus the
-    receptive-field margin; the crops differ in shape and round-trip through the cache."""
+    receptive-field margin (grown to a multiple of 8); the crops differ in shape and round-trip through
+    the cache."""
+    big = make_phantom(size=(48, 48, 48), radius=15.0, inside=1075, outside=-1000)  # a larger box
+    sitk.WriteImage(sitk.Cast(big.image, sitk.sitkInt16), str(scans / "big.nii.gz"))
     card = make_card(window=(12, 12, 12))
     raw = {**card.raw, "network": {**card.raw["network"], "fully_convolutional": True, "receptive_field": 5}}
     card = ModelCard.from_dict(raw)
     built = collect_windows(scans, card, num_windows=8)
-    assert built.whole_volumes and isinstance(built.windows, list) and len(built) == 3
+    assert built.whole_volumes and isinstance(built.windows, list) and len(built) == 4
     shapes = [s.shape for s in built.samples]
     assert len(set(shapes)) > 1 and all(s[0] == 1 and max(s[1:]) < 48 for s in shapes)
     assert built.describe()["samples"] == "whole cropped volumes"
@@ -151,8 +154,10 @@ def test_whole_cropped_volumes_are_ragged_and_cached(scans, isolated_cache):
     cached = collect_windows(scans, card, num_windows=8)
     assert cached.from_cache and [s.shape for s in cached.samples] == shapes
     windows = cached.to_windows((12, 12, 12), per_sample=2)
-    assert windows.windows.shape == (6, 1, 12, 12, 12) and not windows.whole_volumes
-    assert windows.sources[:3] == cached.sources and windows.fingerprint != cached.fingerprint
+    assert windows.windows.shape == (8, 1, 12, 12, 12) and not windows.whole_volumes  # 2 per scan
+    assert (
+        windows.sources[: len(cached.sources)] == cached.sources and windows.fingerprint != cached.fingerprint
+    )
 
 
 def test_validation_scans_must_be_other_subjects(scans, tmp_path):
