@@ -331,7 +331,8 @@ class AccuracyGuard:
         in BF16)."""
         if not self.met(best) or best.proxy or not best.kept or set(ranked) <= set(best.kept):
             return best
-        if self.int8_fraction(best.model) >= float(self.options.get("faster_check_below", 0.5)):
+        fraction = self.int8_fraction(best.model)
+        if fraction is None or fraction >= float(self.options.get("faster_check_below", 0.5)):
             return best
         start = time.perf_counter()
         model = self.adapter.keep_layers(base.model, [*ranked, *self.forced, *self.by_pattern])

@@ -20,9 +20,9 @@ The rewrite is applied to a clone of the model just before compiling; the saved 
 model as built. Batch to space is placed after the convolution's per-channel bias and activation
 (elementwise, so they commute with the interleaving), so the CPU plugin still fuses them into the
 convolution; in an INT8 model it goes after the next layer's per-tensor quantizer too, so the
-convolution writes bytes and both interleavings move one byte per value. It applies to models of static shape (reshape a dynamic one first): the CPU plugin's
-low-precision transformations keep the sub-grid convolutions INT8 only when every shape, pad and
-crop around them is a constant.
+convolution writes bytes and both interleavings move one byte per value. It applies to models of
+static shape (reshape a dynamic one first): the CPU plugin's low-precision transformations keep the
+sub-grid convolutions INT8 only when every shape, pad and crop around them is a constant.
 
 ``MEDQUANT_DILATED_CONVOLUTIONS`` = ``auto`` (default), ``subgrid`` (always) or ``direct`` (never).
 """

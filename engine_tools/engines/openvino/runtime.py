@@ -41,15 +41,16 @@ def with_argmax_output(model: Any, max_bytes: int = ARGMAX_MAX_BYTES) -> Any:
     ov = _ov()
     from openvino import opset11
 
-    result = result_node = model.get_results()[0]
-    logits = result_node.input_value(0)
+    result = model.get_results()[0]
+    logits = result.input_value(0)
 
     def argmax(value: Any) -> Any:
         return opset11.topk(value, np.int64(1), 1, "max", "value", ov.Type.i32, True).output(1)
 
-    shape = logits.get_partial_shape()
-    depth = shape[2].get_length() if shape.is_static else 1
-    slabs = min(depth, -(-int(np.prod(shape.to_shape())) * 4 // max_bytes)) if shape.is_static else 1
+    shape, slabs = logits.get_partial_shape(), 1
+    if shape.is_static:
+        depth = shape[2].get_length()
+        slabs = min(depth, -(-int(np.prod(shape.to_shape())) * 4 // max_bytes))
     if slabs > 1:
         sizes = [depth // slabs + (i < depth % slabs) for i in range(slabs)]
         parts = opset11.variadic_split(logits, np.int64(2), np.array(sizes, np.int64))
