@@ -6,8 +6,9 @@ preprocesses each scan exactly as segmentation will (:func:`engine_tools.volumes
 * **windows** (default): windows of the card's window size whose voxels are mostly foreground
   (:mod:`engine_tools.calibration_sampling`), spread evenly over the scans, seeded and reproducible:
   each scan's candidate windows are shuffled with a generator seeded by ``seed`` and the scan's
-  relative path, scan ``i`` (sorted order) contributes the first ``N // n (+1)`` of them, and the
-  windows are ordered round-robin over scans;
+  relative path, scan ``i`` (sorted order) contributes the first ``N // n (+1)`` of them (fewer when
+  it has fewer distinct positions: a window as large as the scan is one sample), and the windows are
+  ordered round-robin over scans;
 * **whole volumes** (automatic for cards whose ``network.fully_convolutional`` is true, or
   ``whole_volume=True``): one sample per scan, its whole preprocessed volume cropped to the head's box
   plus the receptive-field margin (:func:`engine_tools.whole_volume.plan_crop`), i.e. exactly what
@@ -51,7 +52,7 @@ from engine_tools.scans import IMAGE_SUFFIXES, Scan, VolumeError, find_scans, re
 from engine_tools.volumes import preprocess
 
 #: Bump when the sampling changes so cached sets are not reused across versions.
-SAMPLER_VERSION = 2
+SAMPLER_VERSION = 3
 
 
 class CalibrationError(ValueError):
@@ -242,7 +243,8 @@ def collect_windows(
     min_foreground: float = 0.5,
     use_cache: bool = True,
 ) -> CalibrationSet:
-    """Sample ``num_windows`` preprocessed windows (card window size) from the scans under ``folder``.
+    """Sample up to ``num_windows`` preprocessed windows (card window size, distinct positions) from
+    the scans under ``folder``.
 
     ``whole_volume`` (default: the card's ``network.fully_convolutional``) takes one sample per scan
     instead, its whole preprocessed volume cropped as segmentation's one pass crops it, from at most
@@ -373,15 +375,11 @@ def _pick(
         (pool, rank)
         for rank in range(max(allocation))
         for pool, n in zip(pools, allocation, strict=True)
-        if rank < n
+        if rank < min(n, len(pool["windows"]))  # a small scan has fewer distinct window positions
     ]
-    needed = min(num_windows, 2)  # one to calibrate on and one held out for the accuracy guard
-    if len(picked) < needed:
+    if not picked:  # a single window still calibrates (the guard then validates on it, and says so)
         reasons = "; ".join(f"{s['file']}: {s['reason']}" for s in skipped) or "too few scans"
-        raise CalibrationError(
-            f"{folder}: only {len(picked)} calibration window(s) from usable scans, {needed} needed "
-            f"(skipped: {reasons})"
-        )
+        raise CalibrationError(f"{folder}: no calibration window from usable scans (skipped: {reasons})")
     return picked
 
 

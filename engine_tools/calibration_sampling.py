@@ -100,15 +100,14 @@ def cut_windows(
     min_foreground: float,
     rng: np.random.Generator,
 ) -> tuple[list[tuple[np.ndarray, tuple[int, int, int], float]], float]:
-    """``need`` windows ``(crop, corner, foreground fraction)`` of a padded ``C, D, H, W`` array in a
-    seeded order (positions reused in order when there are fewer), and the best window's foreground
-    fraction; no windows when the array is mostly air."""
+    """Up to ``need`` windows ``(crop, corner, foreground fraction)`` of a padded ``C, D, H, W`` array
+    in a seeded order, and the best window's foreground fraction; no windows when the array is mostly
+    air. Positions are distinct: a window as large as the scan (deepbet's 256^3 on a conformed head)
+    gives one sample, not ``need`` copies of it (copies add nothing to calibration ranges and cost a
+    window's memory, time and cache space each)."""
     corners, fractions, best = ordered_corners(array, window, min_foreground, rng)
     if len(corners) == 0:
         return [], best
-    if len(corners) < need:  # few distinct positions (small scan): reuse them in order
-        repeat = np.resize(np.arange(len(corners)), need)
-        corners, fractions = corners[repeat], fractions[repeat]
     items = []
     for corner, fraction in zip(corners[:need], fractions[:need], strict=True):
         a, b, c = (int(v) for v in corner)

@@ -278,3 +278,27 @@ def test_windows_larger_than_the_anatomy_take_the_most_tissue(tmp_path):
     assert 0.1 < best_possible < 0.5
     assert min(result.foreground) >= 0.8 * best_possible * 0.95
     assert ((result.windows > 0.5).reshape(4, -1).mean(axis=1) >= 0.75 * best_possible).all()
+
+
+def test_a_window_as_large_as_the_scan_is_one_sample_not_copies(tmp_path):
+    """deepbet's 256^3 window on a conformed 256^3 head has one position: 32 copies of it added no
+    range information and cost 2 GB to store and load on every segmentation's cache lookup."""
+    folder = tmp_path / "one"
+    folder.mkdir()
+    head = make_phantom(size=(48, 48, 48), direction=RAS, radius=20.0, inside=1075, outside=-1000)
+    sitk.WriteImage(sitk.Cast(head.image, sitk.sitkInt16), str(folder / "head.nii.gz"))
+    whole = collect_windows(folder, make_card(window=(48, 48, 48)), num_windows=8, use_cache=False)
+    assert whole.windows.shape == (1, 1, 48, 48, 48) and whole.corners == [(0, 0, 0)]
+    # a window one voxel smaller has 2 positions per axis on its 1-voxel grid: 8 distinct, never repeated
+    near = collect_windows(folder, make_card(window=(47, 47, 47)), num_windows=8, use_cache=False)
+    assert len(near) == len(set(near.corners)) >= 2
+    # one scan, one window: the guard validates on it and says so (no held-out window to take)
+    from engine_tools.engines.openvino.engine import OpenVINOEngine
+    from engine_tools.pipeline import _calibration_samples
+    from engine_tools.spec import EngineSpec
+
+    progress = SilentProgress()
+    card = make_card(window=(48, 48, 48))
+    cal, val, info = _calibration_samples(EngineSpec(calibration=whole), OpenVINOEngine("int8"), card, progress)
+    assert len(cal) == 1 and val is None and info["holdout"] == "none"
+    assert "which calibration also used" in info["validation_note"]
