@@ -299,6 +299,8 @@ def test_a_window_as_large_as_the_scan_is_one_sample_not_copies(tmp_path):
 
     progress = SilentProgress()
     card = make_card(window=(48, 48, 48))
-    cal, val, info = _calibration_samples(EngineSpec(calibration=whole), OpenVINOEngine("int8"), card, progress)
+    cal, val, info = _calibration_samples(
+        EngineSpec(calibration=whole), OpenVINOEngine("int8"), card, progress
+    )
     assert len(cal) == 1 and val is None and info["holdout"] == "none"
     assert "which calibration also used" in info["validation_note"]
