@@ -8,6 +8,7 @@ spatial shapes differ (whole cropped volumes).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -98,6 +99,75 @@ def logits_agreement(
         min_voxels=min_voxels,
     )
     result["sqnr_db"] = sqnr_db(references, tests)
+    return result
+
+
+#: Logits kept whole for SQNR up to this size; larger ones on a regular sub-grid of voxels.
+SQNR_SAMPLE_BYTES = 64 * 2**20
+
+
+@dataclass
+class LogitsDigest:
+    """What agreement needs of one sample's ``1, K, ...`` logits, small enough to keep: the arg-max
+    ``labels`` (``1, ...``; ties to the first class, as :func:`numpy.argmax`) and the logits on every
+    ``stride``-th voxel along each spatial axis (``sampled``; ``stride`` 1: all of them) for SQNR.
+
+    A whole volume of a 104-class network has 4-7 GB of logits; its digest has a byte per voxel and
+    64 MiB of logits, so the accuracy guard holds its reference as digests and drops every
+    candidate's logits as soon as they are digested."""
+
+    labels: np.ndarray
+    sampled: np.ndarray
+    stride: int
+    num_classes: int
+
+
+def digest(logits: np.ndarray, max_sampled_bytes: int = SQNR_SAMPLE_BYTES) -> LogitsDigest:
+    """The :class:`LogitsDigest` of one sample's ``1, K, ...`` logits (the smallest stride whose
+    sub-grid fits ``max_sampled_bytes``)."""
+    logits = np.asarray(logits)
+    num_classes, dims = int(logits.shape[1]), logits.ndim - 2
+    stride = 1
+    while logits.nbytes / stride**dims > max_sampled_bytes and stride < max(logits.shape[2:]):
+        stride += 1
+    grid = (slice(None), slice(None), *[slice(None, None, stride)] * dims)
+    labels = np.argmax(logits, axis=1).astype(np.uint8 if num_classes <= 256 else np.uint16)
+    return LogitsDigest(labels, np.array(logits[grid], dtype=np.float32), stride, num_classes)
+
+
+def digests(logits: np.ndarray | Sequence[np.ndarray], **kwargs: Any) -> list[LogitsDigest]:
+    """One :class:`LogitsDigest` per sample: each window of an ``N, K, ...`` array, or each array of
+    a sequence of whole volumes."""
+    items = _samples(logits)
+    if isinstance(logits, np.ndarray):
+        return [digest(items[0][index : index + 1], **kwargs) for index in range(len(items[0]))]
+    return [digest(item, **kwargs) for item in items]
+
+
+def digest_agreement(
+    reference: Sequence[LogitsDigest],
+    test: Sequence[LogitsDigest],
+    include_background: bool = True,
+    min_voxels: int = 0,
+) -> dict[str, Any]:
+    """:func:`logits_agreement` from digests: Dice from the labels of every voxel, SQNR from the sampled
+    logits (exact where the stride is 1, a regular sub-grid estimate where larger)."""
+    if len(reference) != len(test):
+        raise ValueError(f"{len(reference)} reference samples but {len(test)} test samples")
+    if not reference:
+        raise ValueError("no logits to compare")
+    for ref, other in zip(reference, test, strict=True):
+        if ref.stride != other.stride or ref.sampled.shape != other.sampled.shape:
+            raise ValueError(f"digests differ: stride {ref.stride} vs {other.stride}")
+    result = agreement_dice(
+        np.concatenate([r.labels.ravel() for r in reference]),
+        np.concatenate([t.labels.ravel() for t in test]),
+        reference[0].num_classes,
+        include_background=include_background,
+        min_voxels=min_voxels,
+    )
+    result["sqnr_db"] = sqnr_db([r.sampled for r in reference], [t.sampled for t in test])
+    result["sqnr_stride"] = max(r.stride for r in reference)
     return result
 
 

@@ -91,7 +91,7 @@ class AccuracyGuard:
         self.attempts: list[dict[str, Any]] = []
         self.sensitivity: list[dict[str, Any]] = []
         self.fp32_times: list[float] = []
-        self._reference: np.ndarray | list[np.ndarray] | None = None
+        self._reference: list[accuracy.LogitsDigest] | None = None
         self.reference_source = "not computed"
         self.clock = StageClock()
         self.quantize_calls = 0
@@ -102,27 +102,44 @@ class AccuracyGuard:
         if crop > 0 and options.get("fully_convolutional") and getattr(adapter, "any_spatial_shape", False):
             if any(max(s.shape[1:]) > crop for s in self.validation):
                 self.proxy = [sensitivity.centred_crop(s, crop) for s in self.validation]
-        self._proxy_reference: list[np.ndarray] | None = None
+        self._proxy_reference: list[accuracy.LogitsDigest] | None = None
 
     # ------------------------------------------------------------------ measuring
-    def reference(self) -> np.ndarray | list[np.ndarray]:
-        """Strict-FP32 logits of the validation samples, computed once (timed per sample)."""
+    def reference(self) -> list[accuracy.LogitsDigest]:
+        """Strict-FP32 logits of the validation samples as digests (labels and SQNR sub-grid, see
+        :class:`engine_tools.accuracy.LogitsDigest`), computed once (timed per sample)."""
         if self._reference is None:
             with self.clock.stage("reference_fp32"):
                 self._reference = self._cached_reference()
         return self._reference
 
-    def _cached_reference(self) -> np.ndarray | list[np.ndarray]:
+    def _cached_reference(self) -> list[accuracy.LogitsDigest]:
         """The FP32 pass, or its result cached by a build of the same network (``reference_network``
         option) on the same samples (:mod:`engine_tools.reference_cache`)."""
         cached = reference_cache.computed_or_cached(
             self.options.get("reference_network"),
             self.validation,
-            lambda times: self.adapter.run(None, self.validation, timings=times),
+            lambda times: self._digested(None, self.validation, timings=times),
         )
         self.reference_source = "cache" if cached.from_cache else "computed"
         self.fp32_times = cached.seconds_per_sample
-        return cached.logits
+        return cached.digests
+
+    def _digested(
+        self, model: Any, samples: Sequence[np.ndarray], timings: list[float] | None = None
+    ) -> list[accuracy.LogitsDigest]:
+        """Digests of ``model``'s logits (strict FP32 for None), run in groups of one shape (windows:
+        one call, one compilation); a whole volume's logits are dropped once digested, so at most
+        one volume's are held."""
+        found: list[accuracy.LogitsDigest] = []
+        start = 0
+        while start < len(samples):
+            end = start + 1
+            while end < len(samples) and samples[end].shape == samples[start].shape:
+                end += 1
+            found += accuracy.digests(self.adapter.run(model, list(samples[start:end]), timings=timings))
+            start = end
+        return found
 
     def evaluate(
         self, model: Any, windows: int | None = None, timings: list[float] | None = None, proxy: bool = False
@@ -132,13 +149,12 @@ class AccuracyGuard:
         if proxy and self.proxy is not None:
             if self._proxy_reference is None:
                 with self.clock.stage("reference_fp32"):
-                    self._proxy_reference = self.adapter.run(None, self.proxy)
-            logits = self.adapter.run(model, self.proxy)
-            return accuracy.logits_agreement(self._proxy_reference, logits, min_voxels=self.min_voxels)
+                    self._proxy_reference = self._digested(None, self.proxy)
+            found = self._digested(model, self.proxy)
+            return accuracy.digest_agreement(self._proxy_reference, found, min_voxels=self.min_voxels)
         count = len(self.validation) if windows is None else max(1, min(windows, len(self.validation)))
-        reference = self.reference()[:count]
-        logits = self.adapter.run(model, self.validation[:count], timings=timings)
-        return accuracy.logits_agreement(reference, logits, min_voxels=self.min_voxels)
+        found = self._digested(model, self.validation[:count], timings=timings)
+        return accuracy.digest_agreement(self.reference()[:count], found, min_voxels=self.min_voxels)
 
     def _record(self, step: str, candidate: Candidate, start: float) -> None:
         self.attempts.append(

@@ -115,3 +115,38 @@ def test_nncf_quantization_is_bit_identical_with_the_statistics_in_execution_ord
     assert sum(op.get_type_name() == "FakeQuantize" for op in ordered.get_ordered_ops()) >= 5
     for before, after in zip(_constants(plain), _constants(ordered), strict=True):
         np.testing.assert_array_equal(before, after)
+
+
+@pytest.mark.parametrize("fast_bias_correction", [True, False])
+def test_the_network_output_left_out_of_the_statistics_pass_changes_no_constant(fast_bias_correction) -> None:
+    """The statistics never read the network's own output: without it (a 104-class network's 4-7 GB of
+    whole-volume logits, held and copied by the pass) every constant is the same, with fast or full
+    bias correction (whose sub-models keep their single output)."""
+    rng = np.random.default_rng(3)
+    data = nncf.Dataset([rng.normal(size=SHAPE).astype(np.float32) for _ in range(2)])
+    settings = {
+        "preset": nncf.QuantizationPreset.MIXED,
+        "subset_size": 2,
+        "fast_bias_correction": fast_bias_correction,
+    }
+    seen: list[list[str]] = []
+    original = OVNativeEngine.__init__
+
+    def spy(self, model, *args, **kwargs):
+        seen.append([next(iter(out.get_names()), "") for out in model.outputs])
+        original(self, model, *args, **kwargs)
+
+    OVNativeEngine.__init__ = spy
+    try:
+        with statistics_in_execution_order():
+            kept = nncf.quantize(_conv_chain(), data, **settings)
+        with_output, seen[:] = list(seen), []
+        with statistics_in_execution_order(drop_outputs=frozenset({"logits"})):
+            dropped = nncf.quantize(_conv_chain(), data, **settings)
+    finally:
+        OVNativeEngine.__init__ = original
+    assert "logits" in with_output[0] and len(with_output[0]) > 1  # the statistics model
+    assert "logits" not in seen[0] and len(seen[0]) == len(with_output[0]) - 1
+    assert dropped.outputs[0].get_names() == {"logits"}  # the quantized network keeps its output
+    for before, after in zip(_constants(kept), _constants(dropped), strict=True):
+        np.testing.assert_array_equal(before, after)

@@ -223,7 +223,8 @@ class NNCFAdapter:
         # changes nothing else (bench/results/int8_recipes_recipes.md), so a convolution alpha uses it
         transformer = self.options.get("model_type") == "transformer"
         smoothed = recipe.get("smooth_quant_alpha") is not None
-        with statistics_in_execution_order():
+        outputs = frozenset(name for output in self.model.outputs for name in output.get_names())
+        with statistics_in_execution_order(drop_outputs=outputs):
             return nncf.quantize(
                 self.model.clone(),
                 dataset,
@@ -298,5 +299,7 @@ class NNCFAdapter:
                 static.reshape({static.input(0): PartialShape(list(shape))})
                 compiled = compile_model(static, "f32" if candidate is None else self.fallback)
                 requests[shape] = compiled.create_infer_request()
-            outputs.append(run_compiled(requests[shape], sample[None], timings=timings))
+            # each sample's logits land in an array of its own (a new request's first run writes
+            # straight into it: no copy of a whole volume's logits)
+            outputs.append(run_compiled(requests[shape], sample[None], timings=timings, write_in_place=True))
         return np.concatenate(outputs, axis=0) if isinstance(windows, np.ndarray) else outputs

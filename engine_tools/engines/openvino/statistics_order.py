@@ -21,18 +21,23 @@ from contextlib import contextmanager
 from typing import Any
 
 
-def results_in_execution_order(model: Any) -> Any:
+def results_in_execution_order(model: Any, drop_outputs: frozenset[str] = frozenset()) -> Any:
     """``model`` with its results ordered by the number of (non-constant) nodes each depends on,
     shallowest first; among equals, the later-added first.
 
     A reduction of an early activation depends on fewer nodes than one of a later activation, and the
-    network's own outputs depend on the most, so they come last. Models with sinks (stateful models)
-    are returned unchanged.
+    network's own outputs depend on the most, so they come last. Results whose tensor names are in
+    ``drop_outputs`` (the network's own outputs, which the statistics never read) are removed when
+    other results remain: a 104-class network's whole-volume logits (4-7 GB) are then neither kept
+    nor copied out of the statistics pass. Models with sinks (stateful models) are returned unchanged.
     """
     import openvino as ov
 
     if model.get_sinks():
         return model
+    kept = [r for r in model.get_results() if not r.output(0).get_names() & drop_outputs]
+    if kept and len(kept) < len(model.get_results()):
+        model = ov.Model(kept, list(model.get_parameters()), model.get_friendly_name())
     ancestors: dict[str, int] = {}
     for index, op in enumerate(model.get_ordered_ops()):
         bits = 0 if op.get_type_name() == "Constant" else 1 << index
@@ -49,10 +54,11 @@ def results_in_execution_order(model: Any) -> Any:
 
 
 @contextmanager
-def statistics_in_execution_order() -> Iterator[None]:
+def statistics_in_execution_order(drop_outputs: frozenset[str] = frozenset()) -> Iterator[None]:
     """While the block runs, the models NNCF compiles for inference (its statistics passes) have their
-    results in execution order (:func:`results_in_execution_order`). Without NNCF's OpenVINO engine
-    (another NNCF version) the block runs unchanged."""
+    results in execution order, without the network outputs named in ``drop_outputs`` where other
+    results remain (:func:`results_in_execution_order`). Without NNCF's OpenVINO engine (another NNCF
+    version) the block runs unchanged."""
     try:
         from nncf.openvino.engine import OVNativeEngine
     except ImportError:
@@ -61,7 +67,7 @@ def statistics_in_execution_order() -> Iterator[None]:
     original = OVNativeEngine.__init__
 
     def ordered_init(self: Any, model: Any, *args: Any, **kwargs: Any) -> None:
-        original(self, results_in_execution_order(model), *args, **kwargs)
+        original(self, results_in_execution_order(model, drop_outputs), *args, **kwargs)
 
     OVNativeEngine.__init__ = ordered_init
     try:
