@@ -7,7 +7,7 @@ spatial shapes differ (whole cropped volumes).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -142,6 +142,23 @@ def digests(logits: np.ndarray | Sequence[np.ndarray], **kwargs: Any) -> list[Lo
     if isinstance(logits, np.ndarray):
         return [digest(items[0][index : index + 1], **kwargs) for index in range(len(items[0]))]
     return [digest(item, **kwargs) for item in items]
+
+
+def run_digested(
+    run: Callable[[list[np.ndarray]], np.ndarray | Sequence[np.ndarray]], samples: Sequence[np.ndarray]
+) -> list[LogitsDigest]:
+    """Digests of ``run(group)``'s logits over ``samples``, run in groups of one shape (windows: one
+    call, one compilation); a whole volume's logits are dropped once digested, so at most one
+    volume's are held."""
+    found: list[LogitsDigest] = []
+    start = 0
+    while start < len(samples):
+        end = start + 1
+        while end < len(samples) and samples[end].shape == samples[start].shape:
+            end += 1
+        found += digests(run(list(samples[start:end])))
+        start = end
+    return found
 
 
 def digest_agreement(

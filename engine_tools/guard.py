@@ -128,18 +128,8 @@ class AccuracyGuard:
     def _digested(
         self, model: Any, samples: Sequence[np.ndarray], timings: list[float] | None = None
     ) -> list[accuracy.LogitsDigest]:
-        """Digests of ``model``'s logits (strict FP32 for None), run in groups of one shape (windows:
-        one call, one compilation); a whole volume's logits are dropped once digested, so at most
-        one volume's are held."""
-        found: list[accuracy.LogitsDigest] = []
-        start = 0
-        while start < len(samples):
-            end = start + 1
-            while end < len(samples) and samples[end].shape == samples[start].shape:
-                end += 1
-            found += accuracy.digests(self.adapter.run(model, list(samples[start:end]), timings=timings))
-            start = end
-        return found
+        """Digests of ``model``'s logits (strict FP32 for None), see :func:`accuracy.run_digested`."""
+        return accuracy.run_digested(lambda group: self.adapter.run(model, group, timings=timings), samples)
 
     def evaluate(
         self, model: Any, windows: int | None = None, timings: list[float] | None = None, proxy: bool = False
