@@ -147,7 +147,8 @@ def test_openvino_smooth_quant_alpha_reaches_nncf(tmp_path: Path) -> None:
     onnx_path, _ = _damaged_onnx(tmp_path / "damaged.onnx")
     adapter = NNCFAdapter(Core().read_model(str(onnx_path)), _samples(3, 0), {"int8_fallback": "f32"})
     plain, smoothed = (
-        adapter.quantize([], adapter.recipe(options)) for options in ({}, {"smooth_quant_alpha": 0.5})
+        adapter.quantize([], adapter.recipe({"weight_rounding": "nearest", **options}))
+        for options in ({}, {"smooth_quant_alpha": 0.5})
     )
     assert adapter.recipe({"smooth_quant_alpha": 0.5})["smooth_quant_alpha"] == 0.5
 

@@ -18,10 +18,15 @@ import numpy as np
 from engine_tools.engines.base import as_samples
 from engine_tools.engines.openvino.runtime import compile_model, run_compiled
 from engine_tools.engines.openvino.statistics_order import statistics_in_execution_order
+from engine_tools.engines.openvino.weight_rounding import layer_hessians, round_weights
 from engine_tools.machine import cpu_has_bf16
+from engine_tools.sensitivity import centred_crop
 
 #: Calibration methods → NNCF activation range estimators.
 CALIBRATION_METHODS = ("minmax", "mean_minmax", "percentile", "histogram")
+
+#: Centred cube of the first calibration sample whose activations set the GPTQ weight codes.
+WEIGHT_ROUNDING_CROP = 96
 
 #: Op types that NNCF quantizes in these networks (their inputs get FakeQuantize).
 QUANTIZABLE_TYPES = ("Convolution", "GroupConvolution", "ConvolutionBackpropData", "MatMul")
@@ -160,6 +165,7 @@ class NNCFAdapter:
         self.options = options
         self.fallback = str(options.get("int8_fallback", default_int8_fallback()))
         self.model = model
+        self._hessians: dict[str, np.ndarray] | None = None  # GPTQ's, from the FP32 model (once)
         #: whole cropped volumes (shapes other than the model's window): calibrate, validate and keep
         #: layers on a clone of dynamic spatial shape; :meth:`to_static` fixes a result to the window
         self.dynamic = any(
@@ -198,6 +204,7 @@ class NNCFAdapter:
             "overflow_fix": str(options.get("overflow_fix", default_overflow_fix())),
             "channel_alignment": bool(options.get("channel_alignment", False)),
             "smooth_quant_alpha": options.get("smooth_quant_alpha"),
+            "weight_rounding": str(options.get("weight_rounding", "gptq")),
         }
 
     def better_recipes(self, recipe: dict[str, Any]) -> list[dict[str, Any]]:
@@ -225,7 +232,7 @@ class NNCFAdapter:
         smoothed = recipe.get("smooth_quant_alpha") is not None
         outputs = frozenset(name for output in self.model.outputs for name in output.get_names())
         with statistics_in_execution_order(drop_outputs=outputs):
-            return nncf.quantize(
+            quantized = nncf.quantize(
                 self.model.clone(),
                 dataset,
                 preset=nncf.QuantizationPreset(recipe["preset"]),
@@ -235,6 +242,15 @@ class NNCFAdapter:
                 ignored_scope=scope,
                 advanced_parameters=advanced_parameters(recipe, transformer),
             )
+        rounding = recipe.get("weight_rounding", "nearest")
+        if rounding == "gptq":  # data-aware INT8 weight codes (weight_rounding.py)
+            if self._hessians is None:
+                sample = centred_crop(self.calibration[0], WEIGHT_ROUNDING_CROP)
+                self._hessians = layer_hessians(self.model, sample)
+            round_weights(quantized, self.model, self._hessians)
+        elif rounding != "nearest":
+            raise ValueError(f"weight_rounding must be gptq or nearest, not {rounding!r}")
+        return quantized
 
     def keep_layers(self, candidate: Any, layers: Sequence[str]) -> Any:
         """``candidate`` with ``layers`` back in float; all layers: the FP32 model itself (no
