@@ -7,8 +7,8 @@ inputs whose axes are aligned with the world axes and already sampled at the car
 1 mm conformed T1 scans), and cards whose steps are a reorientation, a ``quantile``/``window``/``none``
 intensity rule and a centred pad or crop to ``shape``. It does what MONAI's ``Orientation``,
 ``ScaleIntensityRange`` and ``ResizeWithPadOrCrop`` do (the same array and affine; tested against the
-MONAI path). Anything else (resampling, foreground crop, z-score) returns ``None`` and the MONAI path
-runs.
+MONAI path). Anything else returns ``None``: resampling goes to :mod:`engine_tools.fast_resample`
+(SimpleITK), foreground crop and z-score to the MONAI path.
 """
 
 from __future__ import annotations
@@ -61,10 +61,13 @@ def _applies(spec: dict[str, Any], affine: np.ndarray, in_channels: int) -> bool
     return bool(np.allclose(np.linalg.norm(reoriented[:3, :3], axis=0), wanted, rtol=1e-6, atol=0))
 
 
-def reorient(array: np.ndarray, affine: np.ndarray, code: str) -> tuple[np.ndarray, np.ndarray]:
-    """``(C, D, H, W)`` array and RAS affine permuted and flipped so that the axes point as ``code``
-    says (nibabel's ornt_transform / inv_ornt_aff, as MONAI's ``Orientation``)."""
-    source = aligned_axes(affine)
+def orientation_plan(
+    affine: np.ndarray, shape: tuple[int, ...], code: str, source: list[tuple[int, int]] | None = None
+) -> tuple[list[int], list[bool], np.ndarray]:
+    """Axis order, flips and RAS affine that bring a grid of ``shape`` to point as ``code`` says
+    (nibabel's ornt_transform / inv_ornt_aff, as MONAI's ``Orientation``). ``source``: where each
+    voxel axis points (:func:`aligned_axes`; nibabel's ``io_orientation`` for an oblique grid)."""
+    source = source or aligned_axes(affine)
     if source is None:
         raise ValueError("reorient needs a grid aligned with the world axes")
     if not code:
@@ -75,16 +78,27 @@ def reorient(array: np.ndarray, affine: np.ndarray, code: str) -> tuple[np.ndarr
         axis = next(i for i, (w, _) in enumerate(source) if w == world)
         order.append(axis)
         flips.append(source[axis][1] != sign)
-    array = array.transpose(0, *(a + 1 for a in order))
     out = np.eye(4)
     out[:3, 3] = affine[:3, 3]
     for target, (axis, flip) in enumerate(zip(order, flips, strict=True)):
         column = affine[:3, axis]
         if flip:
-            array = np.flip(array, axis=target + 1)
-            out[:3, 3] += column * (array.shape[target + 1] - 1)
+            out[:3, 3] += column * (shape[axis] - 1)
             column = -column
         out[:3, target] = column
+    return order, flips, out
+
+
+def reorient(
+    array: np.ndarray, affine: np.ndarray, code: str, source: list[tuple[int, int]] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(C, D, H, W)`` array and RAS affine permuted and flipped so that the axes point as ``code``
+    says (:func:`orientation_plan`)."""
+    order, flips, out = orientation_plan(affine, array.shape[1:], code, source)
+    array = array.transpose(0, *(a + 1 for a in order))
+    flipped = tuple(target + 1 for target, flip in enumerate(flips) if flip)
+    if flipped:
+        array = np.flip(array, axis=flipped)
     return np.ascontiguousarray(array), out
 
 

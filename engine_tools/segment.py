@@ -2,7 +2,8 @@
 
 :func:`segment_image` runs MONAI's ``sliding_window_inference`` (window size from the card, overlap,
 Gaussian blending, batches of windows) with ``engine.predictor()`` as the network, reports progress
-per batch (and honours cancellation through :meth:`Progress.update`), takes the argmax in network space
+per batch (and honours cancellation through :meth:`Progress.update`; a volume that is exactly one
+window goes to ``engine.run`` in NumPy, without PyTorch or MONAI), takes the argmax in network space
 and resamples the labels onto the input image's exact grid (:func:`engine_tools.volumes.to_input_geometry`).
 :func:`write_segmentation` writes the labelmap plus its label table (``.labels.json`` and ``.labels.csv``).
 """
@@ -110,6 +111,12 @@ def segment_image(
         else:
             run = engine.run if predictor is None else _numpy_network(predictor)
             logits = np.asarray(_one_pass(run, prep, crop, latencies, progress), dtype=np.float32)[0]
+    elif predictor is None and prep.spatial_shape == roi:  # one window is the volume: no torch/MONAI
+        whole = Crop((0, 0, 0), prep.spatial_shape)  # type: ignore[arg-type]
+        if progress is not None:
+            progress.update("segment", 0.0, "window 1/1")
+        logits = np.asarray(_one_pass(engine.run, prep, whole, latencies, None), dtype=np.float32)[0]
+        done = 1
     else:
         network = predictor or engine.predictor()
         logits, done = _sliding_logits(network, prep, card, roi, overlap, batch_size, latencies, progress)

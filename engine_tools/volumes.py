@@ -50,6 +50,7 @@ from engine_tools.cache import TMP_PREFIX
 from engine_tools.checks import non_finite_message, replace_non_finite, volume_warnings
 from engine_tools.conformed import already_conformed, quantile_range, scale_range
 from engine_tools.fast_preprocess import preprocess_without_monai
+from engine_tools.fast_resample import preprocess_with_resampling
 from engine_tools.geometry import (
     _AXIS_LABELS,
     geometry_from_affine,
@@ -169,7 +170,9 @@ def preprocess(image: sitk.Image | str | Path, card: Any) -> Preprocessed:
 
     ``card`` is a :class:`engine_tools.registry.ModelCard` or a dict with a ``preprocessing`` entry.
     Conformed inputs (:mod:`engine_tools.conformed`) and inputs that need no resampling (cards without
-    foreground crop or z-score, :mod:`engine_tools.fast_preprocess`) are done in numpy (same result).
+    foreground crop or z-score, :mod:`engine_tools.fast_preprocess`) are done in numpy (same result);
+    such cards' resampling is done with SimpleITK (:mod:`engine_tools.fast_resample`, same grid, values
+    equal to float32 rounding). The rest goes through MONAI.
     """
     source = None
     if not isinstance(image, sitk.Image):
@@ -196,7 +199,9 @@ def preprocess(image: sitk.Image | str | Path, card: Any) -> Preprocessed:
         array = np.ascontiguousarray(array, dtype=np.float32)
         return Preprocessed(array, affine, *_input_grid(image), steps=steps, source=source)
     fast = preprocess_without_monai(data, affine, spec, in_channels, steps)
-    if fast is not None:  # reorientation and pad/crop only: numpy, no PyTorch/MONAI import
+    if fast is None:  # resampling too, but no foreground crop or z-score: SimpleITK
+        fast = preprocess_with_resampling(data, affine, spec, in_channels, steps)
+    if fast is not None:  # no PyTorch/MONAI import
         return Preprocessed(fast[0], fast[1], *_input_grid(image), steps=steps, source=source)
     import torch
     from monai.data import MetaTensor

@@ -48,6 +48,7 @@ def test_numpy_preprocessing_equals_monai(scan):
     fast = volumes.preprocess(image, card)
     with (
         mock.patch.object(volumes, "preprocess_without_monai", return_value=None),
+        mock.patch.object(volumes, "preprocess_with_resampling", return_value=None),
         mock.patch.object(volumes, "already_conformed", return_value=False),
     ):
         reference = volumes.preprocess(image, card)
