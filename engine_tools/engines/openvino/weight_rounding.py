@@ -25,6 +25,10 @@ import numpy as np
 
 #: sampled output voxels per layer (im2col columns for its Hessian)
 POSITIONS = 65536
+#: layers with more inputs per output channel keep NNCF's codes (their Hessian would be too large)
+MAX_INPUTS = 4096
+#: input activations tapped per FP32 pass
+MAX_TAP_BYTES = 1 << 30
 #: dampening added to the Hessian's diagonal, as a fraction of its mean (GPTQ's default)
 DAMP = 0.01
 
@@ -94,42 +98,58 @@ def gptq_codes(
 
 
 def convolutions(model: Any) -> dict[str, Any]:
-    """Stride-1 convolutions of ``model`` by friendly name."""
-    return {
-        op.get_friendly_name(): op
-        for op in model.get_ordered_ops()
-        if op.get_type_name() == "Convolution" and all(int(s) == 1 for s in op.get_attributes()["strides"])
-    }
+    """The 3-D stride-1 convolutions of ``model`` small enough for GPTQ (at most ``MAX_INPUTS`` inputs
+    per output channel), by friendly name."""
+    found = {}
+    for op in model.get_ordered_ops():
+        if op.get_type_name() != "Convolution" or any(int(s) != 1 for s in op.get_attributes()["strides"]):
+            continue
+        weights = op.input_value(1).get_partial_shape()
+        if weights.is_static and len(weights) == 5 and int(np.prod(weights.to_shape()[1:])) <= MAX_INPUTS:
+            found[op.get_friendly_name()] = op
+    return found
 
 
 def layer_hessians(fp32: Any, sample: np.ndarray, seed: int = 0) -> dict[str, np.ndarray]:
-    """``X X^T / P`` of every stride-1 convolution's im2col input columns in ``fp32``, from one pass over
-    a ``C, D, H, W`` calibration ``sample`` (independent of the quantization recipe: computed once)."""
-    from openvino import PartialShape
+    """``X X^T / P`` of every :func:`convolutions` layer's im2col input columns in ``fp32``, from passes
+    over a ``C, D, H, W`` calibration ``sample`` that tap at most ``MAX_TAP_BYTES`` of inputs each
+    (independent of the quantization recipe: computed once per build)."""
+    from openvino import Model, PartialShape, opset13
 
     from engine_tools.engines.openvino.runtime import compile_model
 
-    tapped = fp32.clone()
-    layers = convolutions(tapped)
-    names = list(layers)
-    first = len(tapped.outputs)
-    tapped.add_outputs([layers[n].input_value(0) for n in names])
-    tapped.reshape({tapped.input(0): PartialShape([1, *sample.shape])})
-    compiled = compile_model(tapped, "f32")
-    result = compiled.create_infer_request().infer({0: np.ascontiguousarray(sample[None])})
+    shaped = fp32.clone()
+    shaped.reshape({shaped.input(0): PartialShape([1, *sample.shape])})
+    layers = convolutions(shaped)
+    groups: list[list[str]] = [[]]
+    used = 0
+    for name in layers:
+        size = 4 * int(np.prod(layers[name].input_value(0).get_shape()))
+        if groups[-1] and used + size > MAX_TAP_BYTES:
+            groups.append([])
+            used = 0
+        groups[-1].append(name)
+        used += size
     rng = np.random.default_rng(seed)
     hessians = {}
-    for index, name in enumerate(names):
-        attributes = layers[name].get_attributes()
-        kernel = [int(k) for k in layers[name].input_value(1).get_partial_shape().to_shape()[2:]]
-        columns = im2col(
-            np.asarray(result[compiled.outputs[first + index]])[0],
-            kernel,
-            [int(d) for d in attributes["dilations"]],
-            [(int(b), int(e)) for b, e in zip(attributes["pads_begin"], attributes["pads_end"], strict=True)],
-            rng,
-        ).astype(np.float32)
-        hessians[name] = (columns @ columns.T).astype(np.float64) / columns.shape[1]
+    for group in groups if layers else []:
+        taps = Model([opset13.result(layers[n].input_value(0)) for n in group], list(shaped.get_parameters()))
+        compiled = compile_model(taps, "f32")
+        result = compiled.create_infer_request().infer({0: np.ascontiguousarray(sample[None])})
+        for index, name in enumerate(group):
+            attributes = layers[name].get_attributes()
+            columns = im2col(
+                np.asarray(result[compiled.outputs[index]])[0],
+                [int(k) for k in layers[name].input_value(1).get_shape()[2:]],
+                [int(d) for d in attributes["dilations"]],
+                [
+                    (int(b), int(e))
+                    for b, e in zip(attributes["pads_begin"], attributes["pads_end"], strict=True)
+                ],
+                rng,
+            ).astype(np.float32)
+            hessians[name] = (columns @ columns.T).astype(np.float64) / columns.shape[1]
+        del result, compiled
     return hessians
 
 
