@@ -131,8 +131,22 @@ def digest(logits: np.ndarray, max_sampled_bytes: int = SQNR_SAMPLE_BYTES) -> Lo
     while logits.nbytes / stride**dims > max_sampled_bytes and stride < max(logits.shape[2:]):
         stride += 1
     grid = (slice(None), slice(None), *[slice(None, None, stride)] * dims)
-    labels = np.argmax(logits, axis=1).astype(np.uint8 if num_classes <= 256 else np.uint16)
-    return LogitsDigest(labels, np.array(logits[grid], dtype=np.float32), stride, num_classes)
+    return LogitsDigest(class_argmax(logits), np.array(logits[grid], dtype=np.float32), stride, num_classes)
+
+
+def class_argmax(logits: np.ndarray) -> np.ndarray:
+    """``np.argmax(logits, axis=1)`` of ``N, K, ...`` logits as uint8 (uint16 above 256 classes), one
+    class at a time: :func:`numpy.argmax` over the class axis first copies the logits class-last
+    (6 GB for 104 classes over a head), this holds one float per voxel. Ties go to the first class."""
+    logits = np.asarray(logits)
+    labels = np.zeros((logits.shape[0], *logits.shape[2:]), np.uint8 if logits.shape[1] <= 256 else np.uint16)
+    best = np.array(logits[:, 0], dtype=np.float32)
+    better = np.empty(best.shape, dtype=bool)
+    for value in range(1, logits.shape[1]):
+        np.greater(logits[:, value], best, out=better)
+        labels[better] = value
+        np.maximum(best, logits[:, value], out=best)
+    return labels
 
 
 def digests(logits: np.ndarray | Sequence[np.ndarray], **kwargs: Any) -> list[LogitsDigest]:

@@ -79,3 +79,14 @@ def test_logits_of_samples_of_differing_shapes_pool_their_voxels() -> None:
     assert pooled["mean"] != pytest.approx(logits_agreement(reference[:1], test[:1])["mean"])
     with pytest.raises(ValueError, match="2 reference samples but 1 test"):
         logits_agreement(reference, test[:1])
+
+
+def test_class_argmax_equals_numpy_with_ties_to_the_first_class() -> None:
+    from engine_tools.accuracy import class_argmax
+
+    rng = np.random.default_rng(0)
+    logits = np.round(rng.normal(size=(2, 7, 5, 6, 4)), 1).astype(np.float32)  # many ties
+    assert np.array_equal(class_argmax(logits), np.argmax(logits, axis=1))
+    many = rng.normal(size=(1, 300, 3, 3, 3)).astype(np.float32)
+    found = class_argmax(many)
+    assert found.dtype == np.uint16 and np.array_equal(found, np.argmax(many, axis=1))
