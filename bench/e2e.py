@@ -59,12 +59,18 @@ def medquant(args: list[str], cache: Path) -> tuple[dict[str, Any], float, int]:
     return last["data"], round(wall, 2), int(peak.group(1)) if peak else -1
 
 
+#: the INT8 guard's target (--target-dice; None: the product's default)
+TARGET_DICE: float | None = None
+
+
 def engine_args(model: str, precision: str, backend: str, calibration: Path | None) -> list[str]:
     args = [model, "--backend", backend, "--precision", precision]
     if model.startswith("brainchop"):  # the shared mirror; other models' weights come from the user cache
         args += ["--weights-dir", str(SHARED / "models" / "brainchop")]
     if precision == "int8" and calibration is not None:
         args += ["--calibration", str(calibration)]
+        if TARGET_DICE is not None:
+            args += ["--target-dice", str(TARGET_DICE)]
     return args
 
 
@@ -236,6 +242,7 @@ def main() -> None:
     )
     parser.add_argument("--conditions", default="", help="what else ran on the machine meanwhile")
     parser.add_argument("--cache", default=None, help="engine cache to use (default: a fresh one)")
+    parser.add_argument("--target-dice", type=float, default=None, help="the INT8 guard's target")
     parser.add_argument("--output", default=str(RESULTS / "e2e_cpu"))
     parser.add_argument(
         "--precisions",
@@ -246,6 +253,8 @@ def main() -> None:
         "--workdir", default=None, help="folder for labelmaps, kept between runs (default: new)"
     )
     args = parser.parse_args()
+    global TARGET_DICE
+    TARGET_DICE = args.target_dice
     from engine_tools.machine import machine_description
 
     cache = Path(args.cache or tempfile.mkdtemp(prefix="medquant-e2e-cache-"))
@@ -269,6 +278,7 @@ def main() -> None:
             report = {
                 "machine": {**machine_description(), "cores": os.cpu_count()},
                 "conditions": args.conditions or "no other load stated",
+                "int8_target_dice": args.target_dice or "the product's default",
                 "cases": list(cases.values()),
             }
             target.parent.mkdir(parents=True, exist_ok=True)  # after every case: a failure keeps the rest
