@@ -247,10 +247,15 @@ class AccuracyGuard:
         return best
 
     def rank(self, base: Candidate) -> list[str]:
-        """Step 2: the layers most worth keeping first: one-pass sensitivity where the adapter taps
-        activations (:mod:`engine_tools.sensitivity`), else each layer alone back in higher precision."""
+        """Step 2: the layers most worth keeping first (:mod:`engine_tools.sensitivity`): on proxy crops
+        each layer alone in INT8, else one-pass sensitivity where the adapter taps activations, else
+        each layer alone back in higher precision."""
         start = time.perf_counter()
-        if getattr(self.adapter, "layer_taps", None) is not None:
+        if self.proxy is not None:
+            order = sensitivity.by_quantizing_alone(self, base)
+            self.sensitivity_method = "each layer alone in INT8, the others in higher precision (proxy crops)"
+            details = {"sample": "centred proxy crops of the validation samples", "passes": len(self.layers)}
+        elif getattr(self.adapter, "layer_taps", None) is not None:
             sample = self.validation[0]
             crop = int(self.options.get("sensitivity_crop", 64))
             cropped = bool(self.options.get("fully_convolutional")) and getattr(

@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from engine_tools.calibration import CalibrationSet
 
 #: Bump when the artifact layout or build logic changes incompatibly (part of every cache key).
-PIPELINE_VERSION = 4
+PIPELINE_VERSION = 5
 
 
 #: At most this many windows of the held-out scans are validated on (each costs guard time).

@@ -118,7 +118,8 @@ def test_guard_on_18_class_model_keeps_layers_and_reports(brainchop: Path, eight
     assert len(guard["sensitivity"]) == guard["quantizable_layers"] == 10
     kept = guard["kept_in_higher_precision"]  # none when neither keep step raised agreement
     assert len(kept) <= 2 and set(kept) <= {entry["layer"] for entry in guard["sensitivity"]}
-    assert guard["sensitivity_method"].startswith("one pass") and guard["quantize_calls"] <= 2
+    assert guard["sensitivity_method"].startswith(("one pass", "each layer alone in INT8"))
+    assert guard["quantize_calls"] <= 2
     stages, total = engine.build_report["stage_seconds"], engine.build_report["build_seconds"]
     assert {"export", "quantize", "reference_fp32", "sensitivity", "guard_keep", "compile"} <= set(stages)
     assert 0.8 * total <= sum(stages.values()) <= total + 0.05, (stages, total)

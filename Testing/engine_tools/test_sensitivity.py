@@ -191,3 +191,29 @@ def test_a_set_kept_mostly_out_of_int8_gives_way_only_to_a_faster_network(tmp_pa
             damaged
         )
         assert report.int8_layers == len(adapter.layers()) - 1
+
+
+def test_on_proxy_crops_each_layer_alone_in_int8_ranks_the_damaged_layer_first(tmp_path: Path) -> None:
+    """Whole volumes of a fully convolutional network: the guard ranks by measuring each layer alone
+    left in INT8 on its proxy crops (one evaluation per layer); the damaged layer costs the most."""
+    pytest.importorskip("nncf")
+    from openvino import Core
+
+    from engine_tools.engines.openvino.quantize import NNCFAdapter
+
+    onnx_path, damaged = _damaged_onnx(tmp_path / "damaged.onnx")
+    rng = np.random.default_rng(2)
+    volumes = [rng.uniform(0, 1, size=(1, 24, 22, 20)).astype(np.float32) for _ in range(3)]
+    options = {"int8_fallback": "f32", "weight_rounding": "nearest"}
+    adapter = NNCFAdapter(Core().read_model(str(onnx_path)), volumes[:2], options, volumes[2:])
+    damaged = next(n for n in adapter.layers() if n.startswith(damaged))
+    guard_options = {"target_dice": 1.0, "fully_convolutional": True, "keep_proxy_crop": 16}
+    guard = AccuracyGuard(adapter, volumes[2:], volumes[:2], guard_options, SilentProgress())
+    assert guard.proxy is not None and guard.proxy[0].shape == (1, 16, 16, 16)
+    base = guard._quantized("initial", adapter.recipe(options), [])
+    ranked = guard.rank(base)
+    assert guard.sensitivity_method.startswith("each layer alone in INT8")
+    assert ranked[0] == damaged, guard.sensitivity
+    assert len(guard.sensitivity) == len(adapter.layers()) == 4
+    alone = {entry["layer"]: entry["dice_alone"] for entry in guard.sensitivity}
+    assert alone[damaged] == min(alone.values()) < 1.0
