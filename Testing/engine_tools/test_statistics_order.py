@@ -4,6 +4,9 @@ unchanged, and a real NNCF quantization gives bit-identical constants with less 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import numpy as np
 import pytest
 
@@ -85,14 +88,10 @@ def test_model_already_in_order_is_returned_as_is() -> None:
     assert results_in_execution_order(model) is model
 
 
-def _constants(model: ov.Model) -> list[np.ndarray]:
-    return [op.get_data().copy() for op in model.get_ordered_ops() if op.get_type_name() == "Constant"]
-
-
-def test_nncf_quantization_is_bit_identical_with_the_statistics_in_execution_order() -> None:
-    rng = np.random.default_rng(2)
-    data = nncf.Dataset([rng.normal(size=SHAPE).astype(np.float32) for _ in range(2)])
-    settings = {"preset": nncf.QuantizationPreset.MIXED, "subset_size": 2, "fast_bias_correction": True}
+@contextmanager
+def _engines_seen() -> Iterator[tuple[list[list[str]], object]]:
+    """The output names of every model NNCF compiles for inference while the block runs (and the spy
+    that records them, installed as ``OVNativeEngine.__init__``)."""
     seen: list[list[str]] = []
     original = OVNativeEngine.__init__
 
@@ -102,14 +101,26 @@ def test_nncf_quantization_is_bit_identical_with_the_statistics_in_execution_ord
 
     OVNativeEngine.__init__ = spy
     try:
+        yield seen, spy
+    finally:
+        OVNativeEngine.__init__ = original
+
+
+def _constants(model: ov.Model) -> list[np.ndarray]:
+    return [op.get_data().copy() for op in model.get_ordered_ops() if op.get_type_name() == "Constant"]
+
+
+def test_nncf_quantization_is_bit_identical_with_the_statistics_in_execution_order() -> None:
+    rng = np.random.default_rng(2)
+    data = nncf.Dataset([rng.normal(size=SHAPE).astype(np.float32) for _ in range(2)])
+    settings = {"preset": nncf.QuantizationPreset.MIXED, "subset_size": 2, "fast_bias_correction": True}
+    with _engines_seen() as (seen, spy):
         plain = nncf.quantize(_conv_chain(), data, **settings)
         appended_order, seen[:] = list(seen), []
         with statistics_in_execution_order():
             ordered = nncf.quantize(_conv_chain(), data, **settings)
             assert OVNativeEngine.__init__ is not spy
         assert OVNativeEngine.__init__ is spy  # restored after the block
-    finally:
-        OVNativeEngine.__init__ = original
     assert appended_order and appended_order[0][0] == "logits"  # NNCF appends after the output...
     assert seen and seen[0][-1] == "logits" and len(seen[0]) == len(appended_order[0])  # ...moved last
     assert sum(op.get_type_name() == "FakeQuantize" for op in ordered.get_ordered_ops()) >= 5
@@ -129,22 +140,12 @@ def test_the_network_output_left_out_of_the_statistics_pass_changes_no_constant(
         "subset_size": 2,
         "fast_bias_correction": fast_bias_correction,
     }
-    seen: list[list[str]] = []
-    original = OVNativeEngine.__init__
-
-    def spy(self, model, *args, **kwargs):
-        seen.append([next(iter(out.get_names()), "") for out in model.outputs])
-        original(self, model, *args, **kwargs)
-
-    OVNativeEngine.__init__ = spy
-    try:
+    with _engines_seen() as (seen, _):
         with statistics_in_execution_order():
             kept = nncf.quantize(_conv_chain(), data, **settings)
         with_output, seen[:] = list(seen), []
         with statistics_in_execution_order(drop_outputs=frozenset({"logits"})):
             dropped = nncf.quantize(_conv_chain(), data, **settings)
-    finally:
-        OVNativeEngine.__init__ = original
     assert "logits" in with_output[0] and len(with_output[0]) > 1  # the statistics model
     assert "logits" not in seen[0] and len(seen[0]) == len(with_output[0]) - 1
     assert dropped.outputs[0].get_names() == {"logits"}  # the quantized network keeps its output
