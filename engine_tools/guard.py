@@ -7,7 +7,8 @@ recorded in the report's ``attempts``:
 1. **calibrate** — quantize with the requested recipe; within ``recipe_margin`` (default 0.005) of the
    target, try the backend's better recipes (on the brainchop MeshNets none raised agreement on an
    unseen subject, ``bench/results/int8_recipes_recipes.md``, so a larger miss goes straight on).
-2. **rank** — one-pass sensitivity (:mod:`engine_tools.sensitivity`) where the adapter taps
+2. **rank** (:mod:`engine_tools.sensitivity`) — on whole volumes (proxy crops) each layer alone left
+   in INT8, ranked by the agreement it costs; else one-pass sensitivity where the adapter taps
    intermediate outputs (OpenVINO, ONNX Runtime); otherwise (TensorRT/ModelOpt) each quantized layer
    alone goes back to higher precision and the layers are ranked by what this gives back.
 3. **keep** — the top-ranked layers in higher precision, fewest first, up to ``max_kept_layers``; the
