@@ -25,7 +25,7 @@ from engine_tools.sensitivity import centred_crop
 #: Calibration methods → NNCF activation range estimators.
 CALIBRATION_METHODS = ("minmax", "mean_minmax", "percentile", "histogram")
 
-#: Centred cube of the first calibration sample whose activations set the GPTQ weight codes.
+#: Centred cube of the first whole-volume calibration sample whose activations set the GPTQ codes.
 WEIGHT_ROUNDING_CROP = 96
 
 #: Op types that NNCF quantizes in these networks (their inputs get FakeQuantize).
@@ -244,8 +244,9 @@ class NNCFAdapter:
             )
         rounding = recipe.get("weight_rounding", "nearest")
         if rounding == "gptq":  # data-aware INT8 weight codes (weight_rounding.py)
-            if self._hessians is None:
-                sample = centred_crop(self.calibration[0], WEIGHT_ROUNDING_CROP)
+            if self._hessians is None:  # a window-shaped model keeps its shape (transformers need it)
+                sample = self.calibration[0]
+                sample = centred_crop(sample, WEIGHT_ROUNDING_CROP) if self.dynamic else sample
                 self._hessians = layer_hessians(self.model, sample)
             round_weights(quantized, self.model, self._hessians)
         elif rounding != "nearest":
