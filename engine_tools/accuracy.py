@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import groupby
 from typing import Any
 
 import numpy as np
@@ -165,13 +166,8 @@ def run_digested(
     call, one compilation); a whole volume's logits are dropped once digested, so at most one
     volume's are held."""
     found: list[LogitsDigest] = []
-    start = 0
-    while start < len(samples):
-        end = start + 1
-        while end < len(samples) and samples[end].shape == samples[start].shape:
-            end += 1
-        found += digests(run(list(samples[start:end])))
-        start = end
+    for _, group in groupby(samples, key=lambda sample: sample.shape):
+        found += digests(run(list(group)))
     return found
 
 

@@ -118,7 +118,7 @@ def computed_or_cached(
 
 
 def worth_storing(reference: CachedReference) -> bool:
-    """Small references always; large ones only when their pass took longer than storing and
-    reloading them would (whole volumes of many-class networks are recomputed instead)."""
+    """Small references always (a whole volume's digest is small); large ones (many windows) only
+    when their pass took longer than storing and reloading them would."""
     size = sum(int(d.labels.nbytes + d.sampled.nbytes) for d in reference.digests)
     return size <= LARGE_BYTES or sum(reference.seconds_per_sample) > size / ROUND_TRIP_BYTES_PER_S

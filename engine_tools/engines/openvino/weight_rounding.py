@@ -121,18 +121,18 @@ def layer_hessians(fp32: Any, sample: np.ndarray, seed: int = 0) -> dict[str, np
     shaped = fp32.clone()
     shaped.reshape({shaped.input(0): PartialShape([1, *sample.shape])})
     layers = convolutions(shaped)
-    groups: list[list[str]] = [[]]
+    groups: list[list[str]] = []
     used = 0
     for name in layers:
         size = 4 * int(np.prod(layers[name].input_value(0).get_shape()))
-        if groups[-1] and used + size > MAX_TAP_BYTES:
+        if not groups or used + size > MAX_TAP_BYTES:
             groups.append([])
             used = 0
         groups[-1].append(name)
         used += size
     rng = np.random.default_rng(seed)
     hessians = {}
-    for group in groups if layers else []:
+    for group in groups:
         taps = Model([opset13.result(layers[n].input_value(0)) for n in group], list(shaped.get_parameters()))
         compiled = compile_model(taps, "f32")
         result = compiled.create_infer_request().infer({0: np.ascontiguousarray(sample[None])})
@@ -147,7 +147,7 @@ def layer_hessians(fp32: Any, sample: np.ndarray, seed: int = 0) -> dict[str, np
                     for b, e in zip(attributes["pads_begin"], attributes["pads_end"], strict=True)
                 ],
                 rng,
-            ).astype(np.float32)
+            )  # float32, as the FP32 pass gives it
             hessians[name] = (columns @ columns.T).astype(np.float64) / columns.shape[1]
         del result, compiled
     return hessians
