@@ -34,6 +34,8 @@ from engine_tools.cache import (
 from engine_tools.engines import METADATA_FILE, BuildRequest, Engine, engine_class, select_backend
 from engine_tools.progress import Progress, SilentProgress
 from engine_tools.registry import ModelCard, get_card
+from engine_tools.scanner_variations import VARIATION_CROP, scanner_variations
+from engine_tools.scanner_variations import describe as describe_variations
 from engine_tools.spec import EngineSpec
 from engine_tools.stage_clock import StageClock
 
@@ -41,7 +43,7 @@ if TYPE_CHECKING:
     from engine_tools.calibration import CalibrationSet
 
 #: Bump when the artifact layout or build logic changes incompatibly (part of every cache key).
-PIPELINE_VERSION = 5
+PIPELINE_VERSION = 6
 
 
 #: At most this many windows of the held-out scans are validated on (each costs guard time).
@@ -81,8 +83,10 @@ def _calibration_samples(
 
     Validation comes from ``spec.validation`` (other scans, checked by SHA-256), else from whole
     calibration scans held out (:meth:`CalibrationSet.split_subjects`), else, with a single scan, from
-    held-out windows of it (or its own volume), with a warning that the estimate is optimistic. Whole
-    cropped volumes become windows for engines that only run the window's shape.
+    held-out windows of it (or its own volume) and copies of them with scanner variations
+    (:mod:`engine_tools.scanner_variations`; option ``scanner_variations``, default on), with a warning
+    that the estimate is optimistic. Whole cropped volumes become windows for engines that only run
+    the window's shape.
     """
     from engine_tools.calibration import check_disjoint
 
@@ -124,6 +128,11 @@ def _calibration_samples(
         calibration = calibration.to_windows(window, per_volume, spec.seed)
         if validation is not None and any(tuple(s.shape[1:]) != window for s in validation.samples):
             validation = validation.to_windows(window, per_volume, spec.seed)
+    if holdout in ("windows of the only scan", "none") and spec.options.get("scanner_variations", True):
+        crop = VARIATION_CROP if calibration.whole_volumes and not to_windows else None
+        validation = _with_variations(validation if validation is not None else calibration, crop)
+        holdout += " and its scanner variations"
+        note = note.replace(f"; {UNSEEN}", f", and {describe_variations(crop)}; {UNSEEN}")
     info = {
         "calibration": calibration.describe(),
         "validation": None if validation is None else validation.describe(),
@@ -133,6 +142,15 @@ def _calibration_samples(
         "validation_fingerprint": None if validation is None else validation.fingerprint,
     }
     return calibration, validation, info
+
+
+def _with_variations(validation: CalibrationSet, crop: int | None) -> CalibrationSet:
+    """``validation`` and copies of its first samples with scanner variations (contrast, blur; see
+    :mod:`engine_tools.scanner_variations`), whole volumes cut to their centred ``crop`` cube."""
+    copies = scanner_variations(validation.samples, crop)
+    indices = list(range(len(validation))) + [index for index, _, _ in copies]
+    samples = validation.samples + [copy for _, _, copy in copies]
+    return validation.subset(indices, f"scanner-variations-{crop}", samples)
 
 
 def _sample_report(info: dict[str, Any]) -> dict[str, Any]:

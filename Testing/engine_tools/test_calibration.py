@@ -299,8 +299,37 @@ def test_a_window_as_large_as_the_scan_is_one_sample_not_copies(tmp_path):
 
     progress = SilentProgress()
     card = make_card(window=(48, 48, 48))
-    cal, val, info = _calibration_samples(
-        EngineSpec(calibration=whole), OpenVINOEngine("int8"), card, progress
-    )
+    spec = EngineSpec(calibration=whole, options={"scanner_variations": False})
+    cal, val, info = _calibration_samples(spec, OpenVINOEngine("int8"), card, progress)
     assert len(cal) == 1 and val is None and info["holdout"] == "none"
     assert "which calibration also used" in info["validation_note"]
+
+
+def test_one_scan_is_also_validated_on_its_scanner_variations(tmp_path) -> None:
+    """With every scan used for calibration, the guard also validates on contrast and blur copies of
+    the scan (engine_tools.scanner_variations): windows keep their shape, the scan is not changed."""
+    from engine_tools.engines.openvino.engine import OpenVINOEngine
+    from engine_tools.pipeline import _calibration_samples
+    from engine_tools.spec import EngineSpec
+
+    folder = tmp_path / "one"
+    folder.mkdir()
+    head = make_phantom(size=(48, 48, 48), direction=RAS, radius=20.0, inside=1075, outside=-1000)
+    sitk.WriteImage(sitk.Cast(head.image, sitk.sitkInt16), str(folder / "head.nii.gz"))
+    card = make_card(window=(48, 48, 48))
+    whole = collect_windows(folder, card, num_windows=8, use_cache=False)
+    before = whole.windows.copy()
+    spec = EngineSpec(calibration=whole, options={"scanner_variations": True})
+    cal, val, info = _calibration_samples(spec, OpenVINOEngine("int8"), card, SilentProgress())
+    assert len(cal) == 1 and val is not None and len(val) == 4
+    assert info["holdout"] == "none and its scanner variations"
+    assert "gamma 0.7, gamma 1.4, blurred 1 voxel" in info["validation_note"]
+    assert "optimistic because no unseen subject was available" in info["validation_note"]
+    np.testing.assert_array_equal(val.windows[0], before[0])  # the scan itself comes first, unchanged
+    np.testing.assert_array_equal(whole.windows, before)
+    assert val.windows.shape == (4, 1, 48, 48, 48) and val.subjects == whole.subjects
+    assert len({val.fingerprint, whole.fingerprint}) == 2
+    assert not np.array_equal(val.windows[3], before[0])  # blurred (a two-level phantom keeps its gamma)
+    # the option turns it off
+    spec = EngineSpec(calibration=whole, options={"scanner_variations": False})
+    assert _calibration_samples(spec, OpenVINOEngine("int8"), card, SilentProgress())[1] is None
