@@ -130,9 +130,11 @@ def _calibration_samples(
             validation = validation.to_windows(window, per_volume, spec.seed)
     if holdout in ("windows of the only scan", "none") and spec.options.get("scanner_variations", True):
         crop = VARIATION_CROP if calibration.whole_volumes and not to_windows else None
-        validation = _with_variations(validation if validation is not None else calibration, crop)
+        base = validation if validation is not None else calibration
+        validation = _with_variations(base, crop)
         holdout += " and its scanner variations"
-        note = note.replace(f"; {UNSEEN}", f", and {describe_variations(crop)}; {UNSEEN}")
+        copies = len(validation) - len(base)
+        note = f"samples: {len(base)} {what}, and {copies} {describe_variations(crop)}; {UNSEEN}"
     info = {
         "calibration": calibration.describe(),
         "validation": None if validation is None else validation.describe(),

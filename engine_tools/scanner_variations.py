@@ -29,8 +29,9 @@ from engine_tools.sensitivity import centred_crop
 
 #: the copies, by name: gamma over the sample's intensity range, and a Gaussian blur (sigma in voxels)
 VARIATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {}
-#: centred cube whole-volume copies are cut to (voxels per axis)
-VARIATION_CROP = 160
+#: centred cube whole-volume copies are cut to (voxels per axis): the guard's proxy crop, so a copy is its
+#: own proxy and costs the guard no more than one proxy crop per candidate
+VARIATION_CROP = 128
 #: samples that get copies (the first ones; each copy costs the guard one more sample per candidate)
 MAX_VARIED_SAMPLES = 2
 

@@ -59,13 +59,16 @@ def test_int8_kernels_run_and_artifact_shrinks(three_class: dict) -> None:
     assert guard["attempts"]
     # calibrated on windows of one scan only: the report says the estimate is optimistic and why
     assert guard["validated_on"].startswith(
-        "2 window(s) held out of the only calibration scan (t1_crop.nii.gz)"
+        "8 samples: 2 window(s) held out of the only calibration scan (t1_crop.nii.gz)"
     )
     assert "optimistic because no unseen subject was available" in guard["validated_on"]
     assert "--validation FOLDER" in guard["validated_on"]
     report = int8.build_report
     assert report["calibration"]["subjects"] == report["validation"]["subjects"] == ["t1_crop.nii.gz"]
-    assert report["validation"]["holdout"] == "windows of the only scan"
+    # ... and also validated on copies of its held-out windows with scanner variations
+    assert report["validation"]["holdout"] == "windows of the only scan and its scanner variations"
+    assert "copies with scanner variations (gamma 0.7, gamma 1.4, blurred 1 voxel)" in guard["validated_on"]
+    assert report["validation_windows"] == 2 + 2 * 3
 
 
 def test_int8_agrees_with_strict_fp32_on_unseen_subject(three_class: dict) -> None:
