@@ -85,6 +85,8 @@ class AccuracyGuard:
                 options.get("validation_note", "calibration windows (no held-out windows given)")
             )
         self.validation = as_samples(validation)
+        #: the last samples may be scanner-variation copies of the others: measured, but not ranked on
+        self.originals = max(1, len(self.validation) - int(options.get("validation_copies", 0)))
         self.forced = list(options.get("ignored_layers", []))
         patterns = list(options.get("keep_higher_precision_patterns", []))
         self.by_pattern = [n for n in adapter.layers() if any(re.search(p, n) for p in patterns)]
@@ -133,16 +135,23 @@ class AccuracyGuard:
         return accuracy.run_digested(lambda group: self.adapter.run(model, group, timings=timings), samples)
 
     def evaluate(
-        self, model: Any, windows: int | None = None, timings: list[float] | None = None, proxy: bool = False
+        self,
+        model: Any,
+        windows: int | None = None,
+        timings: list[float] | None = None,
+        proxy: bool = False,
+        originals: bool = False,
     ) -> dict[str, Any]:
         """Agreement of ``model`` with strict FP32 on the (first ``windows``) validation samples, or on
-        their centred proxy crops."""
+        their centred proxy crops (``originals``: not those of scanner-variation copies)."""
         if proxy and self.proxy is not None:
             if self._proxy_reference is None:
                 with self.clock.stage("reference_fp32"):
                     self._proxy_reference = self._digested(None, self.proxy)
-            found = self._digested(model, self.proxy)
-            return accuracy.digest_agreement(self._proxy_reference, found, min_voxels=self.min_voxels)
+            count = self.originals if originals else len(self.proxy)
+            found = self._digested(model, self.proxy[:count])
+            reference = self._proxy_reference[:count]
+            return accuracy.digest_agreement(reference, found, min_voxels=self.min_voxels)
         count = len(self.validation) if windows is None else max(1, min(windows, len(self.validation)))
         found = self._digested(model, self.validation[:count], timings=timings)
         return accuracy.digest_agreement(self.reference()[:count], found, min_voxels=self.min_voxels)
@@ -256,6 +265,8 @@ class AccuracyGuard:
             order = sensitivity.by_quantizing_alone(self, base)
             self.sensitivity_method = "each layer alone in INT8, the others in higher precision (proxy crops)"
             details = {"sample": "centred proxy crops of the validation samples", "passes": len(self.layers)}
+            if self.originals < len(self.validation):
+                details["sample"] += " (not of their scanner-variation copies)"
         elif getattr(self.adapter, "layer_taps", None) is not None:
             sample = self.validation[0]
             crop = int(self.options.get("sensitivity_crop", 64))

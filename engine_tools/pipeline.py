@@ -135,11 +135,14 @@ def _calibration_samples(
         holdout += " and its scanner variations"
         copies = len(validation) - len(base)
         note = f"samples: {len(base)} {what}, and {copies} {describe_variations(crop)}; {UNSEEN}"
+    else:
+        copies = 0
     info = {
         "calibration": calibration.describe(),
         "validation": None if validation is None else validation.describe(),
         "holdout": holdout,
         "validation_note": note,
+        "validation_copies": copies,
         "fingerprint": calibration.fingerprint,
         "validation_fingerprint": None if validation is None else validation.fingerprint,
     }
@@ -244,6 +247,7 @@ def prepare_engine(
     key_parts = _key_parts(card, spec, engine, backend, onnx_path, calibration_info, build_options)
     if calibration_info:  # what the guard's report says it validated on (its samples are in the key)
         build_options = {**build_options, "validation_note": calibration_info["validation_note"]}
+        build_options["validation_copies"] = calibration_info["validation_copies"]  # ranked without them
     if card.network.get("fully_convolutional"):  # the guard may tap a sub-crop for its sensitivity
         build_options = {**build_options, "fully_convolutional": True}
     key = engine_key(key_parts)

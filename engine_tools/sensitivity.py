@@ -126,12 +126,13 @@ def by_quantizing_alone(guard: Any, base: Any) -> list[str]:
     output layer averages the noise it is given (its output SQNR beats its input's) yet its input
     quantizer cost model18cls 0.019-0.022 Dice on its own, as much as any layer
     (``bench/results/int8_weight_rounding.md``); this ranking measures that directly, one proxy pass
-    per layer."""
+    per layer. Scanner-variation copies among the validation samples are left out of the ranking
+    (each would add one proxy pass per layer; the keep steps measure them)."""
     out = [*guard.forced, *guard.by_pattern]
     for index, name in enumerate(guard.layers):
         guard.progress.update("guard", 0.4 + 0.3 * index / len(guard.layers), f"sensitivity of {name}")
         alone = guard.adapter.keep_layers(base.model, [n for n in guard.layers if n != name] + out)
-        agreement = guard.evaluate(alone, proxy=True)
+        agreement = guard.evaluate(alone, proxy=True, originals=True)
         guard.sensitivity.append(
             {
                 "layer": name,

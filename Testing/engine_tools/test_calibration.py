@@ -322,7 +322,8 @@ def test_one_scan_is_also_validated_on_its_scanner_variations(tmp_path) -> None:
     spec = EngineSpec(calibration=whole, options={"scanner_variations": True})
     cal, val, info = _calibration_samples(spec, OpenVINOEngine("int8"), card, SilentProgress())
     assert len(cal) == 1 and val is not None and len(val) == 4
-    assert info["holdout"] == "none and its scanner variations"
+    assert info["holdout"] == "none and its scanner variations" and info["validation_copies"] == 3
+    assert info["validation_note"].startswith("samples: 1 window(s) of the only calibration scan")
     assert "gamma 0.7, gamma 1.4, blurred 1 voxel" in info["validation_note"]
     assert "optimistic because no unseen subject was available" in info["validation_note"]
     np.testing.assert_array_equal(val.windows[0], before[0])  # the scan itself comes first, unchanged

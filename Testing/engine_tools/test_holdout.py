@@ -102,12 +102,15 @@ def test_validation_folder_is_checked_keyed_and_reported(tmp_path: Path, brainch
     keys = [
         json.loads((e.artifact_dir / "engine.json").read_text())["key_parts"] for e in (single, validated)
     ]
-    assert keys[0]["validation"] is None and keys[1]["validation"] == mni_only.fingerprint
+    # one scan: validated on it and its scanner-variation copies (a set of its own, in the key)
+    assert keys[0]["validation"] not in (None, t1_only.fingerprint, mni_only.fingerprint)
+    assert keys[1]["validation"] == mni_only.fingerprint
     assert keys[0]["calibration"] == keys[1]["calibration"]
 
     # one scan and no validation folder: validated on the scan calibration used, and said so
     note = single.build_report["accuracy_guard"]["validated_on"]
-    assert note.startswith(f"1 whole cropped volume(s) of the only calibration scan ({MRI[0]})")
+    assert note.startswith(f"4 samples: 1 whole cropped volume(s) of the only calibration scan ({MRI[0]})")
+    assert "and 3 copies with scanner variations (gamma 0.7, gamma 1.4, blurred 1 voxel" in note
     assert "optimistic because no unseen subject was available" in note and "--validation FOLDER" in note
     report = validated.build_report
     assert report["calibration"]["subjects"] == [MRI[0]] and report["validation"]["subjects"] == [MRI[1]]

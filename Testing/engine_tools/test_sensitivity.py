@@ -217,3 +217,15 @@ def test_on_proxy_crops_each_layer_alone_in_int8_ranks_the_damaged_layer_first(t
     assert len(guard.sensitivity) == len(adapter.layers()) == 4
     alone = {entry["layer"]: entry["dice_alone"] for entry in guard.sensitivity}
     assert alone[damaged] == min(alone.values()) < 1.0
+    # with scanner-variation copies after the scan, the ranking measures the scan's own crop only
+    copies = [np.clip(volumes[2] * 1.3, 0, 1), volumes[2] ** 2]
+    varied = AccuracyGuard(
+        adapter, volumes[2:] + copies, volumes[:2], {**guard_options, "validation_copies": 2}, SilentProgress()
+    )
+    assert varied.originals == 1 and len(varied.proxy) == 3
+    assert varied.rank(base) == ranked
+    assert [e["dice_alone"] for e in varied.sensitivity] == [e["dice_alone"] for e in guard.sensitivity]
+    sensitivity_step = next(a for a in varied.attempts if a["step"] == "sensitivity")
+    assert "not of their scanner-variation copies" in sensitivity_step["sample"]
+    # ... while the other steps measure the copies too
+    assert varied.evaluate(base.model, proxy=True)["mean"] != guard.evaluate(base.model, proxy=True)["mean"]
