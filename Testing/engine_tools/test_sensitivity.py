@@ -220,7 +220,11 @@ def test_on_proxy_crops_each_layer_alone_in_int8_ranks_the_damaged_layer_first(t
     # with scanner-variation copies after the scan, the ranking measures the scan's own crop only
     copies = [np.clip(volumes[2] * 1.3, 0, 1), volumes[2] ** 2]
     varied = AccuracyGuard(
-        adapter, volumes[2:] + copies, volumes[:2], {**guard_options, "validation_copies": 2}, SilentProgress()
+        adapter,
+        volumes[2:] + copies,
+        volumes[:2],
+        {**guard_options, "validation_copies": 2},
+        SilentProgress(),
     )
     assert varied.originals == 1 and len(varied.proxy) == 3
     assert varied.rank(base) == ranked
