@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -232,6 +233,13 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_report(target: Path, report: dict[str, Any], render: Callable[[dict[str, Any]], str]) -> None:
+    """``target`` as ``.json`` and, rendered, as ``.md``."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    target.with_suffix(".md").write_text(render(report))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS))
@@ -281,9 +289,7 @@ def main() -> None:
                 "int8_target_dice": args.target_dice or "the product's default",
                 "cases": list(cases.values()),
             }
-            target.parent.mkdir(parents=True, exist_ok=True)  # after every case: a failure keeps the rest
-            target.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-            target.with_suffix(".md").write_text(markdown(report))
+            write_report(target, report, markdown)  # after every case: a failure keeps the rest
     print(target.with_suffix(".md").read_text())
 
 

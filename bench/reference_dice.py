@@ -31,7 +31,7 @@ from typing import Any
 import e2e
 import numpy as np
 import SimpleITK as sitk
-from e2e import MRI, RESULTS, SCANS, agreement, engine_args, label_array, medquant
+from e2e import MRI, RESULTS, SCANS, agreement, engine_args, medquant
 
 MODELS = ("brainchop-model11_gw_ae", "brainchop-model18cls", "brainchop-model21_104class")
 TISSUES = ("GM", "WM")
@@ -97,17 +97,15 @@ def _version(package: str) -> str:
 
 def on_reference_grid(labels_path: Path, reference: sitk.Image) -> tuple[np.ndarray, str]:
     """The labelmap's array on the reference grid (nearest neighbour where the grids differ)."""
-    image = sitk.ReadImage(str(labels_path))
-    same = (
-        image.GetSize() == reference.GetSize()
-        and np.allclose(image.GetOrigin(), reference.GetOrigin(), atol=1e-3)
-        and np.allclose(image.GetSpacing(), reference.GetSpacing(), atol=1e-4)
-        and np.allclose(image.GetDirection(), reference.GetDirection(), atol=1e-4)
+    from engine_tools.label_stats import reference_on_grid
+
+    moved, warning = reference_on_grid(sitk.ReadImage(str(labels_path)), reference)
+    grid = (
+        "output resampled to the reference grid (nearest neighbour)"
+        if warning
+        else "output on the reference grid"
     )
-    if same:
-        return label_array(labels_path), "output on the reference grid"
-    moved = sitk.Resample(image, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
-    return sitk.GetArrayFromImage(moved), "output resampled to the reference grid (nearest neighbour)"
+    return sitk.GetArrayFromImage(moved), grid
 
 
 def tissue_dice(labels: np.ndarray, tissue_lut: np.ndarray, reference: np.ndarray) -> dict[str, float]:
@@ -269,9 +267,7 @@ def main() -> None:
             "reference": about,
             "models": list(rows.values()),
         }
-        target.parent.mkdir(parents=True, exist_ok=True)  # after every model: a failure keeps the rest
-        target.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-        target.with_suffix(".md").write_text(markdown(report))
+        e2e.write_report(target, report, markdown)  # after every model: a failure keeps the rest
     print(target.with_suffix(".md").read_text())
 
 
