@@ -31,11 +31,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from e2e import MRI
 from int8_recipes import RESULTS, _onnx
 
 VOLUMES = RESULTS / ".guard_volumes.npz"
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "mri"
-SUBJECTS = {"t1_crop": SHARED / "t1_crop.nii.gz", "mni152_2009_t1": SHARED / "mni152_2009_t1.nii.gz"}
+SUBJECTS = {"t1_crop": MRI / "t1_crop.nii.gz", "mni152_2009_t1": MRI / "mni152_2009_t1.nii.gz"}
 
 
 def bias_field(volume: np.ndarray, strength: float = 0.15) -> np.ndarray:

@@ -99,7 +99,7 @@ class AccuracyGuard:
         self.clock = StageClock()
         self.quantize_calls = 0
         self.sensitivity_method = "not run"
-        crop = int(options.get("keep_proxy_crop", 128))
+        crop = int(options.get("keep_proxy_crop", sensitivity.PROXY_CROP))
         self.proxy = None  # centred crops the keep/escalate choices are measured on (whole volumes)
         self._on_whole: dict[tuple[Any, ...], Candidate] = {}
         if crop > 0 and options.get("fully_convolutional") and getattr(adapter, "any_spatial_shape", False):
@@ -299,7 +299,7 @@ class AccuracyGuard:
 
     def keep(self, base: Candidate, ranked: list[str]) -> Candidate:
         """Step 3: keep the top-ranked layers, fewest first, up to ``max_kept_layers``. With whole
-        volumes the choices are measured on centred proxy crops (``keep_proxy_crop``, default 128) and
+        volumes the choices are measured on centred proxy crops (``keep_proxy_crop``, default :data:`sensitivity.PROXY_CROP`) and
         only the chosen set on the whole samples. It is confirmed by quantizing again without those
         layers (re-calibrated) when one quantization took at most ``confirm_budget_s``; the better wins."""
         limit = min(len(ranked), int(self.options.get("max_kept_layers", max(1, len(self.layers) // 2))))

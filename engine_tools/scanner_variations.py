@@ -26,13 +26,11 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from engine_tools.sensitivity import centred_crop
+from engine_tools.sensitivity import PROXY_CROP, centred_crop
 
-#: the copies, by name: gamma over the sample's intensity range, and a Gaussian blur (sigma in voxels)
-VARIATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {}
 #: centred cube whole-volume copies are cut to (voxels per axis): the guard's proxy crop, so a copy is its
 #: own proxy and costs the guard no more than one proxy crop per candidate
-VARIATION_CROP = 128
+VARIATION_CROP = PROXY_CROP
 #: samples that get copies (the first ones; each copy costs the guard one more sample per candidate)
 MAX_VARIED_SAMPLES = 2
 
@@ -57,13 +55,12 @@ def blurred(sample: np.ndarray, sigma: float) -> np.ndarray:
     return np.stack(channels).astype(np.float32)
 
 
-VARIATIONS.update(
-    {
-        "gamma 0.7": lambda s: gamma(s, 0.7),
-        "gamma 1.4": lambda s: gamma(s, 1.4),
-        "blurred 1 voxel": lambda s: blurred(s, 1.0),
-    }
-)
+#: the copies, by name: gamma over the sample's intensity range, and a Gaussian blur (sigma in voxels)
+VARIATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "gamma 0.7": lambda s: gamma(s, 0.7),
+    "gamma 1.4": lambda s: gamma(s, 1.4),
+    "blurred 1 voxel": lambda s: blurred(s, 1.0),
+}
 
 
 def scanner_variations(

@@ -37,6 +37,10 @@ from engine_tools.progress import Progress
 TAP_VOXEL_BUDGET = 12 * 64**3
 
 
+#: side of the centred cube the guard measures whole volumes' keep choices and layer ranking on
+PROXY_CROP = 128
+
+
 def centred_crop(sample: np.ndarray, size: int) -> np.ndarray:
     """The centred ``size``-voxel cube of a ``C, D, H, W`` sample (smaller axes are kept whole)."""
     slices = [slice(None)]
