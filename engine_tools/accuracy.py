@@ -128,11 +128,19 @@ def digest(logits: np.ndarray, max_sampled_bytes: int = SQNR_SAMPLE_BYTES) -> Lo
     sub-grid fits ``max_sampled_bytes``)."""
     logits = np.asarray(logits)
     num_classes, dims = int(logits.shape[1]), logits.ndim - 2
-    stride = 1
-    while logits.nbytes / stride**dims > max_sampled_bytes and stride < max(logits.shape[2:]):
-        stride += 1
+    stride = sqnr_stride(logits.shape, max_sampled_bytes)
     grid = (slice(None), slice(None), *[slice(None, None, stride)] * dims)
     return LogitsDigest(class_argmax(logits), np.array(logits[grid], dtype=np.float32), stride, num_classes)
+
+
+def sqnr_stride(shape: Sequence[int], max_sampled_bytes: int = SQNR_SAMPLE_BYTES) -> int:
+    """The smallest stride whose sub-grid of float32 logits of ``shape`` (``N, K, ...``) fits
+    ``max_sampled_bytes``: the :class:`LogitsDigest` stride of such logits."""
+    nbytes, dims = 4 * int(np.prod(shape)), len(shape) - 2
+    stride = 1
+    while nbytes / stride**dims > max_sampled_bytes and stride < max(shape[2:]):
+        stride += 1
+    return stride
 
 
 def class_argmax(logits: np.ndarray) -> np.ndarray:

@@ -131,7 +131,11 @@ class AccuracyGuard:
     def _digested(
         self, model: Any, samples: Sequence[np.ndarray], timings: list[float] | None = None
     ) -> list[accuracy.LogitsDigest]:
-        """Digests of ``model``'s logits (strict FP32 for None), see :func:`accuracy.run_digested`."""
+        """Digests of ``model``'s logits (strict FP32 for None): the adapter's own where it computes them
+        (``run_digests``: OpenVINO, in the graph), else :func:`accuracy.run_digested` of its logits."""
+        own = getattr(self.adapter, "run_digests", None)
+        if own is not None:
+            return own(model, samples, timings=timings)
         return accuracy.run_digested(lambda group: self.adapter.run(model, group, timings=timings), samples)
 
     def evaluate(

@@ -46,5 +46,7 @@ class QuantizationAdapter(Protocol):
         """Logits of ``candidate`` (``None``: strict FP32) on samples (windows or whole cropped volumes);
         seconds per sample into ``timings``."""
 
+    # optional ``run_digests(candidate, samples, timings) -> [LogitsDigest]``: what ``run`` gives, as
+    # the guard's digests (:class:`engine_tools.accuracy.LogitsDigest`) computed by the backend itself
     # optional ``layer_taps(candidate, sample, layers) -> {layer: (float input, output)}`` on one
     # ``C, D, H, W`` sample (``candidate`` None: strict FP32): the one-pass sensitivity uses it

@@ -46,10 +46,10 @@ def _build(onnx_path: Path, validation: list[np.ndarray]) -> tuple[object, int]:
     fp32_passes = []
 
     class Counting(NNCFAdapter):
-        def run(self, candidate, samples, timings=None):  # noqa: ANN001, ANN202
+        def run_digests(self, candidate, samples, timings=None):  # noqa: ANN001, ANN202
             if candidate is None:
                 fp32_passes.append(len(samples))
-            return super().run(candidate, samples, timings=timings)
+            return super().run_digests(candidate, samples, timings=timings)
 
     options = {"guard": False, "int8_fallback": "f32", "reference_network": "tiny net v1"}
     adapter = Counting(Core().read_model(str(onnx_path)), _volumes(0), options, validation)

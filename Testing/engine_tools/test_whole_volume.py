@@ -174,7 +174,7 @@ def test_engine_arg_max_equals_numpy_on_the_logits_ties_included(case: dict) -> 
     import openvino as ov
     import openvino.opset13 as ops
 
-    from engine_tools.engines.openvino.runtime import with_argmax_output
+    from engine_tools.engines.openvino.class_outputs import with_argmax_output
 
     card, prep = case["card"], case["prep"]
     engine = prepare_engine(

@@ -23,13 +23,13 @@ import numpy as np
 
 from engine_tools.cache import sha256_file
 from engine_tools.engines.base import BuildRequest, Engine, _progress
+from engine_tools.engines.openvino.class_outputs import with_argmax_output
 from engine_tools.engines.openvino.runtime import (
     _ov,
     compile_on_cpu,
     executed_kernels,
     read_static_model,
     run_compiled,
-    with_argmax_output,
 )
 from engine_tools.progress import Progress
 

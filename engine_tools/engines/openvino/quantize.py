@@ -10,12 +10,15 @@ shape, and the result is reshaped back to the window (:meth:`NNCFAdapter.to_stat
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from engine_tools.accuracy import LogitsDigest, sqnr_stride
 from engine_tools.engines.base import as_samples
+from engine_tools.engines.openvino.class_outputs import with_digest_outputs
 from engine_tools.engines.openvino.runtime import compile_model, run_compiled
 from engine_tools.engines.openvino.statistics_order import statistics_in_execution_order
 from engine_tools.engines.openvino.weight_rounding import layer_hessians, round_weights
@@ -303,20 +306,54 @@ class NNCFAdapter:
         """Run samples through strict FP32 (``candidate`` None) or a candidate, compiled once per
         sample shape at that static shape (dilated convolutions then run on sub-grids where faster,
         see :mod:`engine_tools.engines.openvino.dilated`)."""
-        from openvino import PartialShape
-
-        model = self.model if candidate is None else candidate
-        samples = as_samples(windows)
         requests: dict[tuple[int, ...], Any] = {}
         outputs = []
-        for sample in samples:
+        for sample in as_samples(windows):
             shape = (1, *sample.shape)
             if shape not in requests:
-                static = model.clone()
-                static.reshape({static.input(0): PartialShape(list(shape))})
-                compiled = compile_model(static, "f32" if candidate is None else self.fallback)
+                compiled = compile_model(self._static(candidate, shape), self._hint(candidate))
                 requests[shape] = compiled.create_infer_request()
             # each sample's logits land in an array of its own (a new request's first run writes
             # straight into it: no copy of a whole volume's logits)
             outputs.append(run_compiled(requests[shape], sample[None], timings=timings, write_in_place=True))
         return np.concatenate(outputs, axis=0) if isinstance(windows, np.ndarray) else outputs
+
+    def run_digests(
+        self,
+        candidate: Any | None,
+        samples: np.ndarray | Sequence[np.ndarray],
+        timings: list[float] | None = None,
+    ) -> list[LogitsDigest]:
+        """What :meth:`run` gives, as the guard's digests (:class:`~engine_tools.accuracy.LogitsDigest`)
+        computed in the graph (:func:`~engine_tools.engines.openvino.class_outputs.with_digest_outputs`):
+        a whole volume's logits are never held, in OpenVINO's memory or in ours."""
+        requests: dict[tuple[int, ...], tuple[Any, int, int]] = {}
+        found = []
+        for sample in as_samples(samples):
+            shape = (1, *sample.shape)
+            if shape not in requests:
+                model = self._static(candidate, shape)
+                logits = tuple(model.output(0).get_shape())
+                stride = sqnr_stride(logits)
+                compiled = compile_model(with_digest_outputs(model, stride), self._hint(candidate))
+                requests[shape] = (compiled.create_infer_request(), stride, int(logits[1]))
+            request, stride, classes = requests[shape]
+            start = time.perf_counter()
+            result = request.infer({0: np.ascontiguousarray(sample[None])})
+            labels, sampled = (np.array(result[port]) for port in request.model_outputs)
+            if timings is not None:
+                timings.append(time.perf_counter() - start)
+            found.append(LogitsDigest(labels[:, 0], sampled.astype(np.float32), stride, classes))
+        return found
+
+    def _hint(self, candidate: Any | None) -> str:
+        """Inference precision: strict FP32 for the FP32 model, the fallback for a candidate's kept layers."""
+        return "f32" if candidate is None else self.fallback
+
+    def _static(self, candidate: Any | None, shape: tuple[int, ...]) -> Any:
+        """A clone of ``candidate`` (None: the FP32 model) reshaped to the static ``shape``."""
+        from openvino import PartialShape
+
+        model = (self.model if candidate is None else candidate).clone()
+        model.reshape({model.input(0): PartialShape(list(shape))})
+        return model

@@ -29,39 +29,6 @@ def read_static_model(onnx_path: str | Path, in_channels: int, window: tuple[int
     return model
 
 
-#: largest logits tensor one TopK reads: OpenVINO 2026.4's CPU TopK crashes on inputs over 2 GiB
-#: (104 classes over 200^3 voxels), so larger volumes take the arg-max slab by slab
-ARGMAX_MAX_BYTES = 2**30
-
-
-def with_argmax_output(model: Any, max_bytes: int = ARGMAX_MAX_BYTES) -> Any:
-    """``model`` (changed in place) giving the index of the largest of its logits per voxel (``N, 1, D,
-    H, W`` int32; among equal logits the first, as NumPy's ``argmax``) instead of the logits: a stable
-    TopK, k=1, over slabs of the first spatial axis where the logits exceed ``max_bytes``."""
-    ov = _ov()
-    from openvino import opset11
-
-    result = model.get_results()[0]
-    logits = result.input_value(0)
-
-    def argmax(value: Any) -> Any:
-        return opset11.topk(value, np.int64(1), 1, "max", "value", ov.Type.i32, True).output(1)
-
-    shape, slabs = logits.get_partial_shape(), 1
-    if shape.is_static:
-        depth = shape[2].get_length()
-        slabs = min(depth, -(-int(np.prod(shape.to_shape())) * 4 // max_bytes))
-    if slabs > 1:
-        sizes = [depth // slabs + (i < depth % slabs) for i in range(slabs)]
-        parts = opset11.variadic_split(logits, np.int64(2), np.array(sizes, np.int64))
-        labels = opset11.concat([argmax(part) for part in parts.outputs()], 2).output(0)
-    else:
-        labels = argmax(logits)
-    result.input(0).replace_source_output(labels)
-    model.validate_nodes_and_infer_types()
-    return model
-
-
 def compile_model(model: Any, hint: str) -> Any:
     """Compile for the CPU at a latency hint (see :func:`compile_on_cpu`)."""
     config = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
