@@ -81,7 +81,8 @@ def logits_agreement(
     include_background: bool = True,
     min_voxels: int = 0,
 ) -> dict[str, Any]:
-    """:func:`agreement_dice` of the argmax of two sets of logits plus their SQNR.
+    """:func:`agreement_dice` of the arg-max of two sets of logits (:func:`class_argmax`, as the guard's
+    digests) plus their SQNR.
 
     Each is one ``N, K, ...`` array or a sequence of such arrays of differing spatial shapes (whole
     cropped volumes). Voxels are pooled over all samples: one Dice per label over every voxel of every
@@ -93,8 +94,8 @@ def logits_agreement(
         raise ValueError(f"{len(references)} reference samples but {len(tests)} test samples")
     num_classes = int(references[0].shape[1])
     result = agreement_dice(
-        np.concatenate([np.argmax(r, axis=1).ravel() for r in references]),
-        np.concatenate([np.argmax(t, axis=1).ravel() for t in tests]),
+        np.concatenate([class_argmax(r).ravel() for r in references]),
+        np.concatenate([class_argmax(t).ravel() for t in tests]),
         num_classes,
         include_background=include_background,
         min_voxels=min_voxels,

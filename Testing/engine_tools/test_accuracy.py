@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+from engine_tools import accuracy
 from engine_tools.accuracy import agreement_dice, json_ready, logits_agreement, sqnr_db
 
 
@@ -90,3 +91,17 @@ def test_class_argmax_equals_numpy_with_ties_to_the_first_class() -> None:
     many = rng.normal(size=(1, 300, 3, 3, 3)).astype(np.float32)
     found = class_argmax(many)
     assert found.dtype == np.uint16 and np.array_equal(found, np.argmax(many, axis=1))
+
+
+def test_logits_and_digest_agreement_take_the_same_arg_max_nan_included() -> None:
+    """``compare``'s logits agreement and the guard's digest agreement label voxels alike, also where a
+    logit is NaN (a NaN never wins the arg-max in either)."""
+    rng = np.random.default_rng(5)
+    reference = rng.normal(size=(2, 4, 6, 7, 5)).astype(np.float32)
+    test = reference + rng.normal(scale=0.3, size=reference.shape).astype(np.float32)
+    test[0, 2, :3] = np.nan
+    test[1, 0, 1, 2] = np.nan
+    by_logits = accuracy.logits_agreement(reference, test)
+    by_digests = accuracy.digest_agreement(accuracy.digests(reference), accuracy.digests(test))
+    assert by_logits["per_label"] == by_digests["per_label"] and by_logits["mean"] < 1.0
+    assert 2 not in set(accuracy.class_argmax(test)[0, :3].ravel())

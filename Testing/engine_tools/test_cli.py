@@ -135,3 +135,32 @@ def test_build_recipe_is_a_tensorrt_choice(tmp_path):
         text=True,
     )
     assert proc.returncode == 2 and "medptq" in proc.stderr
+
+
+def test_guard_flags_give_build_and_segment_one_engine_key(tmp_path):
+    """``--no-guard`` and ``--no-scanner-variations`` are engine settings: ``build`` and ``segment``
+    (and ``compare``) accept both and turn them into the same build options, which name the cache
+    entry, so a segment after a build with the same flags finds that build's engine."""
+    from engine_tools.cli import build_parser
+    from engine_tools.commands._options import engine_spec
+    from engine_tools.progress import SilentProgress
+    from engine_tools.registry import get_card
+
+    card = get_card("brainchop-model11_gw_ae")
+    parser = build_parser()
+    flags = ["--no-guard", "--no-scanner-variations", "--backend", "openvino"]
+    commands = {
+        "build": ["build", card.id],
+        "segment": ["segment", card.id, "--input", "in.nii.gz", "--output", str(tmp_path / "out.nii.gz")],
+        "compare": ["compare", card.id, "--input", "in.nii.gz", "--output-dir", str(tmp_path)],
+    }
+    options = {}
+    for name, words in commands.items():
+        for extra in ([], flags):
+            args = parser.parse_args([*words, *extra])
+            options[name, bool(extra)] = engine_spec(
+                args, card, SilentProgress(), precision="int8"
+            ).build_options()
+    assert options["build", True] == options["segment", True] == options["compare", True]
+    assert options["build", True]["guard"] is False and options["build", True]["scanner_variations"] is False
+    assert options["build", False] == options["segment", False] and "guard" not in options["build", False]

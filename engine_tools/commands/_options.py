@@ -14,7 +14,9 @@ CALIBRATION_METHODS = ("minmax", "percentile", "histogram", "mean_minmax")
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser, precision_default: str | None = "int8") -> None:
-    """Backend, precision, calibration folder/size/method, accuracy-guard target, seed and rebuild."""
+    """Backend, precision, calibration folder/size/method, accuracy-guard settings, seed and rebuild.
+    Every setting that changes an engine is accepted by each command that builds or finds one, so that
+    ``build`` and a later ``segment`` with the same flags share the cached engine."""
     parser.add_argument(
         "--backend",
         choices=("auto", *BACKENDS),
@@ -59,6 +61,18 @@ def add_engine_arguments(parser: argparse.ArgumentParser, precision_default: str
         action="store_true",
         help="let an INT8 build end below --target-dice instead of keeping more layers in higher precision "
         "(the result then says below_target)",
+    )
+    parser.add_argument(
+        "--no-guard",
+        action="store_true",
+        help="INT8: quantize once and only measure agreement, keeping no layer in higher precision "
+        "(not recommended)",
+    )
+    parser.add_argument(
+        "--no-scanner-variations",
+        action="store_true",
+        help="INT8 from a single calibration scan: the guard validates on that scan only, not also on its "
+        "contrast and sharpness copies (a faster build and a more optimistic estimate)",
     )
     parser.add_argument("--device", help="device (cpu, cuda:0, ...); default: the backend's")
     parser.add_argument("--seed", type=int, default=0, help="seed of the calibration window sampling")
@@ -139,6 +153,9 @@ def engine_spec(
         raise ValueError("--validation needs --calibration (the folder INT8 is calibrated on)")
     calibration = _collect_calibration(args, card, progress) if "int8" in wanted else None
     validation = _collect_calibration(args, card, progress, "validation") if "int8" in wanted else None
+    options = dict(fields.pop("options", None) or {})
+    if getattr(args, "no_scanner_variations", False):
+        options["scanner_variations"] = False
     return EngineSpec(
         backend=args.backend,
         precision=precision,
@@ -152,6 +169,8 @@ def engine_spec(
         weights_dir=args.weights_dir,
         random_weights=args.random_weights,
         allow_below_target=args.allow_below_target,
+        guard=not getattr(args, "no_guard", False),
+        options=options,
         **fields,
     )
 

@@ -24,7 +24,6 @@ def register(
     )
     parser.add_argument("model", help="model id (see `medquant models`) or path to a model card JSON")
     add_engine_arguments(parser)
-    parser.add_argument("--no-guard", action="store_true", help="skip the accuracy guard (not recommended)")
     parser.add_argument(
         "--recipe",
         choices=tuple(RECIPES),
@@ -56,8 +55,6 @@ def run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
 def build_options(args: argparse.Namespace) -> dict[str, Any] | None:
     """Backend options given on the command line (``None``: the card's own)."""
     options: dict[str, Any] = {}
-    if args.no_guard:
-        options["guard"] = False
     if args.recipe:
         if args.backend not in ("tensorrt", "auto"):
             raise ValueError(f"--recipe is a TensorRT INT8 recipe; --backend {args.backend} has none")
