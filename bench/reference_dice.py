@@ -171,6 +171,7 @@ def measure_model(
             "guard_final_mean_dice": guard.get("final_mean_dice"),
             "guard_target": guard.get("target"),
             "build_wall_s": build_wall,
+            "build_stage_seconds": report.get("stage_seconds"),
             "grid": grid,
         }
         print(json.dumps({model: {f"int8 calibrated on {scan}": row["int8"][scan]}}, default=str), flush=True)
