@@ -207,6 +207,16 @@ def digest_agreement(
     return result
 
 
+def sample_means(
+    reference: Sequence[LogitsDigest], test: Sequence[LogitsDigest], min_voxels: int = 0
+) -> list[float]:
+    """Mean agreement Dice of each sample alone (:func:`digest_agreement` of one pair), rounded."""
+    return [
+        round(float(digest_agreement([r], [t], min_voxels=min_voxels)["mean"]), 5)
+        for r, t in zip(reference, test, strict=True)
+    ]
+
+
 def _samples(logits: np.ndarray | Sequence[np.ndarray]) -> list[np.ndarray]:
     """``N, K, ...`` arrays (an array, or a list of arrays with the class axis at 1)."""
     if isinstance(logits, np.ndarray):

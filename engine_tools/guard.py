@@ -158,7 +158,11 @@ class AccuracyGuard:
             return accuracy.digest_agreement(reference, found, min_voxels=self.min_voxels)
         count = len(self.validation) if windows is None else max(1, min(windows, len(self.validation)))
         found = self._digested(model, self.validation[:count], timings=timings)
-        return accuracy.digest_agreement(self.reference()[:count], found, min_voxels=self.min_voxels)
+        reference = self.reference()[:count]
+        agreement = accuracy.digest_agreement(reference, found, min_voxels=self.min_voxels)
+        if count > 1:  # each sample alone too: a scanner-variation copy may sit well below the pool
+            agreement["per_sample"] = accuracy.sample_means(reference, found, min_voxels=self.min_voxels)
+        return agreement
 
     def _record(self, step: str, candidate: Candidate, start: float) -> None:
         self.attempts.append(
@@ -463,6 +467,7 @@ class AccuracyGuard:
             int8_compute_fraction=None if fraction is None else round(fraction, 4),
             compute_measure=str(getattr(self.adapter, "compute_measure", "multiply-accumulates")),
             labels_too_small_to_score=ready.get("excluded_small", []),
+            sample_mean_dice=list(best.agreement.get("per_sample", [])),
             min_label_voxels=self.min_voxels,
             sensitivity=self.sensitivity,
             latency=self.latency(best),

@@ -29,6 +29,9 @@ class GuardReport:
     int8_compute_fraction: float | None
     compute_measure: str
     labels_too_small_to_score: list[int] = field(default_factory=list)
+    #: mean agreement Dice of each validation sample alone, in the order ``validated_on`` names them
+    #: (the scan(s) first, then any scanner-variation copies); empty for a single sample
+    sample_mean_dice: list[float] = field(default_factory=list)
     min_label_voxels: int = 0
     sensitivity: list[dict[str, Any]] = field(default_factory=list)
     latency: dict[str, Any] = field(default_factory=dict)

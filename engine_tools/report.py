@@ -108,6 +108,9 @@ def findings(report: dict[str, Any]) -> list[str]:
             )
         if precision == "int8" and "optimistic" in str(guard.get("validated_on", "")):
             out.append(f"The INT8 accuracy guard validated on {guard['validated_on']}.")
+        if precision == "int8" and guard.get("sample_mean_dice"):
+            each = ", ".join(f"{value:.4f}" for value in guard["sample_mean_dice"])
+            out.append(f"Its agreement per validation sample, in that order: {each}.")
         kept = row.get("kept_in_higher_precision")
         if precision == "int8" and kept is not None:
             out.append(

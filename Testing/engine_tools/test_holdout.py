@@ -112,6 +112,8 @@ def test_validation_folder_is_checked_keyed_and_reported(tmp_path: Path, brainch
     assert note.startswith(f"4 samples: 1 whole cropped volume(s) of the only calibration scan ({MRI[0]})")
     assert "and 3 copies with scanner variations (gamma 0.7, gamma 1.4, blurred 1 voxel" in note
     assert "optimistic because no unseen subject was available" in note and "--validation FOLDER" in note
+    each = single.build_report["accuracy_guard"]["sample_mean_dice"]  # the scan, then each copy
+    assert len(each) == 4 and all(0.0 < value <= 1.0 for value in each)
     report = validated.build_report
     assert report["calibration"]["subjects"] == [MRI[0]] and report["validation"]["subjects"] == [MRI[1]]
     assert report["validation"]["holdout"] == "validation folder"

@@ -233,3 +233,8 @@ def test_on_proxy_crops_each_layer_alone_in_int8_ranks_the_damaged_layer_first(t
     assert "not of their scanner-variation copies" in sensitivity_step["sample"]
     # ... while the other steps measure the copies too
     assert varied.evaluate(base.model, proxy=True)["mean"] != guard.evaluate(base.model, proxy=True)["mean"]
+    # the whole-sample evaluation reports each sample alone (the scan, then its copies) beside the pool
+    whole = varied.evaluate(base.model)
+    scan_alone = varied.evaluate(base.model, windows=1)["mean"]
+    assert len(whole["per_sample"]) == 3 and whole["per_sample"][0] == round(scan_alone, 5)
+    assert "per_sample" not in guard.evaluate(base.model)  # one sample: nothing to split

@@ -80,6 +80,9 @@ def render(result: dict[str, Any]) -> str:
             f"{guard['final_mean_dice']:.4f} (target {guard['target']}, "
             f"{'met' if guard['met_target'] else 'NOT met'})"
         )
+        if guard.get("sample_mean_dice"):
+            each = ", ".join(f"{value:.4f}" for value in guard["sample_mean_dice"])
+            lines.append(f"  per validation sample: {each} ({guard.get('validated_on')})")
         if guard.get("int8_compute_fraction") is not None:
             lines.append(f"  INT8 share of compute: {guard['int8_compute_fraction']:.0%}")
         if guard.get("below_target"):
