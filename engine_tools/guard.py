@@ -41,15 +41,15 @@ from typing import Any
 
 import numpy as np
 
-from engine_tools import accuracy, reference_cache, sensitivity
-from engine_tools.engines.base import as_samples
+from engine_tools import accuracy, sensitivity
 from engine_tools.guard_adapter import BelowTargetError, QuantizationAdapter
+from engine_tools.guard_measure import GuardMeasurements
 from engine_tools.guard_report import Candidate, GuardReport, _finite
 from engine_tools.progress import Progress
 from engine_tools.stage_clock import StageClock
 
 
-class AccuracyGuard:
+class AccuracyGuard(GuardMeasurements):
     """Quantize through ``adapter`` and keep INT8 within ``target_dice`` of strict FP32.
 
     ``validation`` are held-out samples (``None``: the ``calibration`` samples, reported as such): an
@@ -58,7 +58,8 @@ class AccuracyGuard:
     Options: ``target_dice``, ``guard`` (False: quantize once and only measure), ``ignored_layers``,
     ``keep_higher_precision_patterns``, ``max_kept_layers``, ``sensitivity_windows``,
     ``calibration_budget_s``, ``allow_below_target``, ``min_label_voxels``, ``recipe_margin``,
-    ``confirm_budget_s``, ``sensitivity_crop``, ``fully_convolutional``.
+    ``confirm_budget_s``, ``sensitivity_crop``, ``fully_convolutional``, ``keep_proxy_crop``,
+    ``validation_copies`` (measuring: :class:`~engine_tools.guard_measure.GuardMeasurements`).
     """
 
     def __init__(
@@ -75,94 +76,18 @@ class AccuracyGuard:
         self.target = float(options.get("target_dice", 0.97))
         self.enabled = bool(options.get("guard", True))
         self.allow_below_target = bool(options.get("allow_below_target", False))
-        self.min_voxels = int(options.get("min_label_voxels", 1000))
         self.calibration_windows = len(calibration)
-        # what the samples are and where they come from (the build pipeline says which subjects)
-        self.validation_source = str(options.get("validation_note", "held-out windows"))
-        if validation is None or len(validation) == 0:
-            validation = calibration
-            self.validation_source = str(
-                options.get("validation_note", "calibration windows (no held-out windows given)")
-            )
-        self.validation = as_samples(validation)
-        #: the last samples may be scanner-variation copies of the others: measured, but not ranked on
-        self.originals = max(1, len(self.validation) - int(options.get("validation_copies", 0)))
+        self.clock = StageClock()
+        self.measure_on(validation, calibration)
         self.forced = list(options.get("ignored_layers", []))
         patterns = list(options.get("keep_higher_precision_patterns", []))
         self.by_pattern = [n for n in adapter.layers() if any(re.search(p, n) for p in patterns)]
         self.layers = [n for n in adapter.layers() if n not in self.forced and n not in self.by_pattern]
         self.attempts: list[dict[str, Any]] = []
         self.sensitivity: list[dict[str, Any]] = []
-        self.fp32_times: list[float] = []
-        self._reference: list[accuracy.LogitsDigest] | None = None
-        self.reference_source = "not computed"
-        self.clock = StageClock()
         self.quantize_calls = 0
         self.sensitivity_method = "not run"
-        crop = int(options.get("keep_proxy_crop", sensitivity.PROXY_CROP))
-        self.proxy = None  # centred crops the keep/escalate choices are measured on (whole volumes)
         self._on_whole: dict[tuple[Any, ...], Candidate] = {}
-        if crop > 0 and options.get("fully_convolutional") and getattr(adapter, "any_spatial_shape", False):
-            if any(max(s.shape[1:]) > crop for s in self.validation):
-                self.proxy = [sensitivity.centred_crop(s, crop) for s in self.validation]
-        self._proxy_reference: list[accuracy.LogitsDigest] | None = None
-
-    # ------------------------------------------------------------------ measuring
-    def reference(self) -> list[accuracy.LogitsDigest]:
-        """Strict-FP32 logits of the validation samples as digests (labels and SQNR sub-grid, see
-        :class:`engine_tools.accuracy.LogitsDigest`), computed once (timed per sample)."""
-        if self._reference is None:
-            with self.clock.stage("reference_fp32"):
-                self._reference = self._cached_reference()
-        return self._reference
-
-    def _cached_reference(self) -> list[accuracy.LogitsDigest]:
-        """The FP32 pass, or its result cached by a build of the same network (``reference_network``
-        option) on the same samples (:mod:`engine_tools.reference_cache`)."""
-        cached = reference_cache.computed_or_cached(
-            self.options.get("reference_network"),
-            self.validation,
-            lambda times: self._digested(None, self.validation, timings=times),
-        )
-        self.reference_source = "cache" if cached.from_cache else "computed"
-        self.fp32_times = cached.seconds_per_sample
-        return cached.digests
-
-    def _digested(
-        self, model: Any, samples: Sequence[np.ndarray], timings: list[float] | None = None
-    ) -> list[accuracy.LogitsDigest]:
-        """Digests of ``model``'s logits (strict FP32 for None): the adapter's own where it computes them
-        (``run_digests``: OpenVINO, in the graph), else :func:`accuracy.run_digested` of its logits."""
-        own = getattr(self.adapter, "run_digests", None)
-        if own is not None:
-            return own(model, samples, timings=timings)
-        return accuracy.run_digested(lambda group: self.adapter.run(model, group, timings=timings), samples)
-
-    def evaluate(
-        self,
-        model: Any,
-        windows: int | None = None,
-        timings: list[float] | None = None,
-        proxy: bool = False,
-        originals: bool = False,
-    ) -> dict[str, Any]:
-        """Agreement of ``model`` with strict FP32 on the (first ``windows``) validation samples, or on
-        their centred proxy crops (``originals``: not those of scanner-variation copies)."""
-        if proxy and self.proxy is not None:
-            if self._proxy_reference is None:
-                with self.clock.stage("reference_fp32"):
-                    self._proxy_reference = self._digested(None, self.proxy)
-            count = self.originals if originals else len(self.proxy)
-            found = self._digested(model, self.proxy[:count])
-            reference = self._proxy_reference[:count]
-            return accuracy.digest_agreement(reference, found, min_voxels=self.min_voxels)
-        count = len(self.validation) if windows is None else max(1, min(windows, len(self.validation)))
-        found = self._digested(model, self.validation[:count], timings=timings)
-        reference = self.reference()[:count]
-        agreement = accuracy.digest_agreement(reference, found, min_voxels=self.min_voxels)
-        if count > 1:  # each sample alone too: a scanner-variation copy may sit well below the pool
-            agreement["per_sample"] = accuracy.sample_means(reference, found, min_voxels=self.min_voxels)
-        return agreement
 
     def _record(self, step: str, candidate: Candidate, start: float) -> None:
         self.attempts.append(

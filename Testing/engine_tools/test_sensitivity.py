@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from engine_tools import sensitivity
 from engine_tools.guard import AccuracyGuard
 from engine_tools.progress import SilentProgress
 
@@ -238,3 +239,12 @@ def test_on_proxy_crops_each_layer_alone_in_int8_ranks_the_damaged_layer_first(t
     scan_alone = varied.evaluate(base.model, windows=1)["mean"]
     assert len(whole["per_sample"]) == 3 and whole["per_sample"][0] == round(scan_alone, 5)
     assert "per_sample" not in guard.evaluate(base.model)  # one sample: nothing to split
+    # copies already cut to the proxy size are their own proxies: their FP32 reference is not run twice
+    cut = [sensitivity.centred_crop(copy, 16) for copy in copies]
+    own = AccuracyGuard(
+        adapter, volumes[2:] + cut, volumes[:2], {**guard_options, "validation_copies": 2}, SilentProgress()
+    )
+    own.evaluate(base.model, proxy=True)
+    assert [p.shape for p in own.proxy] == [(1, 16, 16, 16)] * 3
+    pairs = list(zip(own._proxy_reference, own.reference(), strict=True))
+    assert [a is b for a, b in pairs] == [False, True, True]  # the scan's crop is computed, copies reused

@@ -1,8 +1,9 @@
 """What a whole volume's logits are needed for, computed in the graph slab by slab: the arg-max
 labels of a segmentation, and the digest the accuracy guard compares (labels plus sampled logits).
 
-A segmentation network ends in a *pointwise head*: a 1x1x1 convolution (in an INT8 model after its
-input quantizer), a bias, perhaps an activation or a softmax over classes. Each of its output voxels
+A segmentation network ends in a *pointwise head*: a 1x1x1 convolution (in an INT8 model reading its
+input quantizer's output; the split comes after the quantizer), a bias, perhaps an activation or a
+softmax over classes. Each of its output voxels
 reads one input voxel, so the head can run on slabs of the first spatial axis with the same result.
 Its input has the few channels of the last hidden layer; its output, the logits, has one channel per
 class: 104 classes over a 256^3 head are 7 GB of logits, which the CPU plugin would hold whole (and
@@ -26,9 +27,10 @@ import numpy as np
 #: small slab keeps the logits out of the peak memory.
 SLAB_BYTES = 256 * 2**20
 
-#: Ops a pointwise head is made of (a convolution only with a 1x1x1 kernel, stride 1, no padding).
+#: Ops a pointwise head is made of (a convolution only with a 1x1x1 kernel, stride 1, no padding). Not
+#: a quantizer: the CPU plugin fuses it into the layer before, which a split between them would undo.
 POINTWISE_OPS = frozenset(
-    "Convolution Add Subtract Multiply Divide FakeQuantize Convert Relu Elu Sigmoid Clamp Softmax".split()
+    "Convolution Add Subtract Multiply Divide Convert Relu Elu Sigmoid Clamp Softmax".split()
 )
 
 
