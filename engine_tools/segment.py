@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import SimpleITK as sitk
 
+from engine_tools.accuracy import class_argmax
 from engine_tools.cache import atomic_file, write_json_atomic
 from engine_tools.progress import Progress
 from engine_tools.volumes import (
@@ -123,7 +124,7 @@ def segment_image(
         logits = logits[0].float().numpy()
     if logits is not None:
         channels = logits.shape[0]
-        indices = logits.argmax(axis=0)
+        indices = class_argmax(logits[None])[0]  # one class at a time: no class-last copy
     if channels != card.num_classes:
         raise ValueError(
             f"{card.id}: the network returned {channels} channels but the card lists "

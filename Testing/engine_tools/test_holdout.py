@@ -13,6 +13,7 @@ from shared_data import shared_path
 
 pytest.importorskip("openvino", reason="OpenVINO not installed (pip install openvino nncf)")
 
+from engine_tools.accuracy import agreement_dice  # noqa: E402
 from engine_tools.calibration import CalibrationError, collect_windows  # noqa: E402
 from engine_tools.pipeline import prepare_engine  # noqa: E402
 from engine_tools.progress import SilentProgress  # noqa: E402
@@ -80,6 +81,16 @@ def test_two_scans_hold_one_out_whole_and_build_real_int8(tmp_path: Path, brainc
     assert engine._input_shape == (1, 1, WINDOW, WINDOW, WINDOW)
     held = next(s for s in calibration.samples if list(s.shape) == held_shape)
     assert engine.run(held[None]).shape == (1, card.num_classes, *held_shape[1:])
+    # what the guard measured is what the saved engine segments: its labels of the held-out volume
+    # against strict FP32's give the guard's own agreement
+    fp32 = prepare_engine(card, backend="openvino", precision="fp32", weights_dir=brainchop)
+    found = agreement_dice(
+        fp32.run_labels(held[None])[0],
+        engine.run_labels(held[None])[0],
+        card.num_classes,
+        min_voxels=guard["min_label_voxels"],
+    )
+    assert round(found["mean"], 5) == guard["final_mean_dice"], (found["mean"], guard["final_mean_dice"])
 
 
 def test_validation_folder_is_checked_keyed_and_reported(tmp_path: Path, brainchop: Path) -> None:

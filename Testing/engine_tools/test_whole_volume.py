@@ -119,6 +119,10 @@ def test_whole_volume_matches_windows_and_a_direct_torch_pass(case: dict) -> Non
     with torch.inference_mode():
         direct = engine._module(torch.from_numpy(prep.array[None])).argmax(1)[0].numpy()
     np.testing.assert_array_equal(labels(whole), direct)
+    # PyTorch takes the arg-max itself (no float logits leave it): NumPy's arg-max of its logits
+    found, channels = engine.run_labels(prep.array[None])
+    assert found.dtype == np.uint8 and channels == card.num_classes
+    np.testing.assert_array_equal(found, engine.run(prep.array[None]).argmax(axis=1))
 
 
 def test_foreground_crop_keeps_the_labels(case: dict) -> None:

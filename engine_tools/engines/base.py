@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from engine_tools.accuracy import class_argmax
 from engine_tools.progress import Progress, SilentProgress
 
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16", "int8")
@@ -108,8 +109,8 @@ class Engine(ABC):
         """Class index per voxel of a batch ``N, C, D, H, W`` (``N, D, H, W``: the arg-max over the
         logits' channels, the first on ties) and the number of channels. Engines that can take the
         arg-max inside the network override this so that a whole volume's logits are never written."""
-        logits = self.run(volume)
-        return logits.argmax(axis=1), int(logits.shape[1])
+        logits = self.run(volume)  # arg-max one class at a time: no class-last copy of the logits
+        return class_argmax(logits), int(logits.shape[1])
 
     def artifact_files(self) -> list[Path]:
         """Files that make up the deployable engine (counted in ``bytes_on_disk``)."""

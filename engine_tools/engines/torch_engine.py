@@ -76,10 +76,26 @@ class TorchEngine(Engine):
     def run(self, windows: np.ndarray) -> np.ndarray:
         import torch
 
+        with torch.inference_mode():
+            return self._forward(windows).float().cpu().numpy()
+
+    def run_labels(self, volume: np.ndarray) -> tuple[np.ndarray, int]:
+        """The arg-max over classes taken by PyTorch on its own logits (first on ties, as NumPy): no
+        float copy of a whole volume's logits (7 GB for 104 classes over 256^3 voxels) leaves PyTorch."""
+        import torch
+
+        with torch.inference_mode():
+            logits = self._forward(volume)
+            classes = int(logits.shape[1])
+            labels = torch.argmax(logits, dim=1)
+            del logits
+            return labels.to(torch.uint8 if classes <= 256 else torch.int32).cpu().numpy(), classes
+
+    def _forward(self, batch: np.ndarray) -> Any:
+        """The module's output tensor for an ``N, C, D, H, W`` array (call inside inference mode)."""
+        import torch
+
         if self._module is None:
             raise RuntimeError("engine not loaded")
-        with torch.inference_mode():
-            batch = torch.from_numpy(np.ascontiguousarray(windows, dtype=np.float32)).to(
-                self.device, self._dtype
-            )
-            return self._module(batch).float().cpu().numpy()
+        tensor = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device, self._dtype)
+        return self._module(tensor)
