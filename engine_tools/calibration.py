@@ -125,6 +125,10 @@ class CalibrationSet:
             files_used=[source],
         )
 
+    def derived_fingerprint(self, tag: str) -> str:
+        """The fingerprint of the set :meth:`subset` makes with ``tag`` (known before it is made)."""
+        return hashlib.sha256(f"{self.fingerprint}:{tag}".encode()).hexdigest()
+
     def subset(self, indices: list[int], tag: str, samples: list[np.ndarray] | None = None) -> CalibrationSet:
         """The samples at ``indices`` (or the given ``samples`` made from them) as a set of their own."""
         if samples is None:
@@ -136,7 +140,7 @@ class CalibrationSet:
             corners=[self.corners[i] for i in indices],
             foreground=[self.foreground[i] for i in indices],
             warnings=list(self.warnings),
-            fingerprint=hashlib.sha256(f"{self.fingerprint}:{tag}".encode()).hexdigest(),
+            fingerprint=self.derived_fingerprint(tag),
             settings={**self.settings, "subset": tag},
             files_used=used,
             skipped=list(self.skipped),

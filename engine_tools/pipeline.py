@@ -18,8 +18,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from engine_tools.build_samples import calibration_samples, sample_report, with_copies
 from engine_tools.cache import (
     atomic_directory,
     cache_dir,
@@ -34,141 +35,11 @@ from engine_tools.cache import (
 from engine_tools.engines import METADATA_FILE, BuildRequest, Engine, engine_class, select_backend
 from engine_tools.progress import Progress, SilentProgress
 from engine_tools.registry import ModelCard, get_card
-from engine_tools.scanner_variations import VARIATION_CROP, scanner_variations
-from engine_tools.scanner_variations import describe as describe_variations
 from engine_tools.spec import EngineSpec
 from engine_tools.stage_clock import StageClock
 
-if TYPE_CHECKING:
-    from engine_tools.calibration import CalibrationSet
-
 #: Bump when the artifact layout or build logic changes incompatibly (part of every cache key).
 PIPELINE_VERSION = 6
-
-
-#: At most this many windows of the held-out scans are validated on (each costs guard time).
-MAX_HELD_OUT_WINDOWS = 8
-
-
-def holdout_count(num_windows: int) -> int:
-    """Windows held out of a single scan's: a quarter, at least 1 and at most 8 (0 below 2 windows)."""
-    if num_windows < 2:
-        return 0
-    return max(1, min(MAX_HELD_OUT_WINDOWS, num_windows // 4))
-
-
-#: What the build and the guard's report say when no scan was left unseen by calibration.
-UNSEEN = (
-    "the estimate is optimistic because no unseen subject was available "
-    "(add scans to the calibration folder or pass --validation FOLDER)"
-)
-OPTIMISTIC = "INT8 accuracy guard: validating on {what}: " + UNSEEN
-
-
-def _checked(calibration: Any, option: str) -> CalibrationSet:
-    from engine_tools.calibration import CalibrationSet
-
-    if not isinstance(calibration, CalibrationSet):
-        raise TypeError(
-            f"{option} must be a CalibrationSet: engine_tools.calibration.collect_windows(folder, card) "
-            f"or CalibrationSet.from_windows(array), not {type(calibration).__name__}"
-        )
-    return calibration
-
-
-def _calibration_samples(
-    spec: EngineSpec, engine: Engine, card: ModelCard, progress: Progress
-) -> tuple[CalibrationSet, CalibrationSet | None, dict[str, Any]]:
-    """``(calibration set, validation set or None, description)`` for an INT8 build.
-
-    Validation comes from ``spec.validation`` (other scans, checked by SHA-256), else from whole
-    calibration scans held out (:meth:`CalibrationSet.split_subjects`), else, with a single scan, from
-    held-out windows of it (or its own volume) and copies of them with scanner variations
-    (:mod:`engine_tools.scanner_variations`; option ``scanner_variations``, default on), with a warning
-    that the estimate is optimistic. Whole cropped volumes become windows for engines that only run
-    the window's shape.
-    """
-    from engine_tools.calibration import check_disjoint
-
-    calibration = _checked(spec.calibration, "calibration")
-    for warning in calibration.warnings:
-        progress.warning(warning)
-    window = tuple(card.window_size)
-    to_windows = not engine.any_spatial_shape and any(
-        tuple(s.shape[1:]) != window for s in calibration.samples
-    )
-    kind = "whole cropped volume(s)" if calibration.whole_volumes and not to_windows else "window(s)"
-    per_volume = max(1, -(-int(calibration.settings.get("num_windows", 8)) // max(len(calibration), 1)))
-    if spec.validation is not None:
-        validation: CalibrationSet | None = _checked(spec.validation, "validation")
-        check_disjoint(calibration, validation)
-        holdout = "validation folder"
-        note = f"{kind} from the validation folder, subjects never used for calibration: "
-        note += ", ".join(validation.subjects)
-    elif split := calibration.split_subjects(spec.seed):
-        calibration, validation = split
-        if len(validation) > MAX_HELD_OUT_WINDOWS and not validation.whole_volumes:  # round-robin order
-            validation = validation.subset(list(range(MAX_HELD_OUT_WINDOWS)), "first-held-out-windows")
-        holdout = "subjects"
-        note = f"{kind} of held-out subject(s) never used for calibration: {', '.join(validation.subjects)}"
-    else:
-        count = holdout_count(len(calibration))
-        calibration, validation = calibration.split(count) if count else (calibration, None)
-        only = ", ".join(calibration.subjects)
-        holdout = "windows of the only scan" if validation is not None else "none"
-        what = (
-            f"{kind} {'held out of' if validation is not None else 'of'} the only calibration scan ({only})"
-        )
-        if validation is None:
-            what += ", which calibration also used"
-        progress.warning(OPTIMISTIC.format(what=what))
-        note = f"{what}; {UNSEEN}"
-    if to_windows:
-        progress.log(f"{engine.backend} runs {list(window)} windows: cutting windows from the volumes")
-        calibration = calibration.to_windows(window, per_volume, spec.seed)
-        if validation is not None and any(tuple(s.shape[1:]) != window for s in validation.samples):
-            validation = validation.to_windows(window, per_volume, spec.seed)
-    if holdout in ("windows of the only scan", "none") and spec.options.get("scanner_variations", True):
-        crop = VARIATION_CROP if calibration.whole_volumes and not to_windows else None
-        base = validation if validation is not None else calibration
-        validation = _with_variations(base, crop)
-        holdout += " and its scanner variations"
-        copies = len(validation) - len(base)
-        note = f"samples: {len(base)} {what}, and {copies} {describe_variations(crop)}; {UNSEEN}"
-    else:
-        copies = 0
-    info = {
-        "calibration": calibration.describe(),
-        "validation": None if validation is None else validation.describe(),
-        "holdout": holdout,
-        "validation_note": note,
-        "validation_copies": copies,
-        "fingerprint": calibration.fingerprint,
-        "validation_fingerprint": None if validation is None else validation.fingerprint,
-    }
-    return calibration, validation, info
-
-
-def _with_variations(validation: CalibrationSet, crop: int | None) -> CalibrationSet:
-    """``validation`` and copies of its first samples with scanner variations (contrast, blur; see
-    :mod:`engine_tools.scanner_variations`), whole volumes cut to their centred ``crop`` cube."""
-    copies = scanner_variations(validation.samples, crop)
-    indices = list(range(len(validation))) + [index for index, _, _ in copies]
-    samples = validation.samples + [copy for _, _, copy in copies]
-    return validation.subset(indices, f"scanner-variations-{crop}", samples)
-
-
-def _sample_report(info: dict[str, Any]) -> dict[str, Any]:
-    """The build report's ``calibration`` and ``validation`` entries: subjects and what the samples were."""
-    keys = ("subjects", "samples", "sample_shapes", "num_samples", "fingerprint")
-    report = {"calibration": {k: info["calibration"][k] for k in keys}}
-    validation = info.get("validation")
-    report["validation"] = {
-        **({k: validation[k] for k in keys} if validation else {"subjects": [], "samples": "none"}),
-        "holdout": info["holdout"],
-        "note": info["validation_note"],
-    }
-    return report
 
 
 def engine_key(parts: dict[str, Any]) -> str:
@@ -211,7 +82,8 @@ def prepare_engine(
     ``fields`` override single :class:`~engine_tools.spec.EngineSpec` fields (``precision="fp32"``,
     ``options={...}``, ...). INT8 needs ``spec.calibration``; the accuracy guard validates on
     ``spec.validation`` or, without it, on a quarter of the calibration scans held out whole (see
-    :func:`_calibration_samples`). ``engine.describe()["cache"]`` is ``"hit"`` or ``"built"``. A build's
+    :func:`engine_tools.build_samples.calibration_samples`). ``engine.describe()["cache"]`` is
+    ``"hit"`` or ``"built"``. A build's
     report has ``stage_seconds`` (export, calibration sampling, the engine's and the guard's stages,
     metadata, compile; each second counted once) and ``build_seconds`` (the wall time of this call).
     """
@@ -240,8 +112,9 @@ def prepare_engine(
     if spec.precision == "int8":
         with progress.span(0.15, 0.3), clock.stage("calibration_sampling"):
             progress.update("calibrate", 0.0, "holding out validation subjects")
-            cal_set, val_set, calibration_info = _calibration_samples(spec, engine, card, progress)
-            cal_samples, val_samples = cal_set.windows, val_set.windows if val_set else None
+            cal_set, val_set, calibration_info = calibration_samples(
+                spec, engine, card, progress, make_copies=False
+            )
             progress.update("calibrate", 1.0, f"{len(cal_set)} calibration samples")
     build_options = card_build_options(card, spec.build_options())
     key_parts = _key_parts(card, spec, engine, backend, onnx_path, calibration_info, build_options)
@@ -262,6 +135,10 @@ def prepare_engine(
         # another process may have built this key while we waited for the lock
         if not spec.rebuild and not was_cached and _reuse_cached(engine, destination, progress):
             return engine
+        if spec.precision == "int8":  # made only for a build (a cached engine is found by its key)
+            with clock.stage("calibration_sampling"):
+                val_set = with_copies(cal_set, val_set, calibration_info)
+            cal_samples, val_samples = cal_set.windows, val_set.windows if val_set else None
         _build(
             engine,
             key,
@@ -421,7 +298,7 @@ def _build(
         }
         clock.add({**inner, "engine_build": time.perf_counter() - start - sum(inner.values())})
         if calibration_info:
-            report.update(_sample_report(calibration_info))
+            report.update(sample_report(calibration_info))
         report["stage_seconds"] = clock.rounded()
         with clock.stage("metadata"):
             _write_metadata(tmp, key, key_parts, calibration_info, report)

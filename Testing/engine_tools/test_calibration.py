@@ -293,14 +293,14 @@ def test_a_window_as_large_as_the_scan_is_one_sample_not_copies(tmp_path):
     near = collect_windows(folder, make_card(window=(47, 47, 47)), num_windows=8, use_cache=False)
     assert len(near) == len(set(near.corners)) >= 2
     # one scan, one window: the guard validates on it and says so (no held-out window to take)
+    from engine_tools.build_samples import calibration_samples
     from engine_tools.engines.openvino.engine import OpenVINOEngine
-    from engine_tools.pipeline import _calibration_samples
     from engine_tools.spec import EngineSpec
 
     progress = SilentProgress()
     card = make_card(window=(48, 48, 48))
     spec = EngineSpec(calibration=whole, options={"scanner_variations": False})
-    cal, val, info = _calibration_samples(spec, OpenVINOEngine("int8"), card, progress)
+    cal, val, info = calibration_samples(spec, OpenVINOEngine("int8"), card, progress)
     assert len(cal) == 1 and val is None and info["holdout"] == "none"
     assert "which calibration also used" in info["validation_note"]
 
@@ -308,8 +308,8 @@ def test_a_window_as_large_as_the_scan_is_one_sample_not_copies(tmp_path):
 def test_one_scan_is_also_validated_on_its_scanner_variations(tmp_path) -> None:
     """With every scan used for calibration, the guard also validates on contrast and blur copies of
     the scan (engine_tools.scanner_variations): windows keep their shape, the scan is not changed."""
+    from engine_tools.build_samples import calibration_samples, with_copies
     from engine_tools.engines.openvino.engine import OpenVINOEngine
-    from engine_tools.pipeline import _calibration_samples
     from engine_tools.spec import EngineSpec
 
     folder = tmp_path / "one"
@@ -320,7 +320,7 @@ def test_one_scan_is_also_validated_on_its_scanner_variations(tmp_path) -> None:
     whole = collect_windows(folder, card, num_windows=8, use_cache=False)
     before = whole.windows.copy()
     spec = EngineSpec(calibration=whole, options={"scanner_variations": True})
-    cal, val, info = _calibration_samples(spec, OpenVINOEngine("int8"), card, SilentProgress())
+    cal, val, info = calibration_samples(spec, OpenVINOEngine("int8"), card, SilentProgress())
     assert len(cal) == 1 and val is not None and len(val) == 4
     assert info["holdout"] == "none and its scanner variations" and info["validation_copies"] == 3
     assert info["validation_note"].startswith("samples: 1 window(s) of the only calibration scan")
@@ -331,6 +331,17 @@ def test_one_scan_is_also_validated_on_its_scanner_variations(tmp_path) -> None:
     assert val.windows.shape == (4, 1, 48, 48, 48) and val.subjects == whole.subjects
     assert len({val.fingerprint, whole.fingerprint}) == 2
     assert not np.array_equal(val.windows[3], before[0])  # blurred (a two-level phantom keeps its gamma)
+    # to find a cached engine the copies are only described: the same count, note and fingerprint
+    deferred_cal, deferred, described = calibration_samples(
+        spec, OpenVINOEngine("int8"), card, SilentProgress(), make_copies=False
+    )
+    assert deferred is None and described["validation_fingerprint"] == val.fingerprint
+    assert {k: described[k] for k in ("validation_note", "validation_copies")} == {
+        k: info[k] for k in ("validation_note", "validation_copies")
+    }
+    made = with_copies(deferred_cal, deferred, described)
+    assert made.fingerprint == val.fingerprint and np.array_equal(made.windows, val.windows)
+    assert described["validation"] == info["validation"]
     # the option turns it off
     spec = EngineSpec(calibration=whole, options={"scanner_variations": False})
-    assert _calibration_samples(spec, OpenVINOEngine("int8"), card, SilentProgress())[1] is None
+    assert calibration_samples(spec, OpenVINOEngine("int8"), card, SilentProgress())[1] is None
