@@ -119,10 +119,21 @@ def test_whole_volume_matches_windows_and_a_direct_torch_pass(case: dict) -> Non
     with torch.inference_mode():
         direct = engine._module(torch.from_numpy(prep.array[None])).argmax(1)[0].numpy()
     np.testing.assert_array_equal(labels(whole), direct)
-    # PyTorch takes the arg-max itself (no float logits leave it): NumPy's arg-max of its logits
-    found, channels = engine.run_labels(prep.array[None])
-    assert found.dtype == np.uint8 and channels == card.num_classes
-    np.testing.assert_array_equal(found, engine.run(prep.array[None]).argmax(axis=1))
+    # PyTorch takes the arg-max itself (no float logits leave it), the MeshNet's 1x1x1 output layer
+    # slab by slab: NumPy's arg-max of its logits, in one slab or in 1-slice slabs
+    from engine_tools.engines import torch_engine
+
+    body, head = torch_engine.pointwise_split(engine._module)
+    assert isinstance(head[0], torch.nn.Conv3d) and len(body) + len(head) == len(engine._module)
+    expected = engine.run(prep.array[None]).argmax(axis=1)
+    for slab in (torch_engine.SLAB_BYTES, 1):
+        torch_engine.SLAB_BYTES, default = slab, torch_engine.SLAB_BYTES
+        try:
+            found, channels = engine.run_labels(prep.array[None])
+        finally:
+            torch_engine.SLAB_BYTES = default
+        assert found.dtype == np.uint8 and channels == card.num_classes
+        np.testing.assert_array_equal(found, expected)
 
 
 def test_foreground_crop_keeps_the_labels(case: dict) -> None:

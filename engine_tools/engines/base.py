@@ -31,6 +31,12 @@ class EngineUnavailable(RuntimeError):
     """The backend cannot run here (library missing, no GPU, ...); the message says why and what to do."""
 
 
+#: Largest logits tensor of one slab where a whole volume's arg-max is taken slab by slab
+#: (``engines/openvino/class_outputs.py``, ``TorchEngine.run_labels``): OpenVINO 2026.4's CPU TopK
+#: crashes on inputs over 2 GiB, and a small slab keeps the logits out of the peak memory.
+SLAB_BYTES = 256 * 2**20
+
+
 @dataclass
 class BuildRequest:
     """Everything an engine may need to build one artifact.

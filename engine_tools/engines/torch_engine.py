@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from engine_tools.engines.base import BuildRequest, Engine
+from engine_tools.engines.base import SLAB_BYTES, BuildRequest, Engine
 from engine_tools.progress import Progress
 
 WEIGHTS_FILE = "model.pt"
@@ -85,17 +85,70 @@ class TorchEngine(Engine):
         import torch
 
         with torch.inference_mode():
-            logits = self._forward(volume)
-            classes = int(logits.shape[1])
-            labels = torch.argmax(logits, dim=1)
-            del logits
+            split = pointwise_split(self._module)
+            if split is None:
+                logits = self._forward(volume)
+                classes, labels = int(logits.shape[1]), torch.argmax(logits, dim=1)
+                del logits
+            else:  # the hidden layers whole, the pointwise head slab by slab into its arg-max
+                body, head = split
+                hidden = body(self._tensor(volume))
+                step = max(1, SLAB_BYTES // (4 * head_channels(head) * hidden[0, 0, 0].numel()))
+                slabs = [head(hidden[:, :, i : i + step]) for i in range(0, hidden.shape[2], step)]
+                classes = int(slabs[0].shape[1])
+                labels = torch.cat([torch.argmax(slab, dim=1) for slab in slabs], dim=1)
             return labels.to(torch.uint8 if classes <= 256 else torch.int32).cpu().numpy(), classes
 
     def _forward(self, batch: np.ndarray) -> Any:
         """The module's output tensor for an ``N, C, D, H, W`` array (call inside inference mode)."""
+        return self._module(self._tensor(batch))
+
+    def _tensor(self, batch: np.ndarray) -> Any:
         import torch
 
         if self._module is None:
             raise RuntimeError("engine not loaded")
-        tensor = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device, self._dtype)
-        return self._module(tensor)
+        return torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device, self._dtype)
+
+
+#: Ops a pointwise head may hold besides its 1x1x1 convolution (each output voxel reads one input voxel).
+POINTWISE_MODULES = ("ReLU", "ELU", "Sigmoid", "Identity", "Dropout", "Dropout3d")
+
+
+def _pointwise(module: Any) -> bool:
+    import torch
+
+    if isinstance(module, torch.nn.Conv3d):
+        return (
+            set(module.kernel_size) == {1}
+            and set(module.stride) == {1}
+            and module.padding in ((0, 0, 0), "valid")
+        )
+    if isinstance(module, torch.nn.Softmax):
+        return module.dim == 1
+    return type(module).__name__ in POINTWISE_MODULES
+
+
+def pointwise_split(module: Any) -> tuple[Any, Any] | None:
+    """``(body, head)`` of an ``nn.Sequential`` ending in a pointwise head (a 1x1x1 convolution and
+    what follows it), as :mod:`engine_tools.engines.openvino.class_outputs` splits an OpenVINO model;
+    None for other modules. A whole 256^3 volume of brainchop model21 then never holds its 7 GB of
+    logits (PyTorch FP32 crashed writing them on a 24 GB machine)."""
+    import torch
+
+    if not isinstance(module, torch.nn.Sequential):
+        return None
+    layers = list(module)
+    start = len(layers)
+    while start > 0 and _pointwise(layers[start - 1]):
+        start -= 1
+        if isinstance(layers[start], torch.nn.Conv3d):
+            return (module[:start], module[start:]) if start > 0 else None
+    return None
+
+
+def head_channels(head: Any) -> int:
+    """Output channels of a pointwise head (those of its convolution)."""
+    import torch
+
+    return next(m.out_channels for m in head if isinstance(m, torch.nn.Conv3d))

@@ -23,9 +23,7 @@ from typing import Any
 
 import numpy as np
 
-#: Largest logits tensor of one slab: OpenVINO 2026.4's CPU TopK crashes on inputs over 2 GiB, and a
-#: small slab keeps the logits out of the peak memory.
-SLAB_BYTES = 256 * 2**20
+from engine_tools.engines.base import SLAB_BYTES
 
 #: Ops a pointwise head is made of (a convolution only with a 1x1x1 kernel, stride 1, no padding). Not
 #: a quantizer: the CPU plugin fuses it into the layer before, which a split between them would undo.
