@@ -93,10 +93,12 @@ class TorchEngine(Engine):
             else:  # the hidden layers whole, the pointwise head slab by slab into its arg-max
                 body, head = split
                 hidden = body(self._tensor(volume))
-                step = max(1, SLAB_BYTES // (4 * head_channels(head) * hidden[0, 0, 0].numel()))
-                slabs = [head(hidden[:, :, i : i + step]) for i in range(0, hidden.shape[2], step)]
-                classes = int(slabs[0].shape[1])
-                labels = torch.cat([torch.argmax(slab, dim=1) for slab in slabs], dim=1)
+                classes = head_channels(head)
+                step = max(1, SLAB_BYTES // (4 * classes * hidden[0, 0, 0].numel()))
+                parts = range(0, hidden.shape[2], step)  # each slab's logits dropped once arg-maxed
+                labels = torch.cat(
+                    [torch.argmax(head(hidden[:, :, i : i + step]), dim=1) for i in parts], dim=1
+                )
             return labels.to(torch.uint8 if classes <= 256 else torch.int32).cpu().numpy(), classes
 
     def _forward(self, batch: np.ndarray) -> Any:
