@@ -131,15 +131,13 @@ def _argmax(value: Any) -> Any:
     return opset11.topk(value, np.int64(1), 1, "max", "value", ov.Type.i32, True).output(1)
 
 
-def _labels(model: Any, max_bytes: int | None) -> Any:
-    """The arg-max over classes of ``model``'s first output, slab by slab."""
+def _labels(logits: Any, head: PointwiseHead | None, max_bytes: int | None) -> Any:
+    """The arg-max over classes of ``logits``, slab by slab (through ``head`` where there is one)."""
     from openvino import opset11
 
-    logits = model.get_results()[0].input_value(0)
     sizes = _slab_sizes(logits, SLAB_BYTES if max_bytes is None else max_bytes)
     if len(sizes) == 1:
         return _argmax(logits)
-    head = pointwise_head(model)
     source = logits if head is None else head.source
     parts = opset11.variadic_split(source, np.int64(2), np.array(sizes, np.int64)).outputs()
     slabs = [_argmax(part if head is None else _apply(head, part)) for part in parts]
@@ -152,7 +150,7 @@ def with_argmax_output(model: Any, max_bytes: int | None = None) -> Any:
     slab of the first spatial axis where the logits exceed ``max_bytes`` (default :data:`SLAB_BYTES`;
     see the module doc)."""
     result = model.get_results()[0]
-    result.input(0).replace_source_output(_labels(model, max_bytes))
+    result.input(0).replace_source_output(_labels(result.input_value(0), pointwise_head(model), max_bytes))
     model.validate_nodes_and_infer_types()
     return model
 
@@ -175,7 +173,7 @@ def with_digest_outputs(model: Any, stride: int, max_bytes: int | None = None) -
     if head is not None:
         sampled = _apply(head, sampled)
     classes = logits.get_partial_shape()[1].get_length()
-    labels = opset11.convert(_labels(model, max_bytes), ov.Type.u8 if classes <= 256 else ov.Type.u16)
+    labels = opset11.convert(_labels(logits, head, max_bytes), ov.Type.u8 if classes <= 256 else ov.Type.u16)
     result.input(0).replace_source_output(labels.output(0))
     model.add_outputs([opset11.convert(sampled, ov.Type.f32).output(0)])
     model.validate_nodes_and_infer_types()
