@@ -76,10 +76,16 @@ def engine_args(model: str, precision: str, backend: str, calibration: Path | No
 
 
 def window_latency(
-    artifact_dir: str, precision: str, window: tuple[int, ...], cache: Path, repeats: int = 3
+    artifact_dir: str,
+    precision: str,
+    window: tuple[int, ...],
+    cache: Path,
+    repeats: int = 3,
+    labels: bool = False,
 ) -> float:
     """Median seconds per card-sized window (``repeats`` runs after one warm-up) of the cached OpenVINO
-    engine in ``artifact_dir``, in a fresh process."""
+    engine in ``artifact_dir``, in a fresh process. ``labels``: time what a whole-volume segmentation
+    runs (``run_labels``: the class arg-max in the graph), not the logits a sliding window blends."""
     code = f"""
 import json, time, numpy as np
 from pathlib import Path
@@ -91,10 +97,11 @@ engine = OpenVINOEngine({precision!r})
 engine.build_report = json.loads((folder / "engine.json").read_text()).get("build_report", {{}})
 engine.load(folder)
 window = np.random.default_rng(0).random((1, 1, *{list(window)!r}), dtype=np.float32)
-engine.run(window)
+run = engine.run_labels if {labels!r} else engine.run
+run(window)
 times = []
 for _ in range({repeats}):
-    tick = time.perf_counter(); engine.run(window); times.append(time.perf_counter() - tick)
+    tick = time.perf_counter(); run(window); times.append(time.perf_counter() - tick)
 print(json.dumps(sorted(times)[len(times) // 2]))
 """
     env = {**os.environ, "MEDQUANT_CACHE_DIR": str(cache), "PYTHONPATH": str(ROOT)}
@@ -165,7 +172,12 @@ def measure_case(
             window = tuple(data["timings"].get("window") or ())
             row["window"] = list(window)
             row["window_latency_s"] = window_latency(
-                data["engine"]["artifact_dir"], precision, window, cache, 1 if quick else 3
+                data["engine"]["artifact_dir"],
+                precision,
+                window,
+                cache,
+                1 if quick else 3,
+                labels=data["timings"].get("mode") == "whole_volume",
             )
         case["precisions"][name] = row
         print(json.dumps({name: {k: row.get(k) for k in ("e2e_cached_s", "window_latency_s")}}), flush=True)
@@ -212,7 +224,8 @@ def markdown(report: dict[str, Any]) -> str:
         "Each row: one model on one scan, INT8 calibrated on the other scan (an unseen subject). "
         "e2e = wall time of a fresh `medquant segment` process with the engine cached (second run; "
         "first run in brackets also compiles the engine for the volume's shape). Window = card window, "
-        "median of 3 runs.",
+        "median of 3 runs (1 with --quick), timing what segmentation runs: the logits per window, or "
+        "for a whole-volume pass the labels (class arg-max in the graph).",
         "",
         "| model | scan | run | e2e s (first) | inference s | window s | peak MB | build s | agreement vs FP32 |",
         "|---|---|---|---|---|---|---|---|---|",
