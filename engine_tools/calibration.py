@@ -90,6 +90,8 @@ class CalibrationSet:
     def pack(samples: list[np.ndarray]) -> np.ndarray | list[np.ndarray]:
         """One ``N, C, D, H, W`` array when the samples share a shape, else the list itself."""
         samples = [np.ascontiguousarray(s, dtype=np.float32) for s in samples]
+        if len(samples) == 1:
+            return samples[0][None]  # a view: a cached (memory-mapped) sample is not read to be packed
         if len({s.shape for s in samples}) == 1:
             return np.stack(samples)
         return samples

@@ -70,8 +70,17 @@ def store(result: CalibrationSet, path: Path) -> None:
         (tmp / "meta.json").write_text(json.dumps(meta, default=str))
 
 
+def in_memory(windows: np.ndarray | list[np.ndarray]) -> np.ndarray | list[np.ndarray]:
+    """``windows`` (a set's samples) with memory-mapped or read-only arrays copied into writable memory:
+    what a build hands to the engines, which may write into their inputs."""
+    if isinstance(windows, np.ndarray):
+        return np.array(windows) if isinstance(windows, np.memmap) or not windows.flags.writeable else windows
+    return [in_memory(sample) for sample in windows]  # type: ignore[misc]
+
+
 def load_cached(path: Path, fingerprint: str) -> CalibrationSet | None:
-    """The set stored at ``path``, or ``None`` when it is missing, changed or truncated."""
+    """The set stored at ``path``, or ``None`` when it is missing, changed or truncated. Its samples
+    are read-only memory maps of the verified files (see :func:`in_memory`)."""
     from engine_tools.calibration import CalibrationSet
 
     try:
@@ -80,7 +89,8 @@ def load_cached(path: Path, fingerprint: str) -> CalibrationSet | None:
         for name, sha in meta["sample_files"]:
             if sha256_file(path / name) != sha:
                 return None  # changed or truncated since it was stored: sample again
-            samples.append(np.load(path / name))
+            # mapped, not read: finding a cached engine needs the set's fingerprint, not its voxels
+            samples.append(np.load(path / name, mmap_mode="r"))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
     if meta.get("fingerprint") != fingerprint or len(samples) != meta.get("num_samples") or not samples:

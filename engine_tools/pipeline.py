@@ -32,6 +32,7 @@ from engine_tools.cache import (
     sha256_file,
     sha256_json,
 )
+from engine_tools.calibration_store import in_memory
 from engine_tools.engines import METADATA_FILE, BuildRequest, Engine, engine_class, select_backend
 from engine_tools.progress import Progress, SilentProgress
 from engine_tools.registry import ModelCard, get_card
@@ -138,7 +139,8 @@ def prepare_engine(
         if spec.precision == "int8":  # made only for a build (a cached engine is found by its key)
             with clock.stage("calibration_sampling"):
                 val_set = with_copies(cal_set, val_set, calibration_info)
-            cal_samples, val_samples = cal_set.windows, val_set.windows if val_set else None
+            cal_samples = in_memory(cal_set.windows)
+            val_samples = in_memory(val_set.windows) if val_set else None
         _build(
             engine,
             key,

@@ -13,6 +13,7 @@ from shared_data import shared_path
 
 from engine_tools.cache import cache_dir, partial_artifacts
 from engine_tools.calibration import CalibrationError, collect_windows
+from engine_tools.calibration_store import in_memory
 from engine_tools.progress import SilentProgress
 from engine_tools.registry import ModelCard
 from engine_tools.scans import find_scans
@@ -153,6 +154,14 @@ def test_whole_cropped_volumes_are_ragged_and_cached(scans, isolated_cache):
     assert built.describe()["sample_shapes"] == [list(s) for s in shapes]
     cached = collect_windows(scans, card, num_windows=8)
     assert cached.from_cache and [s.shape for s in cached.samples] == shapes
+    # mapped from the verified files, not read: finding a cached engine needs only the fingerprint
+    assert not any(s.flags.writeable or s.flags.owndata for s in cached.samples)
+    one = cached.subset([1], "one-scan")
+    assert not (one.windows.flags.writeable or one.windows.flags.owndata)  # a view, not a copy
+    copied = in_memory(one.windows)
+    assert copied.flags.writeable and not isinstance(copied, np.memmap)
+    np.testing.assert_array_equal(copied[0], built.samples[1])
+    assert all(a.flags.writeable for a in in_memory(cached.windows))
     windows = cached.to_windows((12, 12, 12), per_sample=2)
     assert windows.windows.shape == (8, 1, 12, 12, 12) and not windows.whole_volumes  # 2 per scan
     assert (
