@@ -384,6 +384,8 @@ class AccuracyGuard(GuardMeasurements):
             allow_below_target=self.allow_below_target,
             per_label=ready["per_label"],
             worst=ready["worst"],
+            volume_change=ready.get("volume_change", {}),
+            largest_volume_change=ready.get("largest_volume_change", [None, None]),
             sqnr_db=ready.get("sqnr_db"),
             kept_in_higher_precision=list(best.kept),
             higher_precision=self.adapter.fallback,

@@ -41,6 +41,10 @@ class GuardReport:
     quantize_calls: int = 0
     reference_fp32: str = "not computed"  # "computed", or "cache" (engine_tools.reference_cache)
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    #: per scored label, INT8's voxel count relative to FP32's minus one, pooled over the validation
+    #: samples (:func:`engine_tools.accuracy.agreement_dice`), and the largest in size ``[label, change]``
+    volume_change: dict[str, float] = field(default_factory=dict)
+    largest_volume_change: list[Any] = field(default_factory=lambda: [None, None])
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

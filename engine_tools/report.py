@@ -100,6 +100,10 @@ def findings(report: dict[str, Any]) -> list[str]:
                 + (f", logits SQNR {row['sqnr_db_window']:.1f} dB" if row.get("sqnr_db_window") else "")
                 + "."
             )
+            value, change = agreement.get("largest_volume_change") or [None, None]
+            if change is not None:
+                name = report["labels"].get(str(value), value)
+                out.append(f"{precision.upper()}'s largest label volume change vs FP32: {name} {change:+.2%}.")
         guard = row.get("accuracy_guard") or {}
         if precision == "int8" and guard.get("met_target") is False:
             out.append(
@@ -170,6 +174,7 @@ def summary_table(report: dict[str, Any]) -> str:
         "peak RSS (MiB)",
         "mean Dice vs FP32",
         "worst label Dice",
+        "largest volume change",
         "logits SQNR (dB)",
     ] + (["mean Dice vs reference"] if has_ref else [])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -194,6 +199,7 @@ def summary_table(report: dict[str, Any]) -> str:
             _fmt(row["memory"]["peak_rss_mib"], ".0f"),
             "(baseline)" if precision == "fp32" else _fmt(agreement.get("mean"), ".4f"),
             "" if precision == "fp32" else _fmt(worst, ".4f"),
+            "" if precision == "fp32" else _volume_change(agreement),
             "" if precision == "fp32" else _fmt(row.get("sqnr_db_window"), ".1f"),
         ]
         if has_ref:
@@ -202,24 +208,35 @@ def summary_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _volume_change(agreement: dict[str, Any]) -> str:
+    """``+1.20% (label 2)``: the label whose voxel count changed most against FP32's."""
+    value, change = agreement.get("largest_volume_change") or [None, None]
+    return "" if change is None else f"{change:+.2%} (label {value})"
+
+
 def per_label_table(report: dict[str, Any]) -> str:
-    """Dice per label versus FP32 (and versus the reference) for every precision."""
+    """Dice and volume change per label versus FP32 (and Dice versus the reference) for every precision."""
     rows = {p: r for p, r in _ordered_rows(report).items() if r.get("status") == "ok"}
-    columns: list[tuple[str, str, str]] = [
-        (p, "agreement_vs_fp32", f"{p.upper()} vs FP32") for p in rows if p != "fp32"
-    ]
+    columns: list[tuple[str, str, str, str]] = []
+    for p in rows:
+        if p != "fp32":
+            columns.append((p, "agreement_vs_fp32", "per_label", f"{p.upper()} vs FP32"))
+            columns.append((p, "agreement_vs_fp32", "volume_change", f"{p.upper()} volume vs FP32"))
     columns += [
-        (p, "dice_vs_reference", f"{p.upper()} vs ref") for p in rows if "dice_vs_reference" in rows[p]
+        (p, "dice_vs_reference", "per_label", f"{p.upper()} vs ref")
+        for p in rows
+        if "dice_vs_reference" in rows[p]
     ]
     if not columns:
         return ""
     lines = [
-        "| label | " + " | ".join(c[2] for c in columns) + " |",
+        "| label | " + " | ".join(c[3] for c in columns) + " |",
         "|---|" + "---|" * len(columns),
     ]
     for value, name in report["labels"].items():
         cells = [
-            _fmt((rows[p].get(key) or {}).get("per_label", {}).get(value), ".4f") for p, key, _ in columns
+            _fmt((rows[p].get(key) or {}).get(part, {}).get(value), ".4f" if part == "per_label" else "+.2%")
+            for p, key, part, _ in columns
         ]
         lines.append(f"| {value} {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

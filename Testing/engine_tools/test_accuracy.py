@@ -24,6 +24,22 @@ def test_agreement_dice_per_label_mean_and_worst() -> None:
     assert result["worst"] == (1, pytest.approx(2 / 3))
     ready = json_ready(result)
     assert ready["per_label"]["3"] is None and ready["worst"][0] == 1
+    # b labels 1 voxel of label 1 as 2: label 1 loses half its volume, label 2 gains a quarter
+    assert result["volume_change"] == {0: 0.0, 1: pytest.approx(-0.5), 2: pytest.approx(0.25)}
+    assert result["largest_volume_change"] == (1, pytest.approx(-0.5))
+    assert ready["volume_change"] == {"0": 0.0, "1": -0.5, "2": 0.25}
+    assert ready["largest_volume_change"] == [1, -0.5]
+
+
+def test_volume_change_covers_the_scored_labels_only() -> None:
+    a = np.array([0] * 50 + [1] * 20 + [2] * 3)
+    b = np.array([0] * 48 + [1] * 22 + [3] * 3)  # label 2 gone, label 3 new: small, unscored
+    result = agreement_dice(a, b, num_classes=4, include_background=False, min_voxels=5)
+    assert result["excluded_small"] == [2, 3]
+    assert result["volume_change"] == {1: pytest.approx(0.1)}  # not background, not the small labels
+    assert result["largest_volume_change"] == (1, pytest.approx(0.1))
+    nothing = agreement_dice(np.zeros(4, int), np.zeros(4, int), 2, include_background=False)
+    assert nothing["volume_change"] == {} and nothing["largest_volume_change"] == (None, None)
 
 
 def test_agreement_dice_identical_and_disjoint() -> None:

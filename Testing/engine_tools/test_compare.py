@@ -100,6 +100,12 @@ def test_compare_reports_int8_smaller_with_per_label_agreement(
     scored = [d for d in per_label.values() if d is not None]
     assert len(scored) >= 3 and all(0.0 <= d <= 1.0 for d in scored)
     assert 0.0 < int8["agreement_vs_fp32"]["mean"] <= 1.0
+    # the volume each label gains or loses against FP32: a shift that a high Dice can hide
+    changes = int8["agreement_vs_fp32"]["volume_change"]
+    assert set(changes) <= {label for label, dice in per_label.items() if dice is not None} and changes
+    value, change = int8["agreement_vs_fp32"]["largest_volume_change"]
+    assert abs(change) == max(abs(c) for c in changes.values()) and changes[str(value)] == change
+    assert "INT8 volume vs FP32" in (out / "report.md").read_text()
     assert int8["sqnr_db_window"] is not None and int8["sqnr_db_window"] > 0
     assert int8["kept_in_higher_precision"] is not None  # the accuracy guard reported its decision
     # one calibration scan, no --validation: the report says the guard's estimate is optimistic

@@ -13,7 +13,7 @@ from shared_data import shared_path
 
 pytest.importorskip("openvino", reason="OpenVINO not installed (pip install openvino nncf)")
 
-from engine_tools.accuracy import agreement_dice  # noqa: E402
+from engine_tools.accuracy import agreement_dice, json_ready  # noqa: E402
 from engine_tools.calibration import CalibrationError, collect_windows  # noqa: E402
 from engine_tools.pipeline import prepare_engine  # noqa: E402
 from engine_tools.progress import SilentProgress  # noqa: E402
@@ -91,6 +91,8 @@ def test_two_scans_hold_one_out_whole_and_build_real_int8(tmp_path: Path, brainc
         min_voxels=guard["min_label_voxels"],
     )
     assert round(found["mean"], 5) == guard["final_mean_dice"], (found["mean"], guard["final_mean_dice"])
+    assert json_ready(found)["largest_volume_change"] == guard["largest_volume_change"]
+    assert guard["largest_volume_change"][0] is not None
 
 
 def test_validation_folder_is_checked_keyed_and_reported(tmp_path: Path, brainchop: Path) -> None:

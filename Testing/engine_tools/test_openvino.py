@@ -128,8 +128,13 @@ def test_guard_on_18_class_model_keeps_layers_and_reports(brainchop: Path, eight
     assert 0.8 * total <= sum(stages.values()) <= total + 0.05, (stages, total)
     from engine_tools.commands.build import render
 
-    shown = render({"model": card_id, "engine": engine.describe(), "build_report": engine.build_report})
+    labels = {str(entry["value"]): entry["name"] for entry in eighteen_class[0].label_table()}
+    shown = render(
+        {"model": card_id, "engine": engine.describe(), "build_report": engine.build_report, "labels": labels}
+    )
     assert f"build seconds {total:.1f}: export" in shown and "sensitivity" in shown, shown
+    value, change = guard["largest_volume_change"]  # named, signed, in percent
+    assert f"largest label volume change vs FP32: {labels[str(value)]} {change:+.2%}" in shown, shown
     assert guard["int8_layers"] == 10 - len(kept) and 0.0 < guard["int8_compute_fraction"] <= 1.0
     assert engine.describe()["kept_in_higher_precision"] == kept
     assert guard["latency"]["fp32_strict_median_s"] > 0 and guard["latency"]["int8_median_s"] > 0

@@ -49,6 +49,7 @@ def run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
         "engine": described,
         "build_report": engine.build_report,
         "below_target": below_target(described),
+        "labels": {str(entry["value"]): entry["name"] for entry in card.label_table()},
     }
 
 
@@ -83,6 +84,10 @@ def render(result: dict[str, Any]) -> str:
         if guard.get("sample_mean_dice"):
             each = ", ".join(f"{value:.4f}" for value in guard["sample_mean_dice"])
             lines.append(f"  per validation sample: {each} ({guard.get('validated_on')})")
+        value, change = guard.get("largest_volume_change") or [None, None]
+        if change is not None:
+            name = (result.get("labels") or {}).get(str(value), f"label {value}")
+            lines.append(f"  largest label volume change vs FP32: {name} {change:+.2%}")
         if guard.get("int8_compute_fraction") is not None:
             lines.append(f"  INT8 share of compute: {guard['int8_compute_fraction']:.0%}")
         if guard.get("below_target"):
