@@ -17,6 +17,7 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("total_s", "Total (s)"),
     ("dice_vs_fp32", "Dice vs FP32"),
     ("dice_vs_reference", "Dice vs reference"),
+    ("volume_change_pct", "Largest label volume change vs FP32 (%)"),
 )
 TEXT_COLUMNS = ("precision", "engine")
 MB = 2**20
@@ -31,6 +32,8 @@ class ResultRow:
     total_s: float | None = None
     dice_vs_fp32: float | None = None
     dice_vs_reference: float | None = None
+    #: the label whose voxel count moved most against FP32's, in percent (signed)
+    volume_change_pct: float | None = None
     note: str = ""
     #: the INT8 accuracy guard ended below its target (built with --allow-below-target): show in red
     below_target: bool = False
@@ -48,6 +51,8 @@ class ResultRow:
                 out.append(f"{value:.4f}")
             elif key == "size_mb":
                 out.append(f"{value:.2f}")
+            elif key == "volume_change_pct":
+                out.append(f"{value:+.2f}")
             else:
                 out.append(f"{value:.1f}" if key == "latency_ms" else f"{value:.2f}")
         return out
@@ -62,6 +67,12 @@ def _number(value: Any) -> float | None:
 
 def _mean(block: Any) -> float | None:
     return _number(block.get("mean")) if isinstance(block, dict) else _number(block)
+
+
+def _largest_change_pct(block: Any) -> float | None:
+    """``agreement_vs_fp32["largest_volume_change"]`` (``[label, change]``) in percent."""
+    change = (block.get("largest_volume_change") or [None, None])[1] if isinstance(block, dict) else None
+    return None if _number(change) is None else 100.0 * float(change)
 
 
 def _engine_name(engine: dict[str, Any] | None) -> str:
@@ -135,6 +146,7 @@ def rows_from_compare(report: dict[str, Any]) -> list[ResultRow]:
                 total_s=total,
                 dice_vs_fp32=dice_fp32,
                 dice_vs_reference=_mean(row.get("dice_vs_reference")),
+                volume_change_pct=_largest_change_pct(row.get("agreement_vs_fp32")),
                 below_target=_below_target(engine),
             )
         )

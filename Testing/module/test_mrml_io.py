@@ -142,7 +142,7 @@ def test_results_table_and_chart(scene):
                 "latency_ms_per_window": 20.0,
                 "segment_seconds": 4.0,
                 "cache": "hit",
-                "agreement_vs_fp32": {"mean": 0.985},
+                "agreement_vs_fp32": {"mean": 0.985, "largest_volume_change": [2, -0.0125]},
                 "dice_vs_reference": {"mean": 0.905},
             },
             "bf16": {"status": "unavailable", "reason": "no BF16 on this CPU"},
@@ -158,6 +158,9 @@ def test_results_table_and_chart(scene):
     assert content[1]["Dice vs FP32"] == pytest.approx(0.985)
     assert content[0]["Dice vs FP32"] == pytest.approx(1.0)
     assert content[1]["Dice vs reference"] == pytest.approx(0.905)
+    change = "Largest label volume change vs FP32 (%)"
+    assert content[1][change] == pytest.approx(-1.25) and np.isnan(content[0][change])
+    assert rows[1].cells()[-1] == "-1.25" and rows[0].cells()[-1] == "–"
     assert "cached" in content[1]["Engine"]
     assert np.isnan(content[2]["Latency / window (ms)"])
     assert chart.GetNumberOfPlotSeriesNodes() == 2
