@@ -199,6 +199,11 @@ def test_engine_arg_max_equals_numpy_on_the_logits_ties_included(case: dict) -> 
     labels, channels = engine.run_labels(volume)
     assert channels == card.num_classes and labels.shape == (1, *volume.shape[2:])
     assert np.array_equal(labels, engine.run(volume).argmax(axis=1))
+    # a volume of exactly the window's shape takes the network's arg-max too: no logits written out
+    window = np.ascontiguousarray(prep.array[(None, slice(None), *(slice(0, s) for s in card.window_size))])
+    labels, _ = engine.run_labels(window)
+    assert engine._reshaped is not None and engine._reshaped[:2] == (window.shape, True)
+    assert np.array_equal(labels, engine.run(window).argmax(axis=1))
     rounded = np.round(np.random.default_rng(3).normal(size=(1, 7, 9, 10, 11)) * 2).astype(np.float32)
     # integer logits: many ties, exact in both precisions; whole, and in slabs of the first axis (as
     # logits over 1 GiB are taken, here forced by a small limit: 9 slices -> 3 slabs of 3)
