@@ -116,12 +116,17 @@ def label_array(path: str | Path) -> np.ndarray:
     return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
 
 
-def agreement(reference: np.ndarray, other: np.ndarray) -> dict[str, float]:
-    """Mean and worst Dice over labels present in either (volumes of at least 100 voxels)."""
-    from engine_tools.accuracy import agreement_dice
+def agreement(reference: np.ndarray, other: np.ndarray) -> dict[str, Any]:
+    """Mean and worst Dice over labels present in either, and the largest label volume change
+    (``[label, change]``: +0.012 = 1.2% more voxels than in ``reference``)."""
+    from engine_tools.accuracy import agreement_dice, json_ready
 
-    found = agreement_dice(reference, other, int(max(reference.max(), other.max())) + 1)
-    return {"mean": round(float(found["mean"]), 4), "worst": round(float(found["worst"][1]), 4)}
+    found = json_ready(agreement_dice(reference, other, int(max(reference.max(), other.max())) + 1))
+    return {
+        "mean": round(float(found["mean"]), 4),
+        "worst": round(float(found["worst"][1]), 4),
+        "largest_volume_change": found["largest_volume_change"],
+    }
 
 
 def measure_case(
@@ -227,8 +232,9 @@ def markdown(report: dict[str, Any]) -> str:
         "median of 3 runs (1 with --quick), timing what segmentation runs: the logits per window, or "
         "for a whole-volume pass the labels (class arg-max in the graph).",
         "",
-        "| model | scan | run | e2e s (first) | inference s | window s | peak MB | build s | agreement vs FP32 |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | scan | run | e2e s (first) | inference s | window s | peak MB | build s | agreement vs FP32 "
+        "| largest label volume change |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for case in report["cases"]:
         for name, row in case["precisions"].items():
@@ -238,12 +244,18 @@ def markdown(report: dict[str, Any]) -> str:
                 f"| {case['model']} | {case['scan']} | {name} ({timing.get('mode', '')}) | "
                 f"{row.get('e2e_cached_s')} ({row.get('e2e_first_s')}) | {timing.get('inference_s')} | "
                 f"{row.get('window_latency_s', '')} | {row.get('peak_mb_cached')} | {row.get('build_wall_s', '')} | "
-                f"{agree.get('mean', '')}{' (worst ' + str(agree['worst']) + ')' if agree else ''} |"
+                f"{agree.get('mean', '')}{' (worst ' + str(agree['worst']) + ')' if agree else ''} | "
+                f"{_change(agree)} |"
             )
     lines += ["", "## Targets", ""]
     for case in report["cases"]:
         lines.append(f"- {case['model']} on {case['scan']}: `{json.dumps(case['summary'])}`")
     return "\n".join(lines) + "\n"
+
+
+def _change(agreement: dict[str, Any]) -> str:
+    value, change = agreement.get("largest_volume_change") or [None, None]
+    return "" if change is None else f"{change:+.2%} (label {value})"
 
 
 def write_report(target: Path, report: dict[str, Any], render: Callable[[dict[str, Any]], str]) -> None:
