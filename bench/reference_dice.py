@@ -120,6 +120,12 @@ def tissue_dice(labels: np.ndarray, tissue_lut: np.ndarray, reference: np.ndarra
     return found
 
 
+def tissue_voxels(labels: np.ndarray, tissue_lut: np.ndarray) -> dict[str, int]:
+    """Voxels of each tissue in ``labels`` (mapped through ``tissue_lut``)."""
+    counts = np.bincount(tissue_lut[labels].ravel(), minlength=max(REFERENCE_VALUES.values()) + 1)
+    return {tissue: int(counts[value]) for tissue, value in REFERENCE_VALUES.items()}
+
+
 def _rounded(values: dict[str, float]) -> dict[str, float]:
     return {key: round(value, 5) for key, value in values.items()}
 
@@ -152,11 +158,12 @@ def measure_model(
             lut[value] = REFERENCE_VALUES.get(tissue_of(name), 0)
         labels, grid = on_reference_grid(target, reference_image)
         dice = tissue_dice(labels, lut, reference)
+        voxels = tissue_voxels(labels, lut)
         if scan is None:
-            fp32, labels_fp32 = dice, labels
+            fp32, labels_fp32, voxels_fp32 = dice, labels, voxels
             row["tissue_map"] = {str(v): [n, tissue_of(n)] for v, n in sorted(names.items())}
             row["grid"] = grid
-            row["fp32"] = {"dice": _rounded(dice), "build_wall_s": build_wall}
+            row["fp32"] = {"dice": _rounded(dice), "tissue_voxels": voxels, "build_wall_s": build_wall}
             print(json.dumps({model: {"fp32": row["fp32"]["dice"], "grid": grid}}), flush=True)
             continue
         report = built.get("build_report") or {}
@@ -167,6 +174,10 @@ def measure_model(
             "difference_vs_fp32": _rounded(difference),
             "within_tolerance": all(abs(v) <= TOLERANCE for v in difference.values()),
             "agreement_vs_fp32": agreement(labels_fp32, labels),
+            "tissue_voxels": voxels,
+            # INT8's voxels of each tissue relative to FP32's, minus one: a shift at the tissue border
+            "tissue_volume_change": _rounded({t: voxels[t] / voxels_fp32[t] - 1.0 for t in TISSUES}),
+            "guard_largest_volume_change": guard.get("largest_volume_change"),
             "kept_in_higher_precision": report.get("kept_in_higher_precision"),
             "guard_final_mean_dice": guard.get("final_mean_dice"),
             "guard_target": guard.get("target"),
@@ -196,7 +207,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"target: |INT8 - FP32| <= {report['tolerance']} for GM, WM and their mean (positive: INT8 nearer "
         "the reference than FP32). INT8 is calibrated on "
         "one shared MRI at a time. Agreement = mean (worst) Dice of INT8 with FP32 labels over labels "
-        "present; guard = the build's accuracy guard estimate on its own validation.",
+        "present; GM / WM volume vs FP32 = INT8's voxels of the tissue relative to FP32's (+: INT8 labels "
+        "more of it); guard = the build's accuracy guard estimate on its own validation.",
         "",
         "Absolute Dice is bounded by the input, not by the precision: the networks take a whole conformed "
         "head (as the brainchop sample), and on this brain-only T1 model11 in FP32 labels much of the "
@@ -204,19 +216,23 @@ def markdown(report: dict[str, Any]) -> str:
         "with FP32 on the same input.",
         "",
         "| model | run | Dice GM | Dice WM | mean | INT8 - FP32 (GM / WM / mean) | within | "
-        "agreement vs FP32 | guard | kept in higher precision |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "agreement vs FP32 | GM / WM volume vs FP32 | guard | kept in higher precision |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report["models"]:
         dice = row["fp32"]["dice"]
-        lines.append(f"| {row['model']} | FP32 | {dice['GM']} | {dice['WM']} | {dice['mean']} | | | | | |")
+        lines.append(
+            f"| {row['model']} | FP32 | {dice['GM']} | {dice['WM']} | {dice['mean']} | | | | | | |"
+        )
         for scan, int8 in row["int8"].items():
             dice, diff, agree = int8["dice"], int8["difference_vs_fp32"], int8["agreement_vs_fp32"]
+            change = int8.get("tissue_volume_change")
+            volumes = f"{change['GM']:+.2%} / {change['WM']:+.2%}" if change else ""
             lines.append(
                 f"| {row['model']} | INT8 (calibrated on {scan}) | {dice['GM']} | {dice['WM']} | "
                 f"{dice['mean']} | {diff['GM']:+.5f} / {diff['WM']:+.5f} / {diff['mean']:+.5f} | "
                 f"{'yes' if int8['within_tolerance'] else 'no'} | {agree['mean']} ({agree['worst']}) | "
-                f"{int8['guard_final_mean_dice']} | {len(int8['kept_in_higher_precision'] or [])} |"
+                f"{volumes} | {int8['guard_final_mean_dice']} | {len(int8['kept_in_higher_precision'] or [])} |"
             )
     lines += [
         "",
