@@ -199,7 +199,7 @@ def summary_table(report: dict[str, Any]) -> str:
             _fmt(row["memory"]["peak_rss_mib"], ".0f"),
             "(baseline)" if precision == "fp32" else _fmt(agreement.get("mean"), ".4f"),
             "" if precision == "fp32" else _fmt(worst, ".4f"),
-            "" if precision == "fp32" else _volume_change(agreement),
+            "" if precision == "fp32" else _volume_change(agreement, report["labels"]),
             "" if precision == "fp32" else _fmt(row.get("sqnr_db_window"), ".1f"),
         ]
         if has_ref:
@@ -208,10 +208,10 @@ def summary_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _volume_change(agreement: dict[str, Any]) -> str:
-    """``+1.20% (label 2)``: the label whose voxel count changed most against FP32's."""
+def _volume_change(agreement: dict[str, Any], labels: dict[str, str]) -> str:
+    """``+1.20% (Grey Matter)``: the label whose voxel count changed most against FP32's."""
     value, change = agreement.get("largest_volume_change") or [None, None]
-    return "" if change is None else f"{change:+.2%} (label {value})"
+    return "" if change is None else f"{change:+.2%} ({labels.get(str(value), f'label {value}')})"
 
 
 def per_label_table(report: dict[str, Any]) -> str:
