@@ -81,10 +81,15 @@ def _agreement(adapter: Any, candidate: Any, volume: np.ndarray) -> dict[str, An
     from engine_tools import accuracy
 
     reference = accuracy.digests(adapter.run(None, [volume]))
-    found = accuracy.digest_agreement(
-        reference, accuracy.digests(adapter.run(candidate, [volume])), min_voxels=1000
+    found = accuracy.json_ready(
+        accuracy.digest_agreement(reference, accuracy.digests(adapter.run(candidate, [volume])), min_voxels=1000)
     )
-    return {"dice": round(found["mean"], 5), "worst": [found["worst"][0], round(found["worst"][1], 4)]}
+    return {
+        "dice": found["mean"],
+        "worst": [found["worst"][0], round(found["worst"][1], 4)],
+        "volume_change": found["volume_change"],
+        "largest_volume_change": found["largest_volume_change"],
+    }
 
 
 def study(which: str, model_id: str, calibrated_on: str, target: float) -> None:
@@ -115,6 +120,8 @@ def study(which: str, model_id: str, calibrated_on: str, target: float) -> None:
             "estimate": report.final_mean_dice,
             "kept": kept,
             "guard_s": round(time.perf_counter() - started),
+            "volume_change": report.volume_change,
+            "largest_volume_change": report.largest_volume_change,
         }
         print(json.dumps({**row, "case": "guard", **estimate}), flush=True)
         measured = {}
@@ -162,8 +169,48 @@ def tables(parts: list[Path], note: str) -> None:
                         f"| {r['model']} | {r['calibrated_on']} | {r['estimate']:.4f} | {len(r['kept'])} | "
                         f"{u['case'][7:]} | {u['dice']} |"
                     )
+    lines += volume_lines(rows)
     (RESULTS / "guard_variations.md").write_text("\n".join(lines) + "\n")
     (RESULTS / "guard_variations.json").write_text(json.dumps({"note": note, "rows": rows}, indent=1) + "\n")
+
+
+def volume_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Markdown: per guard run, the largest label volume change against FP32 on its validation samples
+    and on each unseen subject, and how well the validation's per-label changes predict the unseen
+    subject's (Pearson r over the labels scored in both)."""
+    guards = [r for r in rows if r["study"] == "guard" and r["case"] == "guard" and "volume_change" in r]
+    if not guards:
+        return []
+    lines = [
+        "",
+        "## Label volume change against FP32: the guard's validation against unseen subjects",
+        "",
+        "Voxels of each label in INT8's labels relative to FP32's, minus one (labels of at least 1000 "
+        "voxels); r = correlation over labels of the validation's changes with the unseen subject's.",
+        "",
+        "| model | calibrated on | largest on validation | unseen subject | largest on unseen | r over labels |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in guards:
+        for u in rows:
+            if u["study"] != "guard" or not u["case"].startswith("unseen") or "volume_change" not in u:
+                continue
+            if (u["model"], u["calibrated_on"]) != (r["model"], r["calibrated_on"]):
+                continue
+            common = sorted(set(r["volume_change"]) & set(u["volume_change"]))
+            x = np.array([r["volume_change"][k] for k in common])
+            y = np.array([u["volume_change"][k] for k in common])
+            corr = float(np.corrcoef(x, y)[0, 1]) if len(common) > 2 and x.std() and y.std() else float("nan")
+            lines.append(
+                f"| {r['model']} | {r['calibrated_on']} | {_change(r['largest_volume_change'])} | "
+                f"{u['case'][7:]} | {_change(u['largest_volume_change'])} | {corr:.2f} |"
+            )
+    return lines
+
+
+def _change(largest: list[Any]) -> str:
+    value, change = largest
+    return "" if change is None else f"{change:+.2%} (label {value})"
 
 
 def main() -> None:
