@@ -80,10 +80,12 @@ def prepare() -> None:
 def _agreement(adapter: Any, candidate: Any, volume: np.ndarray) -> dict[str, Any]:
     from engine_tools import accuracy
 
-    reference = accuracy.digests(adapter.run(None, [volume]))
-    found = accuracy.json_ready(
-        accuracy.digest_agreement(reference, accuracy.digests(adapter.run(candidate, [volume])), min_voxels=1000)
-    )
+    def digested(model: Any) -> list[Any]:  # in the graph where the adapter can (no logits held)
+        if hasattr(adapter, "run_digests"):
+            return adapter.run_digests(model, [volume])
+        return accuracy.digests(adapter.run(model, [volume]))
+
+    found = accuracy.json_ready(accuracy.digest_agreement(digested(None), digested(candidate), min_voxels=1000))
     return {
         "dice": found["mean"],
         "worst": [found["worst"][0], round(found["worst"][1], 4)],
