@@ -98,7 +98,9 @@ def test_cards_say_which_networks_run_whole(case: dict) -> None:
     assert not whole_volume_applies(get_card("deepbet-brain"), case["torch"])
 
 
-def test_whole_volume_matches_windows_and_a_direct_torch_pass(case: dict) -> None:
+def test_whole_volume_matches_windows_and_a_direct_torch_pass(
+    case: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import torch
 
     card, engine, prep = case["card"], case["torch"], case["native"]
@@ -127,11 +129,8 @@ def test_whole_volume_matches_windows_and_a_direct_torch_pass(case: dict) -> Non
     assert isinstance(head[0], torch.nn.Conv3d) and len(body) + len(head) == len(engine._module)
     expected = engine.run(prep.array[None]).argmax(axis=1)
     for slab in (torch_engine.SLAB_BYTES, 1):
-        torch_engine.SLAB_BYTES, default = slab, torch_engine.SLAB_BYTES
-        try:
-            found, channels = engine.run_labels(prep.array[None])
-        finally:
-            torch_engine.SLAB_BYTES = default
+        monkeypatch.setattr(torch_engine, "SLAB_BYTES", slab)
+        found, channels = engine.run_labels(prep.array[None])
         assert found.dtype == np.uint8 and channels == card.num_classes
         np.testing.assert_array_equal(found, expected)
 
