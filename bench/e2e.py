@@ -245,7 +245,7 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{row.get('e2e_cached_s')} ({row.get('e2e_first_s')}) | {timing.get('inference_s')} | "
                 f"{row.get('window_latency_s', '')} | {row.get('peak_mb_cached')} | {row.get('build_wall_s', '')} | "
                 f"{agree.get('mean', '')}{' (worst ' + str(agree['worst']) + ')' if agree else ''} | "
-                f"{_change(agree)} |"
+                f"{volume_change_text(agree.get('largest_volume_change'))} |"
             )
     lines += ["", "## Targets", ""]
     for case in report["cases"]:
@@ -253,8 +253,9 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _change(agreement: dict[str, Any]) -> str:
-    value, change = agreement.get("largest_volume_change") or [None, None]
+def volume_change_text(largest: list[Any] | None) -> str:
+    """``+1.20% (label 2)`` from ``[label, change]`` (empty where there is no change)."""
+    value, change = largest or [None, None]
     return "" if change is None else f"{change:+.2%} (label {value})"
 
 

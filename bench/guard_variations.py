@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from e2e import MRI
+from e2e import MRI, volume_change_text
 from int8_recipes import RESULTS, _onnx
 
 VOLUMES = RESULTS / ".guard_volumes.npz"
@@ -79,13 +79,10 @@ def prepare() -> None:
 
 def _agreement(adapter: Any, candidate: Any, volume: np.ndarray) -> dict[str, Any]:
     from engine_tools import accuracy
+    from engine_tools.guard_measure import adapter_digests
 
-    def digested(model: Any) -> list[Any]:  # in the graph where the adapter can (no logits held)
-        if hasattr(adapter, "run_digests"):
-            return adapter.run_digests(model, [volume])
-        return accuracy.digests(adapter.run(model, [volume]))
-
-    found = accuracy.json_ready(accuracy.digest_agreement(digested(None), digested(candidate), min_voxels=1000))
+    reference, test = (adapter_digests(adapter, model, [volume]) for model in (None, candidate))
+    found = accuracy.json_ready(accuracy.digest_agreement(reference, test, min_voxels=1000))
     return {
         "dice": found["mean"],
         "worst": [found["worst"][0], round(found["worst"][1], 4)],
@@ -204,15 +201,10 @@ def volume_lines(rows: list[dict[str, Any]]) -> list[str]:
             y = np.array([u["volume_change"][k] for k in common])
             corr = float(np.corrcoef(x, y)[0, 1]) if len(common) > 2 and x.std() and y.std() else float("nan")
             lines.append(
-                f"| {r['model']} | {r['calibrated_on']} | {_change(r['largest_volume_change'])} | "
-                f"{u['case'][7:]} | {_change(u['largest_volume_change'])} | {corr:.2f} |"
+                f"| {r['model']} | {r['calibrated_on']} | {volume_change_text(r['largest_volume_change'])} | "
+                f"{u['case'][7:]} | {volume_change_text(u['largest_volume_change'])} | {corr:.2f} |"
             )
     return lines
-
-
-def _change(largest: list[Any]) -> str:
-    value, change = largest
-    return "" if change is None else f"{change:+.2%} (label {value})"
 
 
 def main() -> None:

@@ -75,12 +75,8 @@ class GuardMeasurements:
     def _digested(
         self, model: Any, samples: Sequence[np.ndarray], timings: list[float] | None = None
     ) -> list[accuracy.LogitsDigest]:
-        """Digests of ``model``'s logits (strict FP32 for None): the adapter's own where it computes them
-        (``run_digests``: OpenVINO, in the graph), else :func:`accuracy.run_digested` of its logits."""
-        own = getattr(self.adapter, "run_digests", None)
-        if own is not None:
-            return own(model, samples, timings=timings)
-        return accuracy.run_digested(lambda group: self.adapter.run(model, group, timings=timings), samples)
+        """:func:`adapter_digests` of this guard's adapter."""
+        return adapter_digests(self.adapter, model, samples, timings)
 
     def evaluate(
         self,
@@ -117,3 +113,15 @@ class GuardMeasurements:
         with self.clock.stage("reference_fp32"):
             computed = dict(zip(todo, self._digested(None, [self.proxy[i] for i in todo]), strict=True))
         return [computed.get(i, whole[i]) for i in range(len(self.proxy))]
+
+
+def adapter_digests(
+    adapter: Any, model: Any, samples: Sequence[np.ndarray], timings: list[float] | None = None
+) -> list[accuracy.LogitsDigest]:
+    """Digests of ``model``'s logits (strict FP32 for None) through a quantization adapter: the
+    adapter's own where it computes them (``run_digests``: OpenVINO, in the graph), else
+    :func:`accuracy.run_digested` of its logits."""
+    own = getattr(adapter, "run_digests", None)
+    if own is not None:
+        return own(model, samples, timings=timings)
+    return accuracy.run_digested(lambda group: adapter.run(model, group, timings=timings), samples)
