@@ -34,6 +34,7 @@ from engine_tools.cache import (
 )
 from engine_tools.calibration_store import in_memory
 from engine_tools.engines import METADATA_FILE, BuildRequest, Engine, engine_class, select_backend
+from engine_tools.machine import int8_speed_note
 from engine_tools.progress import Progress, SilentProgress
 from engine_tools.registry import ModelCard, get_card
 from engine_tools.spec import EngineSpec
@@ -137,6 +138,8 @@ def prepare_engine(
         if not spec.rebuild and not was_cached and _reuse_cached(engine, destination, progress):
             return engine
         if spec.precision == "int8":  # made only for a build (a cached engine is found by its key)
+            if note := int8_speed_note(backend):
+                progress.warning(note)
             with clock.stage("calibration_sampling"):
                 val_set = with_copies(cal_set, val_set, calibration_info)
             cal_samples = in_memory(cal_set.windows)
