@@ -4,6 +4,8 @@ network agrees better with FP32 on inputs calibration never saw."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 
@@ -12,12 +14,13 @@ pytest.importorskip("nncf", reason="NNCF not installed (pip install openvino nnc
 import openvino as ov  # noqa: E402
 import openvino.opset13 as ops  # noqa: E402
 
+from engine_tools.engines.openvino import weight_rounding  # noqa: E402
 from engine_tools.engines.openvino.quantize import NNCFAdapter  # noqa: E402
 from engine_tools.engines.openvino.weight_rounding import (  # noqa: E402
     _compressed_weights,
     gptq_codes,
-    im2col,
     layer_hessians,
+    sampled_columns,
 )
 
 
@@ -38,20 +41,34 @@ def test_gptq_codes_lower_the_output_error_of_correlated_inputs() -> None:
     assert error(codes) < 0.7 * error(nearest)
 
 
-def test_im2col_columns_are_the_convolution_inputs() -> None:
-    """A convolution computed from the columns equals numpy's own at the sampled voxels."""
+def test_sampled_columns_are_the_convolution_inputs_and_the_graph_pools_their_hessian(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A convolution computed from the gathered columns equals OpenVINO's own at the sampled voxels,
+    and the Hessian computed in the graph is those columns' ``X X^T / P``, pooled over samples."""
     rng = np.random.default_rng(1)
-    activation = rng.normal(size=(2, 9, 10, 11)).astype(np.float32)
+    activations = [rng.normal(size=(2, 9, 10, 11)).astype(np.float32) for _ in range(2)]
     weights = rng.normal(size=(3, 2, 3, 3, 3)).astype(np.float32)
     param = ops.parameter([1, 2, 9, 10, 11], np.float32)
     conv = ops.convolution(param, weights, [1] * 3, [2] * 3, [2] * 3, [2] * 3)
-    full = ov.Core().compile_model(
-        ov.Model([conv.output(0)], [param]), "CPU", {"INFERENCE_PRECISION_HINT": "f32"}
-    )({0: activation[None]})[0][0]
-    columns = im2col(activation, (3, 3, 3), (2, 2, 2), [(2, 2)] * 3, np.random.default_rng(2))
-    picked = np.random.default_rng(2).choice(full[0].size, size=columns.shape[1], replace=False)
-    expected = full.reshape(3, -1)[:, picked]
-    np.testing.assert_allclose(weights.reshape(3, -1) @ columns, expected, rtol=1e-4, atol=1e-4)
+    model = ov.Model([conv.output(0)], [param])
+    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    pads, expected_hessian = [(2, 2)] * 3, 0.0
+    chosen = np.random.default_rng(0)
+    for activation in activations:
+        full = compiled({0: activation[None]})[0][0]
+        replay = copy.deepcopy(chosen)  # the same random centres, to find the convolution's outputs
+        index = sampled_columns((9, 10, 11), (3, 3, 3), (2, 2, 2), pads, 400, chosen)
+        columns = np.pad(activation, [(0, 0), *pads]).reshape(2, -1)[:, index].reshape(2 * 27, -1)
+        assert columns.shape == (54, 400)
+        centres = replay.choice(full[0].size, size=400, replace=False)
+        np.testing.assert_allclose(
+            weights.reshape(3, -1) @ columns, full.reshape(3, -1)[:, centres], rtol=1e-4, atol=1e-4
+        )
+        expected_hessian = expected_hessian + columns.astype(np.float64) @ columns.T.astype(np.float64)
+    monkeypatch.setattr(weight_rounding, "POSITIONS", 800)  # 400 per sample, as above
+    (hessian,) = layer_hessians(model, activations, seed=0).values()
+    np.testing.assert_allclose(hessian, expected_hessian / 800, rtol=1e-4, atol=1e-4)
 
 
 def _chain(seed: int = 0) -> ov.Model:
@@ -93,7 +110,7 @@ def test_a_quantized_network_agrees_better_with_fp32_on_unseen_inputs() -> None:
     )
     with pytest.raises(ValueError, match="weight_rounding"):
         adapter.quantize([], {**recipe, "weight_rounding": "stochastic"})
-    assert len(layer_hessians(adapter.model, smooth[0])) == 6
+    assert len(layer_hessians(adapter.model, smooth[:1])) == 6
 
 
 def test_weights_nncf_scaled_for_smooth_quant_keep_their_codes() -> None:

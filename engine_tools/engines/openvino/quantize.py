@@ -28,7 +28,7 @@ from engine_tools.sensitivity import centred_crop
 #: Calibration methods → NNCF activation range estimators.
 CALIBRATION_METHODS = ("minmax", "mean_minmax", "percentile", "histogram")
 
-#: Centred cube of the first whole-volume calibration sample whose activations set the GPTQ codes.
+#: Centred cube of each whole-volume calibration sample whose activations set the GPTQ codes.
 WEIGHT_ROUNDING_CROP = 96
 
 #: Op types that NNCF quantizes in these networks (their inputs get FakeQuantize).
@@ -248,9 +248,9 @@ class NNCFAdapter:
         rounding = recipe.get("weight_rounding", "nearest")
         if rounding == "gptq":  # data-aware INT8 weight codes (weight_rounding.py)
             if self._hessians is None:  # a window-shaped model keeps its shape (transformers need it)
-                sample = self.calibration[0]
-                sample = centred_crop(sample, WEIGHT_ROUNDING_CROP) if self.dynamic else sample
-                self._hessians = layer_hessians(self.model, sample)
+                crop = WEIGHT_ROUNDING_CROP
+                samples = [centred_crop(s, crop) if self.dynamic else s for s in self.calibration]
+                self._hessians = layer_hessians(self.model, samples)
             round_weights(quantized, self.model, self._hessians)
         elif rounding != "nearest":
             raise ValueError(f"weight_rounding must be gptq or nearest, not {rounding!r}")

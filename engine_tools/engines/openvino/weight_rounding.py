@@ -10,9 +10,10 @@ quantized, in proportion to how they co-vary in the layer's calibration input (t
 ``(X X^T)^-1`` of the layer's least-squares output error). The codes stay on NNCF's grid (same
 per-channel scales, same INT8 range), so the model is compiled exactly as before.
 
-:func:`layer_hessians` takes the FP32 input of every convolution from one pass over a calibration crop
-(im2col columns at sampled voxels, dilation and padding as the layer has them; once per build, as it
-does not depend on the recipe), and :func:`round_weights` rewrites the INT8 weight constants of a
+:func:`layer_hessians` takes the FP32 input of every convolution from one pass over each calibration
+sample (im2col columns at sampled voxels, dilation and padding as the layer has them, gathered and
+multiplied in the graph so a pass returns only the small Hessians; once per build, as they do not
+depend on the recipe), and :func:`round_weights` rewrites the INT8 weight constants of a
 quantized model in place of NNCF's.
 """
 
@@ -23,12 +24,12 @@ from typing import Any
 
 import numpy as np
 
-#: sampled output voxels per layer (im2col columns for its Hessian)
+#: sampled output voxels per layer (im2col columns for its Hessian), shared by the calibration samples
 POSITIONS = 65536
+#: at most this many bytes of gathered columns per layer (wide layers sample fewer voxels)
+MAX_COLUMN_BYTES = 1 << 28
 #: layers with more inputs per output channel keep NNCF's codes (their Hessian would be too large)
 MAX_INPUTS = 4096
-#: input activations tapped per FP32 pass
-MAX_TAP_BYTES = 1 << 30
 #: dampening added to the Hessian's diagonal, as a fraction of its mean (GPTQ's default)
 DAMP = 0.01
 
@@ -48,27 +49,25 @@ def _compressed_weights(layer: Any) -> tuple[Any, np.ndarray, np.ndarray] | None
     return constant, constant.get_data().astype(np.float64), scale.get_data().astype(np.float64)
 
 
-def im2col(
-    activation: np.ndarray,
+def sampled_columns(
+    spatial: Sequence[int],
     kernel: Sequence[int],
     dilation: Sequence[int],
     pads: Sequence[tuple[int, int]],
+    positions: int,
     rng: Any,
 ) -> np.ndarray:
-    """``(C * prod(kernel), P)`` columns of a ``C, D, H, W`` activation at ``POSITIONS`` random output
-    voxels of a stride-1 convolution (zeros outside the volume), in the weights' ``C, kd, kh, kw``
-    flattening order."""
-    channels, *spatial = activation.shape
-    out = [s + b + e - d * (k - 1) for s, (b, e), d, k in zip(spatial, pads, dilation, kernel, strict=True)]
+    """Flat indices ``(prod(kernel) * P,)`` into a ``spatial`` activation padded by ``pads`` of the
+    inputs of a stride-1 convolution at ``P = min(positions, output voxels)`` random output voxels,
+    kernel offset by kernel offset (``kd, kh, kw`` order, as the weights are flattened)."""
+    padded = [s + b + e for s, (b, e) in zip(spatial, pads, strict=True)]
+    out = [p - d * (k - 1) for p, d, k in zip(padded, dilation, kernel, strict=True)]
     total = int(np.prod(out))
-    picked = rng.choice(total, size=min(POSITIONS, total), replace=False)
-    centres = np.stack(np.unravel_index(picked, out))
-    padded = np.pad(activation, [(0, 0), *pads])
-    columns = []
-    for offset in np.ndindex(*kernel):
-        index = [centres[a] + offset[a] * dilation[a] for a in range(3)]
-        columns.append(padded[:, index[0], index[1], index[2]])
-    return np.stack(columns, axis=1).reshape(channels * int(np.prod(kernel)), -1)
+    picked = rng.choice(total, size=min(positions, total), replace=False)
+    centres = np.stack(np.unravel_index(picked, out)).astype(np.int64)
+    offsets = np.stack(np.unravel_index(np.arange(int(np.prod(kernel))), kernel)).astype(np.int64)
+    index = centres[:, None, :] + (offsets * np.asarray(dilation, np.int64)[:, None])[:, :, None]
+    return np.ravel_multi_index(tuple(index), padded).reshape(-1)
 
 
 def gptq_codes(
@@ -110,54 +109,61 @@ def convolutions(model: Any) -> dict[str, Any]:
     return found
 
 
-def layer_hessians(fp32: Any, sample: np.ndarray, seed: int = 0) -> dict[str, np.ndarray]:
-    """``X X^T / P`` of every :func:`convolutions` layer's im2col input columns in ``fp32``, from passes
-    over a ``C, D, H, W`` calibration ``sample`` that tap at most ``MAX_TAP_BYTES`` of inputs each
-    (independent of the quantization recipe: computed once per build)."""
-    from openvino import Model, PartialShape, opset13
+def _hessian_output(layer: Any, positions: int, rng: Any) -> tuple[Any, int]:
+    """``(X X^T, P)`` of ``layer``'s ``C * prod(kernel)`` input columns ``X`` at ``P <= positions``
+    random output voxels, computed in the graph (pad, gather, one matrix product)."""
+    from openvino import opset13
+
+    source = layer.input_value(0)
+    channels, *spatial = (int(d) for d in source.get_shape()[1:])
+    attributes = layer.get_attributes()
+    kernel = [int(k) for k in layer.input_value(1).get_shape()[2:]]
+    pads = [(int(b), int(e)) for b, e in zip(attributes["pads_begin"], attributes["pads_end"], strict=True)]
+    inputs = channels * int(np.prod(kernel))
+    positions = min(positions, MAX_COLUMN_BYTES // (4 * inputs))
+    index = sampled_columns(spatial, kernel, [int(d) for d in attributes["dilations"]], pads, positions, rng)
+    begin, end = [0, 0, *(b for b, _ in pads)], [0, 0, *(e for _, e in pads)]
+    padded = opset13.pad(source, np.array(begin, np.int64), np.array(end, np.int64), "constant", 0.0)
+    flat = opset13.reshape(padded, np.array([channels, -1], np.int64), False)
+    gathered = opset13.gather(flat, index, np.int64(1))  # C, K * P
+    columns = opset13.reshape(gathered, np.array([inputs, -1], np.int64), False)
+    return opset13.matmul(columns, columns, False, True), index.size // int(np.prod(kernel))
+
+
+def layer_hessians(fp32: Any, samples: Sequence[np.ndarray], seed: int = 0) -> dict[str, np.ndarray]:
+    """``X X^T / P`` of every :func:`convolutions` layer's input columns in ``fp32`` (as the layer's
+    dilation and padding make them), pooled over the ``C, D, H, W`` calibration ``samples``: one FP32
+    pass per sample whose only outputs are these small matrices (independent of the quantization
+    recipe: computed once per build)."""
+    from openvino import Model, PartialShape
 
     from engine_tools.engines.openvino.runtime import compile_model
 
-    shaped = fp32.clone()
-    shaped.reshape({shaped.input(0): PartialShape([1, *sample.shape])})
-    layers = convolutions(shaped)
-    groups: list[list[str]] = []
-    used = 0
-    for name in layers:
-        size = 4 * int(np.prod(layers[name].input_value(0).get_shape()))
-        if not groups or used + size > MAX_TAP_BYTES:
-            groups.append([])
-            used = 0
-        groups[-1].append(name)
-        used += size
     rng = np.random.default_rng(seed)
-    hessians = {}
-    for group in groups:
-        taps = Model([opset13.result(layers[n].input_value(0)) for n in group], list(shaped.get_parameters()))
-        compiled = compile_model(taps, "f32")
+    grams: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+    for sample in samples:
+        shaped = fp32.clone()
+        shaped.reshape({shaped.input(0): PartialShape([1, *sample.shape])})
+        outputs = {
+            name: _hessian_output(layer, max(POSITIONS // len(samples), 1), rng)
+            for name, layer in convolutions(shaped).items()
+        }
+        compiled = compile_model(Model([g for g, _ in outputs.values()], shaped.get_parameters()), "f32")
         result = compiled.create_infer_request().infer({0: np.ascontiguousarray(sample[None])})
-        for index, name in enumerate(group):
-            attributes = layers[name].get_attributes()
-            columns = im2col(
-                np.asarray(result[compiled.outputs[index]])[0],
-                [int(k) for k in layers[name].input_value(1).get_shape()[2:]],
-                [int(d) for d in attributes["dilations"]],
-                [
-                    (int(b), int(e))
-                    for b, e in zip(attributes["pads_begin"], attributes["pads_end"], strict=True)
-                ],
-                rng,
-            )  # float32, as the FP32 pass gives it
-            hessians[name] = (columns @ columns.T).astype(np.float64) / columns.shape[1]
+        for index, (name, (_, positions)) in enumerate(outputs.items()):
+            grams[name] = grams.get(name, 0.0) + np.asarray(result[compiled.outputs[index]], np.float64)
+            counts[name] = counts.get(name, 0) + positions
         del result, compiled
-    return hessians
+    return {name: grams[name] / counts[name] for name in grams}
 
 
 def round_weights(quantized: Any, fp32: Any, hessians: dict[str, np.ndarray]) -> list[str]:
     """Rewrite the INT8 weights of ``quantized``'s convolutions by :func:`gptq_codes` (``hessians`` from
     :func:`layer_hessians` of ``fp32``); returns the layers rewritten. Layers in another form (kept in
     float) and layers whose codes are not the nearest ones of ``fp32``'s weights (NNCF scaled them
-    for SmoothQuant or channel alignment, so their target is not those weights) are left as they are."""
+    for SmoothQuant or channel alignment, so their target is not those weights) are left as they are.
+    """
     from openvino import opset13
 
     reference = convolutions(fp32)
@@ -171,7 +177,8 @@ def round_weights(quantized: Any, fp32: Any, hessians: dict[str, np.ndarray]) ->
         shape = codes.shape
         weights = source.get_data().astype(np.float64).reshape(shape[0], -1)
         row_scale = np.broadcast_to(scale.reshape(-1), (shape[0],)).astype(np.float64)
-        if np.max(np.abs(weights / row_scale[:, None] - codes.reshape(shape[0], -1))) > 0.5 + 1e-3:
+        nearest = codes.reshape(shape[0], -1)
+        if np.max(np.abs(weights / row_scale[:, None] - nearest)) > 0.5 + 1e-3:
             continue  # NNCF changed these weights (SmoothQuant, channel alignment): not their codes
         new = gptq_codes(weights, row_scale, hessians[name], min(-127, int(codes.min())), 127)
         replacement = opset13.constant(new.reshape(shape).astype(np.int8))
