@@ -30,7 +30,8 @@ def holdout_count(num_windows: int) -> int:
 #: What the build and the guard's report say when no scan was left unseen by calibration.
 UNSEEN = (
     "the estimate is optimistic because no unseen subject was available "
-    "(add scans to the calibration folder or pass --validation FOLDER)"
+    "(on brain MRI, unseen subjects agreed up to 0.01 less than such estimates; "
+    "add scans to the calibration folder or pass --validation FOLDER)"
 )
 OPTIMISTIC = "INT8 accuracy guard: validating on {what}: " + UNSEEN
 
