@@ -30,6 +30,8 @@ CALIBRATION_METHODS = ("minmax", "mean_minmax", "percentile", "histogram")
 
 #: Centred cube of each whole-volume calibration sample whose activations set the GPTQ codes.
 WEIGHT_ROUNDING_CROP = 96
+#: At most this many calibration samples (evenly spread) set them: one FP32 pass each.
+WEIGHT_ROUNDING_SAMPLES = 8
 
 #: Op types that NNCF quantizes in these networks (their inputs get FakeQuantize).
 QUANTIZABLE_TYPES = ("Convolution", "GroupConvolution", "ConvolutionBackpropData", "MatMul")
@@ -248,8 +250,10 @@ class NNCFAdapter:
         rounding = recipe.get("weight_rounding", "nearest")
         if rounding == "gptq":  # data-aware INT8 weight codes (weight_rounding.py)
             if self._hessians is None:  # a window-shaped model keeps its shape (transformers need it)
-                crop = WEIGHT_ROUNDING_CROP
-                samples = [centred_crop(s, crop) if self.dynamic else s for s in self.calibration]
+                picked = np.unique(np.linspace(0, len(self.calibration) - 1, WEIGHT_ROUNDING_SAMPLES).round())
+                samples = [self.calibration[int(i)] for i in picked]
+                if self.dynamic:
+                    samples = [centred_crop(s, WEIGHT_ROUNDING_CROP) for s in samples]
                 self._hessians = layer_hessians(self.model, samples)
             round_weights(quantized, self.model, self._hessians)
         elif rounding != "nearest":
