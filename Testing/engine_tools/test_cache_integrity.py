@@ -13,6 +13,7 @@ import os
 import random
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -248,3 +249,37 @@ def test_changed_calibration_cache_is_sampled_again(setup, monkeypatch):
     assert not again.from_cache
     assert (again.windows == first.windows).all()
     assert collect_windows(setup["calibration"], card, num_windows=4).from_cache
+
+
+_COMPILE_ONE = """
+import numpy as np, openvino as ov, openvino.opset13 as ops
+from engine_tools.engines.openvino.engine import compile_with_blob_cache
+w = np.random.default_rng(0).normal(size=(3, 2, 3, 3, 3)).astype(np.float32)
+p = ops.parameter([1, 2, 8, 8, 8], np.float32)
+model = ov.Model([ops.convolution(p, w, [1] * 3, [1] * 3, [1] * 3, [1] * 3).output(0)], [p])
+compile_with_blob_cache(model, {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"})
+print("compiled", flush=True)
+"""
+
+
+def test_a_second_process_compiles_only_once_the_first_has_written_its_blob(tmp_path):
+    """OpenVINO writes a compiled blob in place: a process holding the blob cache's compile lock
+    (as one compiling does) keeps a second, real process from compiling, and so from importing a
+    blob still being written, until it lets go; then the second compiles and writes its blob."""
+    pytest.importorskip("openvino", reason="OpenVINO not installed (pip install openvino nncf)")
+    from filelock import FileLock
+
+    from engine_tools.engines.openvino.engine import COMPILE_LOCK
+
+    blobs = tmp_path / "cache" / "openvino-compiled"
+    blobs.mkdir(parents=True)
+    env = {**os.environ, "MEDQUANT_CACHE_DIR": str(tmp_path / "cache")}
+    with FileLock(str(blobs / COMPILE_LOCK)):
+        second = subprocess.Popen(
+            [sys.executable, "-c", _COMPILE_ONE], env=env, stdout=subprocess.PIPE, text=True
+        )
+        time.sleep(4.0)  # a compile of this model takes well under a second
+        assert second.poll() is None and not list(blobs.glob("*.blob"))
+    out, _ = second.communicate(timeout=120)
+    assert second.returncode == 0 and "compiled" in out
+    assert len(list(blobs.glob("*.blob"))) == 1

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from engine_tools.cache import sha256_file
+from engine_tools.cache import cache_dir, sha256_file
 from engine_tools.engines.base import BuildRequest, Engine, _progress
 from engine_tools.engines.openvino.class_outputs import with_argmax_output
 from engine_tools.engines.openvino.runtime import (
@@ -42,14 +42,27 @@ MODEL_BIN = "model.bin"
 PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
 
 
+#: the lock file, in the compiled-blob cache, that one compiling process holds
+COMPILE_LOCK = ".compile.lock"
+
+
 def _core() -> Any:
     """An OpenVINO core whose compiled blobs are cached in the user cache (``CACHE_DIR``), so a
     cached engine is not compiled again on the next start."""
-    from engine_tools.cache import cache_dir
-
     core = _ov().Core()
     core.set_property({"CACHE_DIR": str(cache_dir("openvino-compiled"))})
     return core
+
+
+def compile_with_blob_cache(model: Any, config: dict[str, str]) -> tuple[Any, list[str]]:
+    """:func:`compile_on_cpu` through the compiled-blob cache, one process at a time: OpenVINO writes a
+    blob in place and maps it when importing, so a second process starting the same engine (a
+    cohort's workers, two builds or segmentations at once) could otherwise import a blob another one
+    is still writing (a build failed that way under load)."""
+    from filelock import FileLock
+
+    with FileLock(str(cache_dir("openvino-compiled") / COMPILE_LOCK)):
+        return compile_on_cpu(model, config, _core())
 
 
 class OpenVINOEngine(Engine):
@@ -171,7 +184,7 @@ class OpenVINOEngine(Engine):
         if self._model is None:
             raise RuntimeError("engine not loaded")
         if self._compiled is None:
-            self._compiled, self._subgrid_layers = compile_on_cpu(self._model, self.compile_config(), _core())
+            self._compiled, self._subgrid_layers = compile_with_blob_cache(self._model, self.compile_config())
             self._request = self._compiled.create_infer_request()
             self._last_compiled = self._compiled
         return self._request
@@ -186,7 +199,7 @@ class OpenVINOEngine(Engine):
             model.reshape({model.input(0): _ov().PartialShape(list(shape))})
             if labels:
                 model = with_argmax_output(model)
-            compiled, self._subgrid_layers = compile_on_cpu(model, self.compile_config(), _core())
+            compiled, self._subgrid_layers = compile_with_blob_cache(model, self.compile_config())
             self._reshaped = (shape, labels, compiled)
             self._last_compiled = compiled
         return self._reshaped[2].create_infer_request()
