@@ -110,10 +110,10 @@ def cpu_has_vnni() -> bool:
     return bool(cpu_model_and_flags()[1] & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
-def int8_speed_note(backend: str) -> str | None:
+def int8_speed_note(device: str) -> str | None:
     """What to expect of INT8 on this CPU where it lacks VNNI/AMX INT8 dot products (``None`` where it
-    has them, or ``backend`` does not run on the CPU)."""
-    if backend not in ("openvino", "onnxruntime") or cpu_has_vnni():
+    has them, or the engine's ``device`` is not the CPU)."""
+    if device != "cpu" or cpu_has_vnni():
         return None
     return (
         "this CPU has no VNNI/AMX INT8 instructions, so INT8 runs on AVX2 integer kernels: measured on "

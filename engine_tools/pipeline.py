@@ -138,7 +138,7 @@ def prepare_engine(
         if not spec.rebuild and not was_cached and _reuse_cached(engine, destination, progress):
             return engine
         if spec.precision == "int8":  # made only for a build (a cached engine is found by its key)
-            if note := int8_speed_note(backend):
+            if note := int8_speed_note(engine.device):
                 progress.warning(note)
             with clock.stage("calibration_sampling"):
                 val_set = with_copies(cal_set, val_set, calibration_info)

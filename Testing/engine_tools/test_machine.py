@@ -29,9 +29,12 @@ def test_an_int8_build_on_a_cpu_without_vnni_says_what_to_expect(
     monkeypatch: pytest.MonkeyPatch, flags: set[str], expect_note: bool
 ) -> None:
     monkeypatch.setattr(machine, "cpu_model_and_flags", lambda: ("a CPU", frozenset(flags)))
-    for backend in ("openvino", "onnxruntime"):
-        note = machine.int8_speed_note(backend)
+    from engine_tools.engines.onnxruntime.engine import OnnxRuntimeEngine
+    from engine_tools.engines.openvino.engine import OpenVINOEngine
+
+    for engine in (OpenVINOEngine(precision="int8"), OnnxRuntimeEngine(precision="int8")):
+        note = machine.int8_speed_note(engine.device)
         assert (note is not None) == expect_note
         if note:
             assert "VNNI" in note and "FP32" in note
-    assert machine.int8_speed_note("tensorrt") is None  # a GPU engine: the CPU's flags do not matter
+    assert machine.int8_speed_note("cuda") is None  # a GPU engine: the CPU's flags do not matter

@@ -177,8 +177,7 @@ def round_weights(quantized: Any, fp32: Any, hessians: dict[str, np.ndarray]) ->
         shape = codes.shape
         weights = source.get_data().astype(np.float64).reshape(shape[0], -1)
         row_scale = np.broadcast_to(scale.reshape(-1), (shape[0],)).astype(np.float64)
-        nearest = codes.reshape(shape[0], -1)
-        if np.max(np.abs(weights / row_scale[:, None] - nearest)) > 0.5 + 1e-3:
+        if np.max(np.abs(weights / row_scale[:, None] - codes.reshape(shape[0], -1))) > 0.5 + 1e-3:
             continue  # NNCF changed these weights (SmoothQuant, channel alignment): not their codes
         new = gptq_codes(weights, row_scale, hessians[name], min(-127, int(codes.min())), 127)
         replacement = opset13.constant(new.reshape(shape).astype(np.int8))
